@@ -1,0 +1,249 @@
+"""Checkpoint -> `.zse`: plan every tensor, then stream them through the quantizer into the writer.
+
+All validation (architecture, tensor names and shapes, tokenizer, disk space) happens before the
+first tensor is quantized, so bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from zse_runtime import __version__
+from zse_runtime.zsefile import (DTYPE_INT4, EMBED, FINAL_NORM, FORMAT_NAME, FORMAT_VERSION_MAJOR,
+                                 FORMAT_VERSION_MINOR, INT4_GROUP_SIZES, INT4_SCALE_DTYPE,
+                                 INT4_ZERO_DTYPE, LAYOUT_DENSE, LAYOUT_INT4_ROWS, LM_HEAD,
+                                 expected_tensor_shapes, int4_section_sizes)
+
+from .architectures import canonical_config, source_names
+from .quantize import QuantStats, quantize_int4
+from .source import Checkpoint, ResolvedSource, SourceError, resolve_source
+from .tokenizer_meta import tokenizer_section
+from .writer import TensorSpec, ZseWriter
+
+PRECISIONS = ("int4", "float16")
+CHUNK_ELEMENTS = 1 << 24  # rows are read and quantized ~64 MB of float32 at a time
+HIGH_PRECISION = "float32"  # norms and biases: tiny, and read once per token
+QUANTIZED_PARTS = ("qkv", "o_proj", "gate_up", "down_proj")
+
+
+@dataclass
+class ConvertOptions:
+    group_size: int = 128
+    clip_search: bool = True
+    lm_head: str = "int4"
+    embedding: str = "float16"
+    revision: str | None = None
+    token: str | None = None
+
+    def validate(self) -> None:
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise SourceError(f"--group-size must be one of {list(INT4_GROUP_SIZES)}, got "
+                              f"{self.group_size}")
+        for option, value in (("--lm-head", self.lm_head), ("--embedding", self.embedding)):
+            if value not in PRECISIONS:
+                raise SourceError(f"{option} must be one of {list(PRECISIONS)}, got {value!r}")
+
+
+class Progress:
+    """What the converter reports while it works; the CLI renders it with rich."""
+
+    hub_tqdm_class = None  # tqdm class huggingface_hub draws download bars with
+
+    def download_started(self, source: str) -> None: ...
+    def tensors_planned(self, specs: list[TensorSpec], total_elements: int) -> None: ...
+    def tensor_written(self, spec: TensorSpec, elements: int) -> None: ...
+
+
+def _group_size_for(cols: int, requested: int, name: str) -> int:
+    """The requested group size, or the largest smaller supported one that divides `cols`."""
+    for size in sorted(INT4_GROUP_SIZES, reverse=True):
+        if size <= requested and cols % size == 0:
+            return size
+    raise SourceError(f"{name}: {cols} input columns are not a multiple of any supported group "
+                      f"size {list(INT4_GROUP_SIZES)}")
+
+
+def plan_tensors(model: dict[str, Any], options: ConvertOptions) -> list[TensorSpec]:
+    specs = []
+    for name, shape in expected_tensor_shapes(model).items():
+        part = name.rsplit(".", 1)[-1]
+        precision = {EMBED: options.embedding, LM_HEAD: options.lm_head}.get(
+            name, "int4" if part in QUANTIZED_PARTS else HIGH_PRECISION)
+        if precision == "int4":
+            group = _group_size_for(shape[1], options.group_size, name)
+            specs.append(TensorSpec(name, DTYPE_INT4, tuple(shape), LAYOUT_INT4_ROWS, group))
+        else:
+            specs.append(TensorSpec(name, precision, tuple(shape), LAYOUT_DENSE))
+    return specs
+
+
+def _check_sources(ckpt: Checkpoint, model: dict[str, Any],
+                   specs: list[TensorSpec]) -> dict[str, list[str]]:
+    """Map each planned tensor to its source tensors, checking names and shapes up front."""
+    available = set(ckpt.tensors)
+    sources, problems = {}, []
+    for spec in specs:
+        names = source_names(spec.name, model, available)
+        missing = [n for n in names if n not in available]
+        if missing:
+            problems.append(f"{spec.name}: missing {missing}")
+            continue
+        shapes = [ckpt.tensors[n].shape for n in names]
+        rows = sum(s[0] for s in shapes)
+        if rows != spec.shape[0] or any(s[1:] != spec.shape[1:] for s in shapes):
+            problems.append(f"{spec.name}: sources {dict(zip(names, map(list, shapes)))} do not "
+                            f"form the expected shape {list(spec.shape)}")
+        sources[spec.name] = names
+    if problems:
+        raise SourceError(f"{ckpt.folder}: checkpoint does not match its config.json:\n  "
+                          + "\n  ".join(problems[:20]))
+    return sources
+
+
+def _row_chunks(rows: int, cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_search: bool,
+                 on_rows: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, QuantStats]:
+    """The tensor's exact on-disk bytes, assembled chunk by chunk from its (fused) sources."""
+    blob = np.empty(spec.nbytes, np.uint8)
+    stats = QuantStats(0.0, 0.0, 0)
+    cols = spec.shape[1] if len(spec.shape) == 2 else 1
+    if spec.layout == LAYOUT_DENSE:
+        target = blob.view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
+    else:
+        rows = spec.shape[0]
+        packed, scale_bytes, _ = int4_section_sizes(rows, cols, spec.group_size)
+        qweight = blob[:packed].view("<u4").reshape(rows, cols // 8)
+        scales = blob[packed:packed + scale_bytes].view("<f2").reshape(rows, -1)
+        zeros = blob[packed + scale_bytes:].view("<f2").reshape(rows, -1)
+    row = 0
+    for source in sources:
+        src_rows = ckpt.tensors[source].shape[0]
+        for start, stop in _row_chunks(src_rows, cols):
+            values = ckpt.read_rows(source, start, stop)
+            at = slice(row + start, row + stop)
+            if spec.layout == LAYOUT_DENSE:
+                if spec.dtype == "float16" and np.abs(values).max(initial=0) > 65504:
+                    raise SourceError(f"{source}: values exceed the float16 range; use a higher "
+                                      "precision option for this tensor")
+                target[at] = values
+            else:
+                weight, chunk_stats = quantize_int4(values, spec.group_size, clip_search, source)
+                qweight[at], scales[at], zeros[at] = weight.qweight, weight.scales, weight.zeros
+                stats.sq_error += chunk_stats.sq_error
+                stats.rtn_sq_error += chunk_stats.rtn_sq_error
+                stats.numel += chunk_stats.numel
+            on_rows(stop - start)
+        row += src_rows
+    return blob, stats
+
+
+def _source_param_count(ckpt: Checkpoint) -> int:
+    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in ckpt.tensors.values())
+
+
+def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None = None,
+            progress: Progress | None = None) -> dict[str, Any]:
+    """Convert `source` (folder or Hub repo id) into `out`. Returns the summary dict."""
+    options = options or ConvertOptions()
+    progress = progress or Progress()
+    options.validate()
+    out = Path(out)
+    if out.is_dir():
+        raise SourceError(f"--out {out} is a folder; give a file name such as {out / 'model.zse'}")
+    if not out.parent.is_dir():
+        raise SourceError(f"output folder {out.parent} does not exist")
+    started = time.perf_counter()
+
+    if not Path(source).expanduser().is_dir():
+        progress.download_started(source)
+    resolved: ResolvedSource = resolve_source(source, options.revision, options.token,
+                                              progress.hub_tqdm_class)
+    ckpt = Checkpoint.open(resolved.folder)
+    try:
+        model = canonical_config(ckpt.read_json("config.json", required=True))
+        tokenizer, generation = tokenizer_section(ckpt, model["vocab_size"])
+        specs = plan_tensors(model, options)
+        sources = _check_sources(ckpt, model, specs)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": [FORMAT_VERSION_MAJOR, FORMAT_VERSION_MINOR],
+            "model": model,
+            "quantization": {
+                "method": "int4-asymmetric-groupwise",
+                "bits": 4,
+                "group_size": options.group_size,
+                "scale_dtype": INT4_SCALE_DTYPE,
+                "zero_dtype": INT4_ZERO_DTYPE,
+                "clip_search": options.clip_search,
+                "embedding": options.embedding,
+                "lm_head": options.lm_head,
+                "norms_and_biases": HIGH_PRECISION,
+            },
+            "tokenizer": tokenizer,
+            "generation": generation,
+            "provenance": {
+                "source": resolved.source,
+                "source_kind": resolved.kind,
+                "revision": resolved.revision,
+                "commit": resolved.commit,
+                "source_files": sorted({t.file.name for t in ckpt.tensors.values()}),
+                "converter": "zse-convert",
+                "converter_version": __version__,
+                "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+        }
+        total_elements = sum(int(np.prod(s.shape)) for s in specs)
+        progress.tensors_planned(specs, total_elements)
+        totals = QuantStats(0.0, 0.0, 0)
+        with ZseWriter(out, manifest, specs) as writer:
+            for spec in specs:
+                cols = spec.shape[1] if len(spec.shape) == 2 else 1
+                blob, stats = build_tensor(
+                    ckpt, spec, sources[spec.name], options.clip_search,
+                    lambda rows, spec=spec, cols=cols: progress.tensor_written(spec, rows * cols))
+                writer.write(spec.name, blob)
+                del blob
+                totals.sq_error += stats.sq_error
+                totals.rtn_sq_error += stats.rtn_sq_error
+                totals.numel += stats.numel
+            writer.finish()
+            file_size = writer.file_size
+    finally:
+        ckpt.close()
+
+    seconds = time.perf_counter() - started
+    params = _source_param_count(ckpt)
+    quantized = [s for s in specs if s.layout == LAYOUT_INT4_ROWS]
+    quantized_elements = sum(int(np.prod(s.shape)) for s in quantized)
+    return {
+        "output": str(out),
+        "source": resolved.source,
+        "commit": resolved.commit,
+        "architecture": model["architecture"],
+        "parameters": params,
+        "file_bytes": file_size,
+        "bits_per_weight": round(file_size * 8 / params, 4),
+        "int4_bits_per_weight": round(sum(s.nbytes for s in quantized) * 8
+                                      / max(quantized_elements, 1), 4),
+        "group_size": options.group_size,
+        "group_size_fallbacks": {s.name: s.group_size for s in quantized
+                                 if s.group_size != options.group_size},
+        "clip_search": options.clip_search,
+        "sq_error_vs_round_to_nearest": round(totals.sq_error / totals.rtn_sq_error, 4)
+        if totals.rtn_sq_error else None,
+        "seconds": round(seconds, 2),
+        "params_per_second": round(params / seconds),
+        "options": asdict(options) | {"token": None},
+    }

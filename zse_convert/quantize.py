@@ -1,0 +1,207 @@
+"""Group-wise asymmetric INT4 quantization with a calibration-free clipping search.
+
+Each row is split into groups of `group_size` consecutive input-dimension values. A group is
+stored as 4-bit codes q in [0, 15] plus an fp16 scale s and fp16 zero z, and reconstructs as
+w = (q - z) * s (the formula every kernel uses).
+
+Choosing (s, z): plain round-to-nearest over [min, max] wastes levels on outliers. Like
+llama.cpp's `make_qkx2_quants`, we try a grid of inverse scales around 15 / (max - min)
+(larger ones clip the extremes), assign codes for each, and fit (s, m) to those codes by
+least squares; the candidate with the smallest squared error wins. The final choice is made
+between that candidate, plain min/max round-to-nearest, and a symmetric fallback, *after*
+rounding s and z to fp16 and re-assigning codes, so the reported error is the error the kernel
+will see and the result is never worse than round-to-nearest on any group.
+
+Two numba passes with a cheap numpy step between them (fp16 rounding, which numba's CPU target
+does not do) keep the hot loops compiled and parallel over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from zse_runtime.zsefile import INT4_GROUP_SIZES, Int4Weight
+
+LEVELS = 15  # largest 4-bit code
+FP16_MAX = float(np.finfo(np.float16).max)
+# Inverse-scale numerators tried by the search, over the group range: above LEVELS clips the
+# group's extremes, below leaves headroom. 13 steps over [14, 17] matched 21 steps over wider
+# grids to within 0.3% of squared error on Gaussian and Student-t(3) matrices, at 60% of the cost.
+SEARCH_NUMERATORS = np.linspace(LEVELS - 1.0, LEVELS + 2.0, 13).astype(np.float32)
+
+_CANDIDATE_SEARCH, _CANDIDATE_RTN, _CANDIDATE_SYMMETRIC = range(3)
+
+
+@dataclass
+class QuantStats:
+    """Squared reconstruction error of the chosen parameters, and of round-to-nearest."""
+
+    sq_error: float
+    rtn_sq_error: float
+    numel: int
+
+
+@numba.njit(parallel=True, cache=True)
+def _search_groups(w, group_size, numerators):
+    """Per group: least-squares (scale, min) of the best searched assignment, in float64 sums.
+
+    Returns float32 arrays [rows, groups, 3] of scales and mins for the three candidates
+    (search, min/max round-to-nearest, symmetric) before fp16 rounding.
+    """
+    rows, cols = w.shape
+    groups = cols // group_size
+    scales = np.empty((rows, groups, 3), np.float32)
+    mins = np.empty((rows, groups, 3), np.float32)
+    for r in numba.prange(rows):
+        for g in range(groups):
+            start = g * group_size
+            xmin = np.float64(w[r, start])
+            xmax = xmin
+            sum_x = 0.0
+            sum_xx = 0.0
+            for i in range(group_size):
+                x = np.float64(w[r, start + i])
+                xmin = min(xmin, x)
+                xmax = max(xmax, x)
+                sum_x += x
+                sum_xx += x * x
+            span = xmax - xmin
+            rtn_scale = span / LEVELS if span > 0.0 else 1.0
+            best_scale, best_min = rtn_scale, xmin
+            best_err = np.inf
+            if span > 0.0:
+                n = np.float64(group_size)
+                for c in range(numerators.shape[0]):
+                    inv_scale = numerators[c] / span
+                    sum_l = 0.0
+                    sum_ll = 0.0
+                    sum_xl = 0.0
+                    for i in range(group_size):
+                        x = np.float64(w[r, start + i])
+                        level = np.floor((x - xmin) * inv_scale + 0.5)
+                        level = min(max(level, 0.0), np.float64(LEVELS))
+                        sum_l += level
+                        sum_ll += level * level
+                        sum_xl += x * level
+                    det = n * sum_ll - sum_l * sum_l
+                    if det <= 0.0:
+                        continue
+                    scale = (n * sum_xl - sum_l * sum_x) / det
+                    if scale <= 0.0:
+                        continue
+                    shift = (sum_ll * sum_x - sum_l * sum_xl) / det
+                    # sum((scale * l + shift - x)^2), expanded so one pass over x suffices.
+                    err = (scale * scale * sum_ll + n * shift * shift + sum_xx
+                           + 2.0 * scale * shift * sum_l - 2.0 * scale * sum_xl
+                           - 2.0 * shift * sum_x)
+                    if err < best_err:
+                        best_err, best_scale, best_min = err, scale, shift
+            amax = max(abs(xmin), abs(xmax))
+            scales[r, g, 0] = best_scale
+            mins[r, g, 0] = best_min
+            scales[r, g, 1] = rtn_scale
+            mins[r, g, 1] = xmin
+            scales[r, g, 2] = amax / (LEVELS / 2.0) if amax > 0.0 else 1.0
+            mins[r, g, 2] = -amax
+    return scales, mins
+
+
+@numba.njit(parallel=True, cache=True)
+def _choose_and_pack(w, group_size, scales, zeros):
+    """Assign codes for each fp16-rounded candidate, keep the one with least error, pack nibbles.
+
+    scales, zeros: float32 [rows, groups, candidates] holding exactly fp16-representable values;
+    a non-finite or non-positive scale marks an unusable candidate.
+    Returns (qweight uint32 [rows, cols / 8], choice int8 [rows, groups], error float64 [rows, groups, candidates]).
+    """
+    rows, cols = w.shape
+    groups = cols // group_size
+    candidates = scales.shape[2]
+    qweight = np.zeros((rows, cols // 8), np.uint32)
+    choice = np.empty((rows, groups), np.int8)
+    errors = np.full((rows, groups, candidates), np.inf)
+    for r in numba.prange(rows):
+        for g in range(groups):
+            start = g * group_size
+            best = -1
+            for c in range(candidates):
+                scale = scales[r, g, c]
+                zero = zeros[r, g, c]
+                if not (np.isfinite(scale) and np.isfinite(zero) and scale > 0.0):
+                    continue
+                err = 0.0
+                for i in range(group_size):
+                    x = w[r, start + i]
+                    q = min(max(np.floor(x / scale + zero + np.float32(0.5)), np.float32(0.0)),
+                            np.float32(LEVELS))
+                    d = np.float64((q - zero) * scale - x)
+                    err += d * d
+                errors[r, g, c] = err
+                if best < 0 or err < errors[r, g, best]:
+                    best = c
+            choice[r, g] = best
+            scale = scales[r, g, best]
+            zero = zeros[r, g, best]
+            for i in range(group_size):
+                k = start + i
+                q = min(max(np.floor(w[r, k] / scale + zero + np.float32(0.5)), np.float32(0.0)),
+                        np.float32(LEVELS))
+                qweight[r, k >> 3] |= np.uint32(q) << np.uint32(4 * (k & 7))
+    return qweight, choice, errors
+
+
+def fp16_candidates(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, min) in float32 -> (scale, zero) rounded to fp16, returned as float32.
+
+    zero = -min / scale is taken from the *rounded* scale so that (q - zero) * scale hits min.
+    Overflowing values become inf and are rejected by the chooser.
+    """
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scale16 = scales.astype(np.float16)
+        zero16 = (-mins / scale16.astype(np.float32)).astype(np.float16)
+    return scale16.astype(np.float32), zero16.astype(np.float32)
+
+
+def check_quantizable(w: np.ndarray, group_size: int, name: str = "tensor") -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if w.ndim != 2 or w.dtype != np.float32:
+        raise ValueError(f"{name}: expected a 2-D float32 matrix, got {w.dtype} {w.shape}")
+    if w.shape[1] % group_size:
+        raise ValueError(f"{name}: {w.shape[1]} input columns are not a multiple of group size "
+                         f"{group_size}")
+    if not np.isfinite(w).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    amax = float(np.abs(w).max()) if w.size else 0.0
+    if amax > FP16_MAX / 2:
+        raise ValueError(f"{name}: |w| reaches {amax:.3g}, beyond what fp16 scales can represent")
+
+
+def quantize_int4(w: np.ndarray, group_size: int, clip_search: bool = True,
+                  name: str = "tensor") -> tuple[Int4Weight, QuantStats]:
+    """float32 [rows, cols] -> int4.rows.v1 arrays (qweight, fp16 scales, fp16 zeros)."""
+    w = np.ascontiguousarray(w)
+    check_quantizable(w, group_size, name)
+    numerators = SEARCH_NUMERATORS if clip_search else SEARCH_NUMERATORS[:0]
+    scales, mins = _search_groups(w, group_size, numerators)
+    scales16, zeros16 = fp16_candidates(scales, mins)
+    if not clip_search:  # the round-to-nearest ablation: symmetric only where RTN overflows fp16
+        scales16[..., _CANDIDATE_SEARCH] = np.inf
+        rtn_usable = np.isfinite(scales16[..., _CANDIDATE_RTN]) & np.isfinite(zeros16[..., _CANDIDATE_RTN])
+        scales16[..., _CANDIDATE_SYMMETRIC][rtn_usable] = np.inf
+    qweight, choice, errors = _choose_and_pack(w, group_size, scales16, zeros16)
+    picked = np.take_along_axis(np.stack([scales16, zeros16]), choice[None, ..., None].astype(np.intp),
+                                axis=3)[..., 0]
+    stats = QuantStats(
+        sq_error=float(np.take_along_axis(errors, choice[..., None].astype(np.intp), axis=2).sum()),
+        rtn_sq_error=float(np.where(np.isfinite(errors[..., _CANDIDATE_RTN]),
+                                    errors[..., _CANDIDATE_RTN],
+                                    errors[..., _CANDIDATE_SYMMETRIC]).sum()),
+        numel=w.size,
+    )
+    weight = Int4Weight(qweight, picked[0].astype(np.float16), picked[1].astype(np.float16),
+                        group_size)
+    return weight, stats
