@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from zse_runtime.zsefile import ARCHITECTURES, EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD, ROPE_TYPES
+from zse_runtime.zsefile import (ARCHITECTURES, EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD,
+                                 ROPE_SCALING_KEYS, ROPE_TYPES)
 
 from .source import SourceError
 
@@ -65,12 +66,10 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
                                     f"{list(ROPE_TYPES)}")
     if rope_type == "default":
         return theta, None
-    keys = {"linear": ["factor"],
-            "llama3": ["factor", "low_freq_factor", "high_freq_factor",
-                       "original_max_position_embeddings"]}[rope_type]
-    missing = [k for k in keys if k not in scaling]
+    keys = ROPE_SCALING_KEYS[rope_type]
+    missing = [k for k in keys if not isinstance(scaling.get(k), (int, float))]
     if missing:
-        raise UnsupportedModelError(f"rope_scaling of type {rope_type} lacks {missing}")
+        raise UnsupportedModelError(f"rope_scaling of type {rope_type} lacks numeric {missing}")
     return theta, {"rope_type": rope_type, **{k: scaling[k] for k in keys}}
 
 

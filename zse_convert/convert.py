@@ -194,7 +194,8 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
             "tokenizer": tokenizer,
             "generation": generation,
             "provenance": {
-                "source": resolved.source,
+                # a local folder is recorded by name only: the file may be shared, its path not
+                "source": resolved.source if resolved.kind == "hub" else resolved.folder.name,
                 "source_kind": resolved.kind,
                 "revision": resolved.revision,
                 "commit": resolved.commit,

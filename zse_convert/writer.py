@@ -86,7 +86,8 @@ class ZseWriter:
         self.tmp_path = self.out.with_name(f".{self.out.name}.{secrets.token_hex(4)}.tmp")
 
     def _manifest_bytes(self) -> bytes:
-        return json.dumps(self.manifest, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(self.manifest, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
 
     def _expect(self, state: WriterState) -> None:
         if self.state is not state:

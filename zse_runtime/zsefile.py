@@ -1,7 +1,7 @@
 """The `.zse` v1 container: constants, validation and zero-copy reading.
 
 This module is the single table of format constants (mirrored by `formats/zse-v1.md`;
-`tests/test_spec_agreement.py` checks that the two agree). The converter imports it; it
+`tests/test_spec.py` checks that the two agree). The converter imports it; it
 imports nothing from the converter.
 
 Reading follows one rule: every offset and length is checked against the file size with
@@ -68,6 +68,11 @@ INT4_ZERO_DTYPE = "float16"
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
+# Scaled rope types and the parameters each requires ("default" is stored as rope_scaling null).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 TOP_LEVEL_KEYS = (
     "format",
@@ -269,9 +274,14 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_manifest(path: str | os.PathLike, raw: bytes) -> dict[str, Any]:
     try:
-        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys,
+                              parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ZseFormatError(path, f"manifest is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(manifest, dict):
@@ -292,8 +302,14 @@ def _check_tensor_entry(path, entry: Any, data_length: int) -> TensorInfo:
     missing = [key for key in TENSOR_KEYS if key not in entry]
     if missing:
         raise ZseFormatError(path, f"missing keys {missing}", tensor=name)
+    unknown = sorted(set(entry) - set(TENSOR_KEYS) - {"group_size"})
+    if unknown:
+        raise ZseFormatError(path, f"unknown keys {unknown} (a newer writer? this reader refuses "
+                             "tensor options it cannot honour)", tensor=name)
     dtype, layout, shape = entry["dtype"], entry["layout"], entry["shape"]
     offset, nbytes, digest = entry["offset"], entry["nbytes"], entry["xxh64"]
+    if not isinstance(dtype, str) or not isinstance(layout, str):
+        raise ZseFormatError(path, "dtype and layout must be strings", tensor=name)
     if layout not in LAYOUTS:
         raise ZseFormatError(
             path, f"unknown layout {layout!r}; this reader knows {list(LAYOUTS)}. "
@@ -318,7 +334,7 @@ def _check_tensor_entry(path, entry: Any, data_length: int) -> TensorInfo:
         if dtype != DTYPE_INT4:
             raise ZseFormatError(path, f"layout {layout} requires dtype 'int4', got {dtype!r}",
                                  tensor=name)
-        if group_size not in INT4_GROUP_SIZES:
+        if not _is_uint(group_size) or group_size not in INT4_GROUP_SIZES:
             raise ZseFormatError(path, f"group_size must be one of {list(INT4_GROUP_SIZES)}, "
                                  f"got {group_size!r}", tensor=name)
         if len(shape) != 2 or shape[1] % group_size:
@@ -357,6 +373,27 @@ def validate_tensors(path, entries: Any, data_length: int) -> dict[str, TensorIn
     return tensors
 
 
+def _check_model_values(path, model: dict[str, Any]) -> None:
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    problems = [key for key in ("tie_word_embeddings", "qkv_bias", "o_bias")
+                if not isinstance(model[key], bool)]
+    problems += [key for key in ("rms_norm_eps", "rope_theta")
+                 if not (is_number(model[key]) and model[key] > 0)]
+    if not (_is_uint(model["max_position_embeddings"]) and model["max_position_embeddings"] > 0):
+        problems.append("max_position_embeddings")
+    window = model["sliding_window"]
+    if window is not None and not (_is_uint(window) and window > 0):
+        problems.append("sliding_window")
+    scaling = model["rope_scaling"]
+    if scaling is not None:
+        keys = ROPE_SCALING_KEYS.get(scaling.get("rope_type") if isinstance(scaling, dict) else None)
+        if keys is None or set(scaling) != {"rope_type", *keys} or not all(
+                is_number(scaling[k]) and scaling[k] > 0 for k in keys):
+            problems.append("rope_scaling")
+    if problems:
+        raise ZseFormatError(path, f"manifest 'model' has invalid values for {problems}")
+
+
 def validate_model(path, model: Any, tensors: dict[str, TensorInfo]) -> None:
     """The config must be complete and the tensor set must be exactly what it implies."""
     if not isinstance(model, dict):
@@ -364,6 +401,10 @@ def validate_model(path, model: Any, tensors: dict[str, TensorInfo]) -> None:
     missing = [key for key in MODEL_KEYS if key not in model]
     if missing:
         raise ZseFormatError(path, f"manifest 'model' is missing keys {missing}")
+    unknown = sorted(set(model) - set(MODEL_KEYS))
+    if unknown:  # an ignored model option would silently change the output
+        raise ZseFormatError(path, f"manifest 'model' has unknown keys {unknown}")
+    _check_model_values(path, model)
     if model["architecture"] not in ARCHITECTURES:
         raise ZseFormatError(path, f"unsupported architecture {model['architecture']!r}; "
                              f"supported: {list(ARCHITECTURES)}")
@@ -455,7 +496,8 @@ class ZseFile:
         if m["format"] != FORMAT_NAME:
             raise ZseFormatError(self.path, f"manifest format is {m['format']!r}, expected 'zse'")
         version = m["format_version"]
-        if version != [self.header.version_major, self.header.version_minor]:
+        if not (isinstance(version, list) and all(_is_uint(v) for v in version)
+                and version == [self.header.version_major, self.header.version_minor]):
             raise ZseFormatError(self.path, f"manifest format_version {version} disagrees with "
                                  f"the header's {self.header.version_major}."
                                  f"{self.header.version_minor}")
