@@ -1,0 +1,129 @@
+"""The CPU backend against HF transformers on the same dequantized weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.checkpoints import make_checkpoint
+from tests.reference import hf_greedy, hf_logits, hf_model_from_zse
+from zse_convert.convert import ConvertOptions, convert
+from zse_runtime.engine import Engine, EngineError
+from zse_runtime.model import Batch
+from zse_runtime.sampling import SamplingParams
+
+TOLERANCE = 1e-3  # max |logit difference| relative to the largest reference logit
+PROMPT_TOKENS = 150  # more than 128, and more than the BLAS threshold and one sliding window
+DECODE_STEPS = 64
+
+
+def _relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def _prompt(engine: Engine, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, engine.config.vocab_size, PROMPT_TOKENS).tolist()
+
+
+CASES = {
+    "qwen2": dict(arch="qwen2"),
+    "llama_tied": dict(arch="llama", tied=True, dtype="float16"),
+    "llama3_rope": dict(arch="llama", attention_bias=True, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 50000.0}),
+    "mistral_window": dict(arch="mistral", sliding_window=48),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    settings = dict(CASES[request.param])
+    checkpoint = make_checkpoint(folder / "ckpt", settings.pop("arch"), seed=3, **settings)
+    out = folder / "model.zse"
+    convert(str(checkpoint), out, ConvertOptions(group_size=64))
+    engine = Engine.open(out, device="cpu", max_model_len=512, slots=3)
+    return engine, hf_model_from_zse(out, checkpoint)
+
+
+def test_prefill_logits_match_transformers(case):
+    engine, reference = case
+    ids = _prompt(engine)
+    n = len(ids)
+    ours = engine.forward(Batch.of(ids, np.arange(n), np.full(n, 1), np.arange(n)))
+    assert _relative_error(ours, hf_logits(reference, ids)) <= TOLERANCE
+
+
+def test_greedy_decode_matches_transformers(case):
+    engine, reference = case
+    ids = _prompt(engine, seed=1)
+    expected_tokens, expected_logits = hf_greedy(reference, ids, DECODE_STEPS)
+    slot, n = 0, len(ids)
+    logits = engine.forward(Batch.of(ids, np.arange(n), np.full(n, slot), [n - 1]))[0]
+    tokens = []
+    for step in range(DECODE_STEPS):
+        assert _relative_error(logits, expected_logits[step]) <= TOLERANCE, step
+        tokens.append(int(logits.argmax()))
+        logits = engine.forward(Batch.of([tokens[-1]], [n + step], [slot], [0]))[0]
+    assert tokens == expected_tokens
+    assert list(engine.generate(ids, DECODE_STEPS, ignore_eos=True)) == expected_tokens
+
+
+def test_batched_decode_across_slots_equals_solo(case):
+    """Three sequences of different lengths in one batch give each its solo logits."""
+    engine, _ = case
+    prompts = [_prompt(engine, seed)[:length] for seed, length in ((5, 40), (6, 7), (7, 100))]
+    solo = []
+    for slot, ids in enumerate(prompts):
+        n = len(ids)
+        solo.append(engine.forward(Batch.of(ids, np.arange(n), np.full(n, slot), [n - 1]))[0])
+    # Re-prefill all three, then decode one token of each in a single mixed batch.
+    for slot, ids in enumerate(prompts):
+        n = len(ids) - 1
+        engine.forward(Batch.of(ids[:-1], np.arange(n), np.full(n, slot), [n - 1]))
+    batch = Batch.of([p[-1] for p in prompts], [len(p) - 1 for p in prompts], [0, 1, 2], [0, 1, 2])
+    together = engine.forward(batch)
+    for slot in range(3):
+        np.testing.assert_allclose(together[slot], solo[slot], rtol=0, atol=1e-4 * np.abs(solo[slot]).max())
+
+
+def test_sampling_is_seeded_and_varies(case):
+    engine, _ = case
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    first = list(engine.generate("the license", 12, params, ignore_eos=True))
+    again = list(engine.generate("the license", 12, params, ignore_eos=True))
+    other = list(engine.generate("the license", 12, SamplingParams(temperature=1.0, seed=99),
+                                 ignore_eos=True))
+    assert first == again and len(first) == 12
+    assert first != other
+
+
+def test_generate_limits(tiny_qwen2_zse):
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=32, slots=1)
+    assert engine.free_slots == 1
+    out = list(engine.generate(list(range(20)), max_tokens=100, ignore_eos=True))
+    assert len(out) == 12  # 20 prompt + 12 generated = the 32-token context
+    assert engine.free_slots == 1
+    with pytest.raises(EngineError, match="the prompt has 40 tokens; the context length is 32"):
+        list(engine.generate(list(range(40))))
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        list(engine.generate([0, 10**6]))
+    with pytest.raises(EngineError, match="prompt is empty"):
+        list(engine.generate([]))
+    with pytest.raises(EngineError, match="max_model_len 4096 must be in 1..512"):
+        Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=4096)
+
+
+def test_generation_stops_at_eos(tiny_qwen2_zse):
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=256)
+    free = list(engine.generate("hello", 30, ignore_eos=True))
+    stop_at = free[5]
+    stopped = list(engine.generate("hello", 30, stop_token_ids=[stop_at], ignore_eos=True))
+    assert stopped == free[:free.index(stop_at) + 1]
+
+
+def test_startup_breakdown(tiny_qwen2_zse):
+    engine = Engine.open(tiny_qwen2_zse, device="cpu")
+    assert list(engine.startup.stages) == ["manifest", "weights+kv_cache", "kernel_load"]
+    assert engine.startup.total > 0 and "manifest" in str(engine.startup)

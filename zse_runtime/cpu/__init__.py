@@ -1,0 +1,1 @@
+"""The CPU backend: numba-compiled kernels over the same `.zse` file, for machines without a GPU."""

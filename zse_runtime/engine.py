@@ -1,0 +1,151 @@
+"""Engine: open a `.zse`, own the KV-cache slots, generate tokens.
+
+    engine = Engine.open("model.zse", device="cpu", max_model_len=2048, slots=4)
+    for token in engine.generate("The capital of France is", max_tokens=8):
+        ...
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .model import Batch, Decoder
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer
+from .zsefile import ZseFile
+
+log = logging.getLogger("zse")
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory
+DEFAULT_MAX_MODEL_LEN = 4096
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class StartupTimes:
+    """Seconds per start-up stage, in the order they ran."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stages[stage] = now - since
+        return now
+
+    @property
+    def total(self) -> float:
+        return sum(self.stages.values())
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.stages.items())
+
+
+class EngineError(ValueError):
+    pass
+
+
+class Engine:
+    def __init__(self, zse: ZseFile, ops, config: ModelConfig, tokenizer: Tokenizer,
+                 device: str, slots: int, max_model_len: int, startup: StartupTimes):
+        self.zse = zse
+        self.ops = ops
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_model_len = max_model_len
+        self.decoder = Decoder(config, ops)
+        self.startup = startup
+        self._free_slots = list(range(slots))[::-1]
+
+    @classmethod
+    def open(cls, path: str | Path, device: str = "auto", max_model_len: int | None = None,
+             slots: int = 1) -> "Engine":
+        started = time.perf_counter()
+        startup = StartupTimes()
+        if device not in DEVICES:
+            raise EngineError(f"device must be one of {DEVICES}, got {device!r}")
+        zse = ZseFile(path)
+        config = ModelConfig.from_manifest(zse.model_config)
+        tokenizer = Tokenizer(zse.manifest["tokenizer"])
+        t = startup.mark("manifest", started)
+        max_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if not 0 < max_len <= config.max_position_embeddings:
+            raise EngineError(f"max_model_len {max_len} must be in 1..{config.max_position_embeddings}")
+        if slots < 1:
+            raise EngineError(f"slots must be >= 1, got {slots}")
+        if device in ("auto", "cuda"):
+            if device == "cuda":
+                raise EngineError("the CUDA backend is not available in this build; use "
+                                  "device='cpu'")
+            device = "cpu"
+        from .cpu.backend import CpuOps
+
+        ops = CpuOps(zse, config, slots, max_len)
+        t = startup.mark("weights+kv_cache", t)
+        engine = cls(zse, ops, config, tokenizer, device, slots, max_len, startup)
+        engine._warm_up()
+        startup.mark("kernel_load", t)
+        log.info("ready in %.2f s on %s (%s); KV cache %.1f MiB for %d slots x %d tokens",
+                 startup.total, device, startup, ops.kv_cache_bytes / 2**20, slots, max_len)
+        return engine
+
+    def _warm_up(self) -> None:
+        """Compile (or load from numba's cache) every kernel before the first request."""
+        slot = self._free_slots[-1]
+        for tokens in (1, 16):  # the decode and the prefill paths
+            batch = Batch.of(np.zeros(tokens), np.arange(tokens), np.full(tokens, slot), [tokens - 1])
+            self.decoder.forward(batch)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        return self.decoder.forward(batch)
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise EngineError("the prompt is empty")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise EngineError(f"token ids {bad[:5]} are outside the vocabulary "
+                              f"(0..{self.config.vocab_size - 1})")
+        if len(ids) >= self.max_model_len:
+            raise EngineError(f"the prompt has {len(ids)} tokens; the context length is "
+                              f"{self.max_model_len}")
+        return ids
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 256,
+                 sampling: SamplingParams = SamplingParams(), stop_token_ids=None,
+                 ignore_eos: bool = False) -> Iterator[int]:
+        """Yield generated token ids until max_tokens, an EOS/stop id, or the context is full."""
+        ids = self.prompt_ids(prompt)
+        stops = set(stop_token_ids or ()) | (set() if ignore_eos else set(self.tokenizer.eos_token_ids))
+        if not self._free_slots:
+            raise EngineError("all KV-cache slots are busy")
+        slot = self._free_slots.pop()
+        try:
+            logits = None
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start:start + PREFILL_CHUNK]
+                positions = np.arange(start, start + len(chunk))
+                logits = self.forward(Batch.of(chunk, positions, np.full(len(chunk), slot),
+                                               [len(chunk) - 1]))
+            position = len(ids)
+            for step in range(max_tokens):
+                token = sample(logits[0], sampling, step)
+                yield token
+                if token in stops or position + 1 >= self.max_model_len:
+                    return
+                logits = self.forward(Batch.of([token], [position], [slot], [0]))
+                position += 1
+        finally:
+            self._free_slots.append(slot)
