@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Kernel tests run in numba's CUDA simulator; it must be chosen before numba is imported.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-from tests.checkpoints import make_checkpoint
+import pytest  # noqa: E402
+
+from tests.checkpoints import make_checkpoint  # noqa: E402
 from zse_convert.convert import ConvertOptions, convert
 
 REPO = Path(__file__).resolve().parent.parent

@@ -67,10 +67,17 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, device: str = "auto", max_model_len: int | None = None,
              slots: int = 1) -> "Engine":
+        """Validate the file, load it onto `device` ("cuda", "cpu", or "auto": a GPU if present)
+        and get every kernel ready, so the first request runs at full speed."""
         started = time.perf_counter()
         startup = StartupTimes()
         if device not in DEVICES:
             raise EngineError(f"device must be one of {DEVICES}, got {device!r}")
+        if slots < 1:
+            raise EngineError(f"slots must be >= 1, got {slots}")
+        context_thread = None
+        if device in ("auto", "cuda"):
+            context_thread = _ContextStarter(device == "cuda")  # overlaps the manifest read
         zse = ZseFile(path)
         config = ModelConfig.from_manifest(zse.model_config)
         tokenizer = Tokenizer(zse.manifest["tokenizer"])
@@ -78,26 +85,37 @@ class Engine:
         max_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if not 0 < max_len <= config.max_position_embeddings:
             raise EngineError(f"max_model_len {max_len} must be in 1..{config.max_position_embeddings}")
-        if slots < 1:
-            raise EngineError(f"slots must be >= 1, got {slots}")
-        if device in ("auto", "cuda"):
-            if device == "cuda":
-                raise EngineError("the CUDA backend is not available in this build; use "
-                                  "device='cpu'")
-            device = "cpu"
-        from .cpu.backend import CpuOps
+        context = context_thread.result() if context_thread else None
+        if context is not None:
+            startup.stages["context (overlapped)"] = context_thread.seconds
+            from .gpu.backend import GpuOps, OutOfDeviceMemory
 
-        ops = CpuOps(zse, config, slots, max_len)
-        t = startup.mark("weights+kv_cache", t)
+            try:
+                ops = GpuOps(context, zse, config, slots, max_len, startup)
+            except OutOfDeviceMemory as exc:
+                raise EngineError(str(exc)) from None
+            device = f"cuda:{context.info.ordinal} ({context.info.name})"
+        else:
+            from .cpu.backend import CpuOps
+
+            ops = CpuOps(zse, config, slots, max_len)
+            t = startup.mark("weights+kv_cache", t)
+            device = "cpu"
         engine = cls(zse, ops, config, tokenizer, device, slots, max_len, startup)
-        engine._warm_up()
-        startup.mark("kernel_load", t)
+        t = time.perf_counter()
+        if context is not None:
+            ops.capture_decode_graphs(engine.decoder)
+            startup.mark("graph_capture", t)
+        else:
+            engine._warm_up()
+            startup.mark("kernel_load", t)
         log.info("ready in %.2f s on %s (%s); KV cache %.1f MiB for %d slots x %d tokens",
-                 startup.total, device, startup, ops.kv_cache_bytes / 2**20, slots, max_len)
+                 time.perf_counter() - started, device, startup, ops.kv_cache_bytes / 2**20, slots,
+                 max_len)
         return engine
 
     def _warm_up(self) -> None:
-        """Compile (or load from numba's cache) every kernel before the first request."""
+        """CPU: compile (or load from numba's cache) every kernel before the first request."""
         slot = self._free_slots[-1]
         for tokens in (1, 16):  # the decode and the prefill paths
             batch = Batch.of(np.zeros(tokens), np.arange(tokens), np.full(tokens, slot), [tokens - 1])
@@ -123,6 +141,14 @@ class Engine:
                               f"{self.max_model_len}")
         return ids
 
+    def step(self, tokens, positions, slots, params: list[SamplingParams], steps) -> np.ndarray:
+        """One decode step for several sequences: feed one token each, return the next ids.
+        On a GPU this replays a captured graph; only the chosen ids come back."""
+        if hasattr(self.ops, "replay_decode"):
+            return self.ops.replay_decode(tokens, positions, slots, params, steps)
+        logits = self.forward(Batch.of(tokens, positions, slots, np.arange(len(tokens))))
+        return self.ops.sample(logits, params, steps)
+
     def generate(self, prompt: str | list[int], max_tokens: int = 256,
                  sampling: SamplingParams = SamplingParams(), stop_token_ids=None,
                  ignore_eos: bool = False) -> Iterator[int]:
@@ -139,13 +165,52 @@ class Engine:
                 positions = np.arange(start, start + len(chunk))
                 logits = self.forward(Batch.of(chunk, positions, np.full(len(chunk), slot),
                                                [len(chunk) - 1]))
+            token = int(self.ops.sample(logits, [sampling], [0])[0])
             position = len(ids)
-            for step in range(max_tokens):
-                token = sample(logits[0], sampling, step)
+            for step in range(1, max_tokens + 1):
                 yield token
-                if token in stops or position + 1 >= self.max_model_len:
+                if step == max_tokens or token in stops or position + 1 >= self.max_model_len:
                     return
-                logits = self.forward(Batch.of([token], [position], [slot], [0]))
+                token = int(self.step([token], [position], [slot], [sampling], [step])[0])
                 position += 1
         finally:
             self._free_slots.append(slot)
+
+
+class _ContextStarter:
+    """Creates the CUDA context on a thread while the caller parses the manifest."""
+
+    def __init__(self, required: bool):
+        import threading
+
+        self.required = required
+        self.seconds = 0.0
+        self._outcome = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            from .gpu import driver
+
+            if driver.device_count() == 0:
+                self._outcome = EngineError("no CUDA GPU is available (use --device cpu)")
+            else:
+                self._outcome = driver.Context(0)
+        except ImportError as exc:
+            self._outcome = EngineError(f"the CUDA backend needs cuda-bindings: {exc}")
+        except Exception as exc:  # noqa: BLE001 - reported by result()
+            self._outcome = EngineError(f"CUDA initialisation failed: {exc}")
+        self.seconds = time.perf_counter() - started
+
+    def result(self):
+        """The context, or None when no GPU is usable and one was not required."""
+        self._thread.join()
+        if isinstance(self._outcome, EngineError):
+            if self.required:
+                raise self._outcome
+            log.info("no usable GPU (%s); running on the CPU backend", self._outcome)
+            return None
+        self._outcome.make_current()
+        return self._outcome

@@ -32,6 +32,7 @@ class Batch:
 class Ops(Protocol):
     """What a backend provides. Activations are [T, features]; names are canonical tensors."""
 
+    def prepare(self, batch: Batch) -> None: ...  # stage the batch's metadata (GPU: upload)
     def embed(self, tokens: np.ndarray): ...
     def add_rmsnorm(self, delta, residual, norm: str) -> tuple: ...  # (normed, new residual)
     def linear(self, x, weight: str, bias: str | None = None): ...
@@ -48,6 +49,10 @@ class Decoder:
 
     def forward(self, batch: Batch):
         """Logits [len(batch.logit_rows), vocab] for the requested tokens; the KV cache is updated."""
+        self.ops.prepare(batch)
+        return self.forward_prepared(batch)
+
+    def forward_prepared(self, batch: Batch):
         ops, config = self.ops, self.config
         hidden = ops.embed(batch.tokens)
         residual = None

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..config import ModelConfig, rope_tables
 from ..model import Batch
+from ..sampling import SamplingParams, sample
 from ..zsefile import EMBED, LM_HEAD, Int4Weight, ZseFile
 from . import kernels
 
@@ -51,6 +52,9 @@ class CpuOps:
         return sum(c.nbytes for c in self.k_cache + self.v_cache)
 
     # -- ops --------------------------------------------------------------------------------
+
+    def prepare(self, batch: Batch) -> None:
+        pass  # the batch's numpy arrays are used directly
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         table = self.weights[EMBED]
@@ -122,3 +126,9 @@ class CpuOps:
 
     def logits(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return self._matmul(np.ascontiguousarray(x[rows]), self.weights[LM_HEAD])
+
+    def sample(self, logits: np.ndarray, params: list[SamplingParams], steps) -> np.ndarray:
+        return np.array([sample(row, p, s) for row, p, s in zip(logits, params, steps)], np.int32)
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        return array

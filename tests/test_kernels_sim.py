@@ -1,0 +1,185 @@
+"""Every CUDA kernel against a numpy reference, on toy shapes, in numba's CUDA simulator.
+
+conftest.py enables the simulator (NUMBA_ENABLE_CUDASIM=1) before numba loads. The real-GPU
+counterpart at 7B shapes is scripts/gpu_check.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import config, cuda
+
+from zse_convert.quantize import quantize_int4
+from zse_runtime.kernels import (activation, attention, embedding, gemm_int4, gemv_fp16, gemv_int4,
+                                 rmsnorm, rope_cache, sampling)
+from zse_runtime.sampling import SamplingParams, sample, uniform
+from zse_runtime.zsefile import dequantize_int4
+
+pytestmark = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="needs NUMBA_ENABLE_CUDASIM=1")
+rng = np.random.default_rng(0)
+
+
+def jit(module, name):
+    return cuda.jit(module.KERNELS[name][0])
+
+
+def _int4(rows, cols, group):
+    w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    weight, _ = quantize_int4(w, group)
+    return weight, dequantize_int4(weight)
+
+
+def test_embed_fp16_and_int4():
+    table = rng.standard_normal((40, 64)).astype(np.float16)
+    tokens = np.array([3, 0, 39, 3], np.int32)
+    out = np.zeros((4, 64), np.float32)
+    jit(embedding, "embed_fp16")[4, 32](tokens, table, out)
+    np.testing.assert_array_equal(out, table[tokens].astype(np.float32))
+    weight, dense = _int4(40, 64, 32)
+    out[:] = np.nan
+    jit(embedding, "embed_int4")[4, 32](tokens, weight.qweight, weight.scales, weight.zeros, 32, out)
+    np.testing.assert_allclose(out, dense[tokens], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("accumulate", [0, 1])
+def test_add_rmsnorm(accumulate):
+    delta = rng.standard_normal((3, 96)).astype(np.float32)
+    residual = rng.standard_normal((3, 96)).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, 96).astype(np.float32)
+    expected_residual = delta + residual if accumulate else delta.copy()
+    rms = np.sqrt(np.mean(expected_residual ** 2, axis=1, keepdims=True) + 1e-5)
+    out = np.full((3, 96), np.nan, np.float32)
+    jit(rmsnorm, "add_rmsnorm")[3, 64](delta, residual, weight, np.float32(1e-5), accumulate, out)
+    np.testing.assert_allclose(residual, expected_residual, rtol=1e-6)
+    np.testing.assert_allclose(out, expected_residual / rms * weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("has_bias", [0, 1])
+def test_int4_gemv(has_bias):
+    weight, dense = _int4(37, 128, 64)  # 37 rows: not a multiple of the warps in flight
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    bias = rng.standard_normal(37).astype(np.float32)
+    out = np.full((1, 37), np.nan, np.float32)
+    jit(gemv_int4, "int4_gemv")[2, 64](x, weight.qweight, weight.scales, weight.zeros, 64, bias,
+                                      has_bias, out)
+    np.testing.assert_allclose(out, x @ dense.T + (bias if has_bias else 0), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_gemm_ragged_tiles():
+    tokens, rows, cols = 35, 70, 96  # partial tiles in both directions; 3 K steps
+    weight, dense = _int4(rows, cols, 32)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    out = np.full((tokens, rows), np.nan, np.float32)
+    grid = ((rows + gemm_int4.TILE_N - 1) // gemm_int4.TILE_N,
+            (tokens + gemm_int4.TILE_T - 1) // gemm_int4.TILE_T)
+    jit(gemm_int4, "int4_gemm")[grid, gemm_int4.THREADS](x, weight.qweight, weight.scales,
+                                                         weight.zeros, 32, bias, 1, out)
+    np.testing.assert_allclose(out, x @ dense.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_matmul():
+    weight = rng.standard_normal((19, 64)).astype(np.float16)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    out = np.full((3, 19), np.nan, np.float32)
+    jit(gemv_fp16, "fp16_matmul")[1, 64](x, weight, out)
+    np.testing.assert_allclose(out, x @ weight.astype(np.float32).T, rtol=1e-5, atol=1e-5)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def test_rope_and_cache():
+    heads, kv_heads, dim, slots, length = 4, 2, 32, 3, 16
+    tokens = 3
+    qkv = rng.standard_normal((tokens, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    positions = np.array([0, 5, 15], np.int32)
+    slot_ids = np.array([2, 0, 2], np.int32)
+    angles = np.outer(np.arange(length), rng.uniform(0, 1, dim // 2)).astype(np.float32)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    k_cache = np.zeros((slots, kv_heads, length, dim), np.float16)
+    v_cache = np.zeros_like(k_cache)
+    q_out = np.full((tokens, heads * dim), np.nan, np.float32)
+    jit(rope_cache, "rope_and_cache")[tokens, 64](qkv, positions, slot_ids, cos, sin, k_cache,
+                                                   v_cache, q_out, heads)
+    for t in range(tokens):
+        c, s = cos[positions[t]], sin[positions[t]]
+        q = qkv[t, :heads * dim].reshape(heads, dim)
+        k = qkv[t, heads * dim:(heads + kv_heads) * dim].reshape(kv_heads, dim)
+        v = qkv[t, (heads + kv_heads) * dim:].reshape(kv_heads, dim)
+        np.testing.assert_allclose(q_out[t].reshape(heads, dim), _rotate(q, c, s), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(k_cache[slot_ids[t], :, positions[t]], _rotate(k, c, s).astype(np.float16))
+        np.testing.assert_array_equal(v_cache[slot_ids[t], :, positions[t]], v.astype(np.float16))
+
+
+@pytest.mark.parametrize("window", [0, 7])
+def test_attention_split_over_partitions(window, monkeypatch):
+    monkeypatch.setattr(attention, "PARTITION", 8)  # several partitions on a toy context
+    heads, kv_heads, dim, slots, length = 4, 2, 64, 2, 40
+    k_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
+    v_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
+    positions = np.array([0, 21, 39], np.int32)
+    slot_ids = np.array([1, 0, 1], np.int32)
+    tokens = positions.size
+    q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
+    parts = (length + 7) // 8
+    part_max = np.full((tokens * heads, parts), np.nan, np.float32)
+    part_sum = np.full_like(part_max, np.nan)
+    part_acc = np.full((tokens * heads, parts, dim), np.nan, np.float32)
+    out = np.full((tokens, heads * dim), np.nan, np.float32)
+    cuda.jit(attention.attention_partial)[(tokens * heads, parts), attention.THREADS](
+        q, k_cache, v_cache, positions, slot_ids, window, part_max, part_sum, part_acc)
+    jit(attention, "attention_combine")[tokens * heads, 64](part_max, part_sum, part_acc, out)
+    for t in range(tokens):
+        start = max(0, positions[t] - window + 1) if window else 0
+        for h in range(heads):
+            keys = k_cache[slot_ids[t], h // 2, start:positions[t] + 1].astype(np.float32)
+            values = v_cache[slot_ids[t], h // 2, start:positions[t] + 1].astype(np.float32)
+            scores = keys @ q[t, h * dim:(h + 1) * dim] / np.sqrt(dim)
+            weights = np.exp(scores - scores.max())
+            expected = weights @ values / weights.sum()
+            np.testing.assert_allclose(out[t, h * dim:(h + 1) * dim], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_silu_mul():
+    gate_up = rng.standard_normal((3, 80)).astype(np.float32)
+    out = np.full((3, 40), np.nan, np.float32)
+    jit(activation, "silu_mul")[2, 32](gate_up, out)
+    gate, up = gate_up[:, :40], gate_up[:, 40:]
+    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_matches_the_reference():
+    vocab = 300
+    logits = (rng.standard_normal((6, vocab)) * 3).astype(np.float32)
+    logits[0, [17, 250]] = logits[0].max() + 1  # a tie: the lowest index wins
+    params = [SamplingParams(0.0), SamplingParams(0.0), SamplingParams(1.0, seed=7),
+              SamplingParams(0.7, top_k=20, seed=8), SamplingParams(1.3, top_p=0.8, seed=9),
+              SamplingParams(0.9, top_k=50, top_p=0.5, seed=2**63 + 5)]
+    steps = np.array([0, 1, 2, 3, 4, 2**40], np.uint64)
+    out = np.full(6, -1, np.int32)
+    jit(sampling, "sample_tokens")[6, 64](
+        logits, np.array([p.temperature for p in params], np.float32),
+        np.array([p.top_k for p in params], np.int32), np.array([p.top_p for p in params], np.float32),
+        np.array([p.seed for p in params], np.uint64), steps, out)
+    expected = [sample(logits[i], params[i], int(steps[i])) for i in range(6)]
+    assert out.tolist() == expected
+    assert out[0] == 17
+
+
+def test_device_uniform_matches_host():
+    @cuda.jit
+    def draw(seeds, steps, out):
+        i = cuda.grid(1)
+        if i < out.size:
+            out[i] = sampling.uniform(seeds[i], steps[i])
+
+    seeds = np.array([0, 1, 2**64 - 1, 12345], np.uint64)
+    steps = np.array([0, 7, 3, 2**33], np.uint64)
+    out = np.zeros(4, np.float32)
+    draw[1, 4](seeds, steps, out)
+    assert out.tolist() == [uniform(int(s), int(t)) for s, t in zip(seeds, steps)]

@@ -1,0 +1,372 @@
+"""CUDA ops for the decoder, and decode steps replayed as CUDA graphs.
+
+Every activation lives in a workspace buffer sized for the largest batch, allocated once, so
+launches captured into a graph stay valid. A step's inputs (tokens, positions, slots, sampling
+parameters) are written to one pinned host block and copied to the device by the first node of
+the step; the chosen token ids come back by its last node: one host sync per step, no logits
+ever cross PCIe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ModelConfig, rope_tables
+from ..kernels import geometry as geo
+from ..model import Batch, Decoder
+from ..sampling import SamplingParams
+from ..zsefile import EMBED, LAYOUT_INT4_ROWS, LM_HEAD, ZseFile, int4_section_sizes
+from . import driver
+from .kernels import DeviceArray, KernelLibrary
+from .loader import upload_data_section
+
+log = logging.getLogger("zse")
+
+PREFILL_CHUNK = 512
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class OutOfDeviceMemory(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Int4Device:
+    qweight: DeviceArray
+    scales: DeviceArray
+    zeros: DeviceArray
+    group_size: int
+
+    @property
+    def rows(self) -> int:
+        return self.qweight.shape[0]
+
+
+def _f32(pointer, *shape):
+    return DeviceArray(pointer, tuple(shape), np.dtype(np.float32))
+
+
+class Arena:
+    """Carves typed arrays out of one device allocation, each aligned to 256 bytes."""
+
+    def __init__(self):
+        self.sizes: list[tuple[str, tuple, np.dtype]] = []
+
+    @staticmethod
+    def nbytes_of(shape, dtype) -> int:
+        return (int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + 255) // 256 * 256
+
+    def add(self, name: str, shape, dtype) -> None:
+        self.sizes.append((name, tuple(int(s) for s in shape), np.dtype(dtype)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.nbytes_of(s, d) for _, s, d in self.sizes)
+
+    def allocate(self) -> dict[str, DeviceArray]:
+        self.pointer = driver.allocate(self.nbytes)
+        arrays, offset = {}, 0
+        for name, shape, dtype in self.sizes:
+            arrays[name] = DeviceArray(self.pointer + offset, shape, dtype)
+            offset += self.nbytes_of(shape, dtype)
+        return arrays
+
+
+class GpuOps:
+    """Implements model.Ops on one GPU. Use `GpuOps.open(...)`."""
+
+    def __init__(self, context: driver.Context, zse: ZseFile, config: ModelConfig, slots: int,
+                 max_len: int, startup):
+        self.context, self.config, self.slots, self.max_len = context, config, slots, max_len
+        t = time.perf_counter()
+        self.kernels = KernelLibrary(context.info.compute_capability)
+        t = startup.mark("kernel_load", t)
+        self.stream = driver.Stream()
+        self.window = config.sliding_window or 0
+        self.max_batch = min(slots, DECODE_BUCKETS[-1])
+        self.max_tokens = max(PREFILL_CHUNK, self.max_batch)
+        self.buckets = sorted({b for b in DECODE_BUCKETS if b < self.max_batch} | {self.max_batch})
+        self.graphs: dict[int, driver.Graph] = {}
+        self._plan_memory(zse)  # raises OutOfDeviceMemory before anything is uploaded
+        self.weights_pointer = driver.allocate(zse.header.data_length)
+        upload_data_section(zse.path, zse.header.data_offset, zse.header.data_length,
+                            self.weights_pointer, context)
+        self.weights = {name: self._tensor(zse, name) for name in zse.tensors}
+        t = startup.mark("upload", t)
+        self.buffers = self.arena.allocate()
+        cos, sin = rope_tables(config, max_len)
+        self._upload(self.buffers["rope_cos"], cos)
+        self._upload(self.buffers["rope_sin"], sin)
+        self._no_bias = self.buffers["no_bias"]
+        self.meta_host = driver.PinnedBuffer(self.meta_bytes)
+        self.meta = self._meta_views()
+        self.stream.synchronize()
+        startup.mark("kv_cache+workspace", t)
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def _plan_memory(self, zse: ZseFile) -> None:
+        c, T, B = self.config, self.max_tokens, self.max_batch
+        parts = self.partitions(self.max_len)
+        arena = Arena()
+        # slot `slots` is a scratch slot that padded graph entries write into
+        kv_shape = (c.num_hidden_layers, 2, self.slots + 1, c.num_key_value_heads, self.max_len,
+                    c.head_dim)
+        arena.add("kv_cache", kv_shape, np.float16)
+        for name, width in (("hidden", c.hidden_size), ("residual", c.hidden_size),
+                            ("normed", c.hidden_size), ("qkv", c.q_size + 2 * c.kv_size),
+                            ("q", c.q_size), ("attended", c.q_size),
+                            ("gate_up", 2 * c.intermediate_size), ("act", c.intermediate_size)):
+            arena.add(name, (T, width), np.float32)
+        arena.add("part_max", (T * c.num_attention_heads, parts), np.float32)
+        arena.add("part_sum", (T * c.num_attention_heads, parts), np.float32)
+        arena.add("part_acc", (T * c.num_attention_heads, parts, c.head_dim), np.float32)
+        arena.add("last_hidden", (B, c.hidden_size), np.float32)
+        arena.add("logits", (B, c.vocab_size), np.float32)
+        arena.add("rope_cos", (self.max_len, c.head_dim // 2), np.float32)
+        arena.add("rope_sin", (self.max_len, c.head_dim // 2), np.float32)
+        arena.add("no_bias", (1,), np.float32)
+        # step inputs, mirrored by one pinned host block: int32 tokens, positions, slots
+        # [max_tokens]; rows, top_k, ids [max_batch]; float32 temperature, top_p; uint64 seeds, steps
+        self.meta_layout = [("tokens", T, np.int32), ("positions", T, np.int32),
+                            ("slots", T, np.int32), ("rows", B, np.int32), ("top_k", B, np.int32),
+                            ("temperature", B, np.float32), ("top_p", B, np.float32),
+                            ("seeds", B, np.uint64), ("steps", B, np.uint64),
+                            ("ids", B, np.int32)]
+        self.meta_bytes = sum(Arena.nbytes_of((n,), d) for _, n, d in self.meta_layout)
+        arena.add("meta", (self.meta_bytes,), np.uint8)
+        self.arena = arena
+        self.kv_cache_bytes = Arena.nbytes_of(kv_shape, np.float16)
+        needed = zse.header.data_length + arena.nbytes
+        free, total = self.context.memory_info()
+        if needed > free:
+            raise OutOfDeviceMemory(
+                f"the model needs {needed / 2**30:.2f} GiB of GPU memory (weights "
+                f"{zse.header.data_length / 2**30:.2f}, KV cache {self.kv_cache_bytes / 2**30:.2f}, "
+                f"workspace {(arena.nbytes - self.kv_cache_bytes) / 2**30:.2f}) but "
+                f"{free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free; lower --max-model-len "
+                "or the slot count")
+
+    def _meta_views(self):
+        device, views, offset = self.buffers["meta"], {}, 0
+        for name, count, dtype in self.meta_layout:
+            dtype = np.dtype(dtype)
+            views[name] = (self.meta_host.array[offset:offset + count * dtype.itemsize].view(dtype),
+                           DeviceArray(device.pointer + offset, (count,), dtype))
+            offset += Arena.nbytes_of((count,), dtype)
+        self.meta_input_bytes = offset - Arena.nbytes_of((self.max_batch,), np.int32)  # all but ids
+        return views
+
+    def to_host(self, array: DeviceArray) -> np.ndarray:
+        """Synchronous device -> host copy (tests and checks; never on the serving path)."""
+        staging = driver.PinnedBuffer(array.nbytes)
+        self.stream.copy_to_host(staging.pointer, array.pointer, array.nbytes)
+        self.stream.synchronize()
+        values = staging.array.view(array.dtype).reshape(array.shape).copy()
+        staging.close()
+        return values
+
+    def _upload(self, target: DeviceArray, values: np.ndarray) -> None:
+        staging = driver.PinnedBuffer(values.nbytes)
+        staging.array[:] = np.ascontiguousarray(values).view(np.uint8).reshape(-1)
+        self.stream.copy_to_device(target.pointer, staging.pointer, values.nbytes)
+        self.stream.synchronize()
+        staging.close()
+
+    def _tensor(self, zse: ZseFile, name: str):
+        info = zse.tensors[name]
+        base = self.weights_pointer + info.offset
+        if info.layout == LAYOUT_INT4_ROWS:
+            rows, cols = info.shape
+            packed, scale_bytes, _ = int4_section_sizes(rows, cols, info.group_size)
+            groups = cols // info.group_size
+            return Int4Device(DeviceArray(base, (rows, cols // 8), np.dtype(np.uint32)),
+                              DeviceArray(base + packed, (rows, groups), np.dtype(np.float16)),
+                              DeviceArray(base + packed + scale_bytes, (rows, groups),
+                                          np.dtype(np.float16)), info.group_size)
+        return DeviceArray(base, info.shape, np.dtype(info.dtype))
+
+    def kv(self, layer: int, which: int) -> DeviceArray:
+        c, cache = self.config, self.buffers["kv_cache"]
+        shape = (self.slots + 1, c.num_key_value_heads, self.max_len, c.head_dim)
+        size = int(np.prod(shape)) * 2
+        return DeviceArray(cache.pointer + (layer * 2 + which) * size, shape, np.dtype(np.float16))
+
+    def partitions(self, keys: int) -> int:
+        span = min(keys, self.window) if self.window else keys
+        return max(1, math.ceil(span / geo.ATTENTION_PARTITION))
+
+    # -- step inputs ----------------------------------------------------------------------
+
+    def prepare(self, batch: Batch) -> None:
+        """Stage the batch's metadata (pinned host -> device, on the stream)."""
+        T = batch.tokens.size
+        if T > self.max_tokens or batch.logit_rows.size > self.max_batch:
+            raise ValueError(f"batch of {T} tokens / {batch.logit_rows.size} rows exceeds the "
+                             f"workspace ({self.max_tokens} / {self.max_batch})")
+        for name, values in (("tokens", batch.tokens), ("positions", batch.positions),
+                             ("slots", batch.slots), ("rows", batch.logit_rows)):
+            self.meta[name][0][:values.size] = values
+        self.tokens_now = T
+        self.rows_now = batch.logit_rows.size
+        self.parts_now = self.partitions(int(batch.positions.max()) + 1) if not self.capturing \
+            else self.partitions(self.max_len)
+        self.stream.copy_to_device(self.buffers["meta"].pointer, self.meta_host.pointer,
+                                   self.meta_input_bytes)
+
+    capturing = False
+
+    def _meta(self, name: str, count: int) -> DeviceArray:
+        return self.meta[name][1].rows(count)
+
+    def _launch(self, name, grid, block, *args) -> None:
+        self.kernels.launch(name, grid, block, self.stream, *args)
+
+    # -- ops ------------------------------------------------------------------------------
+
+    def embed(self, tokens) -> DeviceArray:
+        T, out = self.tokens_now, self.buffers["hidden"].rows(self.tokens_now)
+        table = self.weights[EMBED]
+        if isinstance(table, Int4Device):
+            self._launch("embed_int4", T, geo.ROW_THREADS, self._meta("tokens", T), table.qweight,
+                         table.scales, table.zeros, np.int32(table.group_size), out)
+        else:
+            self._launch("embed_fp16", T, geo.ROW_THREADS, self._meta("tokens", T), table, out)
+        return out
+
+    def add_rmsnorm(self, delta: DeviceArray, residual, norm: str):
+        T = delta.shape[0]
+        out, res = self.buffers["normed"].rows(T), self.buffers["residual"].rows(T)
+        self._launch("add_rmsnorm", T, geo.ROW_THREADS, delta, res, self.weights[norm],
+                     np.float32(self.config.rms_norm_eps), np.int32(residual is not None), out)
+        return out, res
+
+    _OUTPUT = {"qkv": "qkv", "o_proj": "hidden", "gate_up": "gate_up", "down_proj": "hidden"}
+
+    def linear(self, x: DeviceArray, weight: str, bias: str | None = None) -> DeviceArray:
+        T = x.shape[0]
+        out = self.buffers[self._OUTPUT[weight.rsplit(".", 1)[-1]]].rows(T)
+        self._matmul(x, self.weights[weight], out, self.weights[bias] if bias else None)
+        return out
+
+    def _matmul(self, x: DeviceArray, w, out: DeviceArray, bias: DeviceArray | None) -> None:
+        T = x.shape[0]
+        if not isinstance(w, Int4Device):  # an fp16 lm_head
+            blocks = math.ceil(w.shape[0] / (geo.GEMV_THREADS // geo.WARP))
+            self._launch("fp16_matmul", blocks, geo.GEMV_THREADS, x, w, out)
+            return
+        args = (x, w.qweight, w.scales, w.zeros, np.int32(w.group_size),
+                bias if bias is not None else self._no_bias, np.int32(bias is not None), out)
+        if T == 1:
+            blocks = math.ceil(w.rows / (geo.GEMV_THREADS // geo.WARP))
+            self._launch("int4_gemv", blocks, geo.GEMV_THREADS, *args)
+        else:
+            grid = (math.ceil(w.rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
+            self._launch("int4_gemm", grid, geo.GEMM_THREADS, *args)
+
+    def rope_and_cache(self, qkv: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
+        T, q = qkv.shape[0], self.buffers["q"].rows(qkv.shape[0])
+        self._launch("rope_and_cache", T, geo.ROW_THREADS, qkv, self._meta("positions", T),
+                     self._meta("slots", T), self.buffers["rope_cos"], self.buffers["rope_sin"],
+                     self.kv(layer, 0), self.kv(layer, 1), q,
+                     np.int32(self.config.num_attention_heads))
+        return q
+
+    def attention(self, q: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
+        c, T, P = self.config, q.shape[0], self.parts_now
+        items = T * c.num_attention_heads
+        part_max = self.buffers["part_max"].reshape(-1)
+        part_max = DeviceArray(self.buffers["part_max"].pointer, (items, P), part_max.dtype)
+        part_sum = DeviceArray(self.buffers["part_sum"].pointer, (items, P), part_max.dtype)
+        part_acc = DeviceArray(self.buffers["part_acc"].pointer, (items, P, c.head_dim),
+                               part_max.dtype)
+        out = self.buffers["attended"].rows(T)
+        self._launch("attention_partial", (items, P), geo.ATTENTION_THREADS, q, self.kv(layer, 0),
+                     self.kv(layer, 1), self._meta("positions", T), self._meta("slots", T),
+                     np.int32(self.window), part_max, part_sum, part_acc)
+        self._launch("attention_combine", items, geo.ATTENTION_THREADS, part_max, part_sum,
+                     part_acc, out)
+        return out
+
+    def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
+        T = gate_up.shape[0]
+        out = self.buffers["act"].rows(T)
+        total = T * self.config.intermediate_size
+        blocks = min(math.ceil(total / geo.ELEMENTWISE_THREADS), 65535)
+        self._launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, gate_up, out)
+        return out
+
+    def logits(self, x: DeviceArray, rows) -> DeviceArray:
+        B = self.rows_now
+        last = self.buffers["last_hidden"].rows(B)
+        self._launch("gather_rows", B, geo.ROW_THREADS, x, self._meta("rows", B), last)
+        out = self.buffers["logits"].rows(B)
+        self._matmul(last, self.weights[LM_HEAD], out, None)
+        return out
+
+    # -- sampling and graphs --------------------------------------------------------------
+
+    def _stage_sampling(self, params: list[SamplingParams], steps) -> None:
+        for i, (p, step) in enumerate(zip(params, steps)):
+            self.meta["temperature"][0][i] = p.temperature
+            self.meta["top_k"][0][i] = p.top_k
+            self.meta["top_p"][0][i] = p.top_p
+            self.meta["seeds"][0][i] = p.seed & (2**64 - 1)
+            self.meta["steps"][0][i] = step
+
+    def _launch_sampling(self, logits: DeviceArray) -> None:
+        B = logits.shape[0]
+        self._launch("sample_tokens", B, geo.SAMPLING_THREADS, logits,
+                     self._meta("temperature", B), self._meta("top_k", B), self._meta("top_p", B),
+                     self._meta("seeds", B), self._meta("steps", B), self._meta("ids", B))
+        ids_offset = self.meta["ids"][1].pointer - self.buffers["meta"].pointer
+        self.stream.copy_to_host(self.meta_host.pointer + ids_offset, self.meta["ids"][1].pointer,
+                                 B * 4)
+
+    def sample(self, logits: DeviceArray, params: list[SamplingParams], steps) -> np.ndarray:
+        """Eager sampling after a prefill forward (whose metadata copy is already queued)."""
+        self._stage_sampling(params, steps)
+        B = logits.shape[0]
+        # the sampling inputs sit in the same pinned block: copy it again (a few hundred bytes)
+        self.stream.copy_to_device(self.buffers["meta"].pointer, self.meta_host.pointer,
+                                   self.meta_input_bytes)
+        self._launch_sampling(logits)
+        self.stream.synchronize()
+        return self.meta["ids"][0][:B].copy()
+
+    def capture_decode_graphs(self, decoder: Decoder) -> None:
+        """One graph per batch bucket: metadata copy, the whole forward, sampling, ids copy."""
+        for bucket in self.buckets:
+            scratch = np.full(bucket, self.slots, np.int32)  # padding rows write the scratch slot
+            batch = Batch.of(np.zeros(bucket), np.zeros(bucket), scratch, np.arange(bucket))
+            self.capturing = True
+            try:
+                self.stream.begin_capture()
+                try:
+                    self.prepare(batch)
+                    logits = decoder.forward_prepared(batch)
+                    self._launch_sampling(logits)
+                finally:
+                    graph = self.stream.end_capture()
+            finally:
+                self.capturing = False
+            self.graphs[bucket] = graph
+
+    def replay_decode(self, tokens, positions, slots, params, steps) -> np.ndarray:
+        B = len(tokens)
+        bucket = next(b for b in self.buckets if b >= B)
+        pad = bucket - B
+        host = lambda name: self.meta[name][0]
+        host("tokens")[:bucket] = np.concatenate([tokens, np.zeros(pad)]).astype(np.int32)
+        host("positions")[:bucket] = np.concatenate([positions, np.zeros(pad)]).astype(np.int32)
+        host("slots")[:bucket] = np.concatenate([slots, np.full(pad, self.slots)]).astype(np.int32)
+        host("rows")[:bucket] = np.arange(bucket, dtype=np.int32)
+        self._stage_sampling(list(params) + [SamplingParams()] * pad, list(steps) + [0] * pad)
+        self.graphs[bucket].launch(self.stream)
+        self.stream.synchronize()
+        return host("ids")[:B].copy()

@@ -1,0 +1,162 @@
+"""The slice of the CUDA driver API the runtime uses, through cuda.bindings (no numba, no NVVM).
+
+Every call's status is checked; failures raise CudaError naming the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+from cuda.bindings import driver as cu
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def check(result, call: str = "CUDA call"):
+    """Unwrap cuda.bindings' (status, *values) tuples."""
+    status, *values = result if isinstance(result, tuple) else (result,)
+    if status != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(status)
+        raise CudaError(f"{call} failed: {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    ordinal: int
+    name: str
+    compute_capability: tuple[int, int]
+    total_memory: int
+    multiprocessors: int
+
+
+def device_count() -> int:
+    """Number of CUDA devices; 0 where there is no driver or no device."""
+    try:
+        check(cu.cuInit(0), "cuInit")
+        return check(cu.cuDeviceGetCount(), "cuDeviceGetCount")
+    except CudaError:
+        return 0
+
+
+class Context:
+    """The device's primary context, made current on the calling thread."""
+
+    def __init__(self, ordinal: int = 0):
+        check(cu.cuInit(0), "cuInit")
+        self.device = check(cu.cuDeviceGet(ordinal), "cuDeviceGet")
+        self.context = check(cu.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
+        self.make_current()
+        attribute = lambda a: check(cu.cuDeviceGetAttribute(a, self.device), "cuDeviceGetAttribute")
+        name = check(cu.cuDeviceGetName(256, self.device), "cuDeviceGetName")
+        self.info = DeviceInfo(
+            ordinal,
+            name.split(b"\0")[0].decode(),
+            (attribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+             attribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)),
+            check(cu.cuDeviceTotalMem(self.device), "cuDeviceTotalMem"),
+            attribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+        )
+
+    def make_current(self) -> None:
+        check(cu.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes."""
+        return check(cu.cuMemGetInfo(), "cuMemGetInfo")
+
+
+def allocate(nbytes: int) -> int:
+    return int(check(cu.cuMemAlloc(max(nbytes, 1)), f"cuMemAlloc({nbytes})"))
+
+
+def free(pointer: int) -> None:
+    check(cu.cuMemFree(pointer), "cuMemFree")
+
+
+class PinnedBuffer:
+    """Page-locked host memory (async copies from it overlap with the CPU), as a numpy view."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.pointer = int(check(cu.cuMemHostAlloc(max(nbytes, 1), 0), f"cuMemHostAlloc({nbytes})"))
+        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(
+            self.pointer))[:nbytes]
+
+    def close(self) -> None:
+        if self.pointer:
+            check(cu.cuMemFreeHost(self.pointer), "cuMemFreeHost")
+            self.pointer = 0
+
+
+class Stream:
+    def __init__(self):
+        self.handle = check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING),
+                            "cuStreamCreate")
+
+    def synchronize(self) -> None:
+        check(cu.cuStreamSynchronize(self.handle), "cuStreamSynchronize")
+
+    def copy_to_device(self, device_pointer: int, host_pointer: int, nbytes: int) -> None:
+        check(cu.cuMemcpyHtoDAsync(device_pointer, host_pointer, nbytes, self.handle),
+              "cuMemcpyHtoDAsync")
+
+    def copy_to_host(self, host_pointer: int, device_pointer: int, nbytes: int) -> None:
+        check(cu.cuMemcpyDtoHAsync(host_pointer, device_pointer, nbytes, self.handle),
+              "cuMemcpyDtoHAsync")
+
+    def begin_capture(self) -> None:
+        check(cu.cuStreamBeginCapture(
+            self.handle, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+            "cuStreamBeginCapture")
+
+    def end_capture(self) -> "Graph":
+        graph = check(cu.cuStreamEndCapture(self.handle), "cuStreamEndCapture")
+        return Graph(graph)
+
+
+class Graph:
+    """An instantiated CUDA graph: one cuGraphLaunch replays every captured launch and copy."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.executable = check(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+
+    def launch(self, stream: Stream) -> None:
+        check(cu.cuGraphLaunch(self.executable, stream.handle), "cuGraphLaunch")
+
+
+class Event:
+    def __init__(self):
+        self.handle = check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DEFAULT), "cuEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        check(cu.cuEventRecord(self.handle, stream.handle), "cuEventRecord")
+
+    def synchronize(self) -> None:
+        check(cu.cuEventSynchronize(self.handle), "cuEventSynchronize")
+
+    def elapsed_ms(self, start: "Event") -> float:
+        return check(cu.cuEventElapsedTime(start.handle, self.handle), "cuEventElapsedTime")
+
+
+class Module:
+    """A loaded cubin or PTX image and its kernels by entry name."""
+
+    def __init__(self, image: bytes):
+        self.handle = check(cu.cuModuleLoadData(image), "cuModuleLoadData")
+
+    def function(self, entry: str):
+        return check(cu.cuModuleGetFunction(self.handle, entry.encode()), f"cuModuleGetFunction({entry})")
+
+
+def launch(function, grid: tuple[int, int, int], block: int, shared_bytes: int, stream: Stream,
+           values: tuple, types: tuple) -> None:
+    check(cu.cuLaunchKernel(function, *grid, block, 1, 1, shared_bytes, stream.handle,
+                            (values, types), 0), "cuLaunchKernel")

@@ -1,0 +1,103 @@
+"""Device helpers shared by kernels. All are inline="always" so kernels compile to PTX on a
+machine without a GPU, and each has a simulator-compatible form (the CUDA simulator has no warp
+shuffles): the test suite runs every kernel under NUMBA_ENABLE_CUDASIM=1."""
+
+from __future__ import annotations
+
+import math
+
+from numba import config, cuda, float32, int32
+
+from .geometry import WARP  # noqa: E402
+
+FULL_MASK = 0xFFFFFFFF
+
+
+if config.ENABLE_CUDASIM:
+
+    @cuda.jit(device=True, inline="always")
+    def warp_sum(value):
+        # The simulator runs a block's threads in lockstep at barriers: exchange through shared
+        # memory instead of shuffles. Callers reach this uniformly, as they would a shuffle.
+        scratch = cuda.shared.array(1024, float32)
+        scratch[cuda.threadIdx.x] = value
+        cuda.syncthreads()
+        base = cuda.threadIdx.x - cuda.threadIdx.x % WARP
+        total = float32(0.0)
+        for lane in range(WARP):
+            total += scratch[base + lane]
+        cuda.syncthreads()
+        return total
+
+    @cuda.jit(device=True, inline="always")
+    def warp_max(value):
+        scratch = cuda.shared.array(1024, float32)
+        scratch[cuda.threadIdx.x] = value
+        cuda.syncthreads()
+        base = cuda.threadIdx.x - cuda.threadIdx.x % WARP
+        best = scratch[base]
+        for lane in range(1, WARP):
+            best = max(best, scratch[base + lane])
+        cuda.syncthreads()
+        return best
+
+else:
+
+    @cuda.jit(device=True, inline="always")
+    def warp_sum(value):
+        offset = 16
+        while offset > 0:
+            value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
+            offset //= 2
+        return value
+
+    @cuda.jit(device=True, inline="always")
+    def warp_max(value):
+        offset = 16
+        while offset > 0:
+            value = max(value, cuda.shfl_xor_sync(FULL_MASK, value, offset))
+            offset //= 2
+        return value
+
+
+@cuda.jit(device=True, inline="always")
+def block_sum(value, scratch):
+    """Sum over the block; scratch is a float32 shared array of >= blockDim.x / 32 entries.
+    Every thread gets the total."""
+    value = warp_sum(value)
+    warp = cuda.threadIdx.x // WARP
+    warps = (cuda.blockDim.x + WARP - 1) // WARP
+    cuda.syncthreads()
+    if cuda.threadIdx.x % WARP == 0:
+        scratch[warp] = value
+    cuda.syncthreads()
+    total = float32(0.0)
+    for w in range(warps):
+        total += scratch[w]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True, inline="always")
+def block_max(value, scratch):
+    value = warp_max(value)
+    warp = cuda.threadIdx.x // WARP
+    warps = (cuda.blockDim.x + WARP - 1) // WARP
+    cuda.syncthreads()
+    if cuda.threadIdx.x % WARP == 0:
+        scratch[warp] = value
+    cuda.syncthreads()
+    best = scratch[0]
+    for w in range(1, warps):
+        best = max(best, scratch[w])
+    cuda.syncthreads()
+    return best
+
+
+@cuda.jit(device=True, inline="always")
+def int4_value(word, j, scale, zero):
+    """Dequantize nibble j of a packed word: (q - zero) * scale, in float32."""
+    return (float32((word >> int32(4 * j)) & 15) - zero) * scale
+
+
+NEG_INF = -math.inf

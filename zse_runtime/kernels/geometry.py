@@ -1,0 +1,25 @@
+"""Launch geometry shared by the kernel sources and the GPU backend (which must not import
+numba). Part of the prebuilt digest: changing a value rebuilds the binaries."""
+
+WARP = 32
+
+# int4_gemm: a block computes TILE_T tokens x TILE_N rows, stepping TILE_K along K.
+GEMM_TILE_T = 32
+GEMM_TILE_N = 64
+GEMM_TILE_K = 32
+GEMM_THREADS = 256
+
+# int4_gemv / fp16_matmul: a warp per row.
+GEMV_THREADS = 128
+
+# attention_partial: a block per (token x head, partition of PARTITION keys).
+ATTENTION_THREADS = 128
+ATTENTION_PARTITION = 256
+ATTENTION_MAX_HEAD_DIM = 128
+
+# sample_tokens: a block per sequence; a power of two.
+SAMPLING_THREADS = 512
+
+# row-parallel kernels (embedding, norm, rope, gather, combine)
+ROW_THREADS = 256
+ELEMENTWISE_THREADS = 256
