@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -131,8 +132,13 @@ def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_se
     for source in sources:
         src_rows = ckpt.tensors[source].shape[0]
         for start, stop in _row_chunks(src_rows, cols):
-            values = ckpt.read_rows(source, start, stop)
             at = slice(row + start, row + stop)
+            if spec.dtype == "float16" and ckpt.tensors[source].dtype == "F16":  # copy the bits
+                target[at] = ckpt.read_raw(source, start, stop).view("<f2").reshape(stop - start,
+                                                                                  *spec.shape[1:])
+                on_rows(stop - start)
+                continue
+            values = ckpt.read_rows(source, start, stop)
             if spec.layout == LAYOUT_DENSE:
                 if spec.dtype == "float16" and np.abs(values).max(initial=0) > 65504:
                     raise SourceError(f"{source}: values exceed the float16 range; use a higher "
@@ -208,17 +214,27 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         total_elements = sum(int(np.prod(s.shape)) for s in specs)
         progress.tensors_planned(specs, total_elements)
         totals = QuantStats(0.0, 0.0, 0)
-        with ZseWriter(out, manifest, specs) as writer:
-            for spec in specs:
-                cols = spec.shape[1] if len(spec.shape) == 2 else 1
-                blob, stats = build_tensor(
-                    ckpt, spec, sources[spec.name], options.clip_search,
-                    lambda rows, spec=spec, cols=cols: progress.tensor_written(spec, rows * cols))
-                writer.write(spec.name, blob)
-                del blob
-                totals.sq_error += stats.sq_error
-                totals.rtn_sq_error += stats.rtn_sq_error
-                totals.numel += stats.numel
+        # One background thread writes and hashes tensor i while tensor i + 1 is quantized;
+        # waiting before each submit keeps order and at most two tensors in memory.
+        with ZseWriter(out, manifest, specs) as writer, ThreadPoolExecutor(1) as io_thread:
+            pending = None
+            try:
+                for spec in specs:
+                    cols = spec.shape[1] if len(spec.shape) == 2 else 1
+                    blob, stats = build_tensor(
+                        ckpt, spec, sources[spec.name], options.clip_search,
+                        lambda rows, spec=spec, cols=cols: progress.tensor_written(spec, rows * cols))
+                    if pending is not None:
+                        pending.result()
+                    pending = io_thread.submit(writer.write, spec.name, blob)
+                    del blob
+                    totals.sq_error += stats.sq_error
+                    totals.rtn_sq_error += stats.rtn_sq_error
+                    totals.numel += stats.numel
+                pending.result()
+            finally:
+                if pending is not None:  # never abort (close the file) under a running write
+                    wait([pending])
             writer.finish()
             file_size = writer.file_size
     finally:

@@ -44,7 +44,7 @@ class QuantStats:
     numel: int
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _search_groups(w, group_size, numerators):
     """Per group: least-squares (scale, min) of the best searched assignment, in float64 sums.
 
@@ -109,7 +109,7 @@ def _search_groups(w, group_size, numerators):
     return scales, mins
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _choose_and_pack(w, group_size, scales, zeros):
     """Assign codes for each fp16-rounded candidate, keep the one with least error, pack nibbles.
 
@@ -173,9 +173,9 @@ def check_quantizable(w: np.ndarray, group_size: int, name: str = "tensor") -> N
     if w.shape[1] % group_size:
         raise ValueError(f"{name}: {w.shape[1]} input columns are not a multiple of group size "
                          f"{group_size}")
-    if not np.isfinite(w).all():
+    amax = max(float(w.max()), -float(w.min())) if w.size else 0.0  # NaN propagates
+    if not np.isfinite(amax):
         raise ValueError(f"{name}: contains NaN or infinite values")
-    amax = float(np.abs(w).max()) if w.size else 0.0
     if amax > FP16_MAX / 2:
         raise ValueError(f"{name}: |w| reaches {amax:.3g}, beyond what fp16 scales can represent")
 

@@ -16,7 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
+
+_FP16_BITS_TO_FP32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
+    np.float32)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _widen_fp16(bits, lut, out):
+    for i in numba.prange(bits.size):
+        out[i] = lut[bits[i]]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _widen_bf16(bits, out_bits):
+    for i in numba.prange(bits.size):  # bfloat16 is the top half of a float32
+        out_bits[i] = np.uint32(bits[i]) << 16
 
 
 class SourceError(Exception):
@@ -159,6 +175,10 @@ class Checkpoint:
     folder: Path
     tensors: dict[str, SourceTensor] = field(default_factory=dict)
     _handles: dict[Path, int] = field(default_factory=dict)
+    # Reused between reads: fresh multi-MB allocations each chunk cost more in page faults
+    # than the conversion itself.
+    _raw: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
+    _wide: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
     @classmethod
     def open(cls, folder: Path) -> "Checkpoint":
@@ -194,26 +214,39 @@ class Checkpoint:
         except ValueError as exc:
             raise SourceError(f"{path}: not valid JSON: {exc}") from None
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a tensor as float32 (a 1-D tensor counts as one row per element)."""
+    def read_raw(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Raw bytes of rows [start, stop); a view valid until the next read."""
         tensor = self.tensors[name]
+        nbytes = (stop - start) * tensor.row_bytes
+        if self._raw.size < nbytes:
+            self._raw = np.empty(nbytes, np.uint8)
         fd = self._handles.get(tensor.file)
         if fd is None:
             fd = self._handles[tensor.file] = os.open(tensor.file, os.O_RDONLY)
-        raw = np.empty((stop - start) * tensor.row_bytes, np.uint8)
-        view, offset = memoryview(raw), tensor.start + start * tensor.row_bytes
+        view, offset = memoryview(self._raw)[:nbytes], tensor.start + start * tensor.row_bytes
         while view.nbytes:  # pread may return short counts on some filesystems
             got = os.preadv(fd, [view], offset)
             if got == 0:
                 raise SourceError(f"{tensor.file}: unexpected end of file reading {name}")
             view, offset = view[got:], offset + got
-        cols = tensor.shape[1:] if len(tensor.shape) > 1 else ()
-        if tensor.dtype == "BF16":  # bfloat16 is the top half of a float32
-            values = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        return self._raw[:nbytes]
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32 (1-D tensors: one row per element); a view valid until
+        the next read."""
+        tensor = self.tensors[name]
+        raw = self.read_raw(name, start, stop)
+        count = raw.size // np.dtype(_SAFETENSORS_DTYPES[tensor.dtype]).itemsize
+        if self._wide.size < count:
+            self._wide = np.empty(count, np.float32)
+        wide = self._wide[:count]
+        if tensor.dtype == "F16":
+            _widen_fp16(raw.view("<u2"), _FP16_BITS_TO_FP32, wide)
+        elif tensor.dtype == "BF16":
+            _widen_bf16(raw.view("<u2"), wide.view(np.uint32))
         else:
-            values = raw.view(np.dtype(_SAFETENSORS_DTYPES[tensor.dtype]).newbyteorder("<"))
-            values = values.astype(np.float32)
-        return values.reshape(stop - start, *cols)
+            wide[:] = raw.view("<f4")
+        return wide.reshape(stop - start, *tensor.shape[1:])
 
     def close(self) -> None:
         for fd in self._handles.values():
