@@ -47,10 +47,6 @@ class Int4Device:
         return self.qweight.shape[0]
 
 
-def _f32(pointer, *shape):
-    return DeviceArray(pointer, tuple(shape), np.dtype(np.float32))
-
-
 class Arena:
     """Carves typed arrays out of one device allocation, each aligned to 256 bytes."""
 
@@ -209,6 +205,9 @@ class GpuOps:
         if T > self.max_tokens or batch.logit_rows.size > self.max_batch:
             raise ValueError(f"batch of {T} tokens / {batch.logit_rows.size} rows exceeds the "
                              f"workspace ({self.max_tokens} / {self.max_batch})")
+        if not self.capturing:
+            # the previous step's copy out of the pinned block may still be queued
+            self.stream.synchronize()
         for name, values in (("tokens", batch.tokens), ("positions", batch.positions),
                              ("slots", batch.slots), ("rows", batch.logit_rows)):
             self.meta[name][0][:values.size] = values
@@ -279,12 +278,11 @@ class GpuOps:
 
     def attention(self, q: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
         c, T, P = self.config, q.shape[0], self.parts_now
-        items = T * c.num_attention_heads
-        part_max = self.buffers["part_max"].reshape(-1)
-        part_max = DeviceArray(self.buffers["part_max"].pointer, (items, P), part_max.dtype)
-        part_sum = DeviceArray(self.buffers["part_sum"].pointer, (items, P), part_max.dtype)
-        part_acc = DeviceArray(self.buffers["part_acc"].pointer, (items, P, c.head_dim),
-                               part_max.dtype)
+        items, f32 = T * c.num_attention_heads, np.dtype(np.float32)
+        # contiguous prefixes of the workspace, viewed with this step's partition count
+        part_max = DeviceArray(self.buffers["part_max"].pointer, (items, P), f32)
+        part_sum = DeviceArray(self.buffers["part_sum"].pointer, (items, P), f32)
+        part_acc = DeviceArray(self.buffers["part_acc"].pointer, (items, P, c.head_dim), f32)
         out = self.buffers["attended"].rows(T)
         self._launch("attention_partial", (items, P), geo.ATTENTION_THREADS, q, self.kv(layer, 0),
                      self.kv(layer, 1), self._meta("positions", T), self._meta("slots", T),

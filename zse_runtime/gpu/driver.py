@@ -143,14 +143,16 @@ class Event:
         check(cu.cuEventSynchronize(self.handle), "cuEventSynchronize")
 
     def elapsed_ms(self, start: "Event") -> float:
-        return check(cu.cuEventElapsedTime(start.handle, self.handle), "cuEventElapsedTime")
+        elapsed = getattr(cu, "cuEventElapsedTime_v2", None) or cu.cuEventElapsedTime  # CUDA 13 name
+        return check(elapsed(start.handle, self.handle), "cuEventElapsedTime")
 
 
 class Module:
     """A loaded cubin or PTX image and its kernels by entry name."""
 
     def __init__(self, image: bytes):
-        self.handle = check(cu.cuModuleLoadData(image), "cuModuleLoadData")
+        buffer = np.frombuffer(image, np.uint8)
+        self.handle = check(cu.cuModuleLoadData(buffer.ctypes.data), "cuModuleLoadData")
 
     def function(self, entry: str):
         return check(cu.cuModuleGetFunction(self.handle, entry.encode()), f"cuModuleGetFunction({entry})")

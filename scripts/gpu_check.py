@@ -1,0 +1,472 @@
+"""GPU check, run through the device tool: every kernel at real (7B) shapes against numpy, the
+CUDA engine against transformers end to end, and first timings. Prints a pass/fail table last
+and writes gpu_check.json.
+
+    python scripts/gpu_check.py --out DIR [--gguf PATH_TO_SmolLM2.gguf] [--skip-speed]
+
+Each check is independent: a failure is recorded with its traceback and the rest still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
+
+from zse_runtime.gpu import driver  # noqa: E402
+from zse_runtime.gpu.kernels import DeviceArray, KernelLibrary  # noqa: E402
+from zse_runtime.kernels import geometry as geo  # noqa: E402
+from zse_runtime.zsefile import Int4Weight, dequantize_int4  # noqa: E402
+
+RESULTS: list[dict] = []
+TOLERANCE = 1e-3  # max |logit difference| / max |reference logit|, as on the CPU backend
+
+
+def record(name: str, ok: bool, detail: str, **numbers) -> None:
+    RESULTS.append({"check": name, "ok": bool(ok), "detail": detail, **numbers})
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+
+def check(name: str):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - every check reports, none stops the run
+                record(name, False, "raised: " + traceback.format_exc()[-1500:])
+        return run
+    return wrap
+
+
+class Gpu:
+    """Context, stream, kernels and device buffers created from numpy arrays."""
+
+    def __init__(self):
+        self.context = driver.Context(0)
+        self.stream = driver.Stream()
+        self.kernels = KernelLibrary(self.context.info.compute_capability)
+        self.allocations: list[int] = []
+
+    def put(self, array: np.ndarray) -> DeviceArray:
+        array = np.ascontiguousarray(array)
+        pointer = driver.allocate(array.nbytes)
+        self.allocations.append(pointer)
+        staging = driver.PinnedBuffer(array.nbytes)
+        staging.array[:] = array.view(np.uint8).reshape(-1)
+        self.stream.copy_to_device(pointer, staging.pointer, array.nbytes)
+        self.stream.synchronize()
+        staging.close()
+        return DeviceArray(pointer, array.shape, array.dtype)
+
+    def empty(self, shape, dtype) -> DeviceArray:
+        dtype = np.dtype(dtype)
+        pointer = driver.allocate(int(np.prod(shape)) * dtype.itemsize)
+        self.allocations.append(pointer)
+        return DeviceArray(pointer, tuple(shape), dtype)
+
+    def get(self, array: DeviceArray) -> np.ndarray:
+        staging = driver.PinnedBuffer(array.nbytes)
+        self.stream.copy_to_host(staging.pointer, array.pointer, array.nbytes)
+        self.stream.synchronize()
+        out = staging.array.view(array.dtype).reshape(array.shape).copy()
+        staging.close()
+        return out
+
+    def launch(self, name, grid, block, *args):
+        self.kernels.launch(name, grid, block, self.stream, *args)
+
+    def time_ms(self, fn, repeats: int = 20) -> float:
+        """Median milliseconds of fn() (which launches on self.stream), after a warm-up."""
+        fn()
+        times = []
+        for _ in range(repeats):
+            start, end = driver.Event(), driver.Event()
+            start.record(self.stream)
+            fn()
+            end.record(self.stream)
+            end.synchronize()
+            times.append(end.elapsed_ms(start))
+        return float(np.median(times))
+
+    def free_all(self):
+        self.stream.synchronize()
+        for pointer in self.allocations:
+            driver.free(pointer)
+        self.allocations.clear()
+
+
+def random_int4(rng, rows, cols, group=128) -> Int4Weight:
+    return Int4Weight(rng.integers(0, 2**32, (rows, cols // 8), dtype=np.uint32),
+                      rng.uniform(0.001, 0.003, (rows, cols // group)).astype(np.float16),
+                      rng.uniform(6.0, 9.0, (rows, cols // group)).astype(np.float16), group)
+
+
+def rel_error(ours, ref) -> float:
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@check("copy bandwidth")
+def copy_bandwidth(gpu: Gpu) -> float:
+    from cuda.bindings import driver as cu
+
+    nbytes = 2 << 30
+    src, dst = gpu.empty((nbytes,), np.uint8), gpu.empty((nbytes,), np.uint8)
+    ms = gpu.time_ms(lambda: driver.check(cu.cuMemcpyDtoDAsync(dst.pointer, src.pointer, nbytes,
+                                                                gpu.stream.handle)), 10)
+    gbps = 2 * nbytes / ms / 1e6
+    record("copy bandwidth", True, f"device-to-device {gbps:.0f} GB/s (read + write)", gbps=gbps)
+    gpu.free_all()
+    return gbps
+
+
+SHAPES_7B = {"qkv": (4608, 3584), "o_proj": (3584, 3584), "gate_up": (37888, 3584),
+             "down_proj": (3584, 18944), "lm_head": (152064, 3584)}
+
+
+@check("int4_gemv")
+def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
+    for name, (rows, cols) in SHAPES_7B.items():
+        weight = random_int4(rng, rows, cols)
+        x = rng.standard_normal((1, cols)).astype(np.float32)
+        bias = rng.standard_normal(rows).astype(np.float32)
+        weight_bytes = weight.qweight.nbytes + weight.scales.nbytes * 2
+        copies = max(1, math.ceil(256e6 / weight_bytes))  # rotate past the 50 MB L2
+        devices = [(gpu.put(weight.qweight), gpu.put(weight.scales), gpu.put(weight.zeros))
+                   for _ in range(copies)]
+        dx, dbias, out = gpu.put(x), gpu.put(bias), gpu.empty((1, rows), np.float32)
+        blocks = math.ceil(rows / (geo.GEMV_THREADS // geo.WARP))
+        args = lambda i: (dx, *devices[i % copies], np.int32(128), dbias, np.int32(1), out)
+        gpu.launch("int4_gemv", blocks, geo.GEMV_THREADS, *args(0))
+        got = gpu.get(out)
+        expected = x @ dequantize_int4(weight).T + bias
+        err = rel_error(got, expected)
+        counter = iter(range(10**9))
+        ms = gpu.time_ms(lambda: gpu.launch("int4_gemv", blocks, geo.GEMV_THREADS,
+                                            *args(next(counter))), 30)
+        gbps = weight_bytes / ms / 1e6
+        frac = gbps / copy_gbps if copy_gbps else float("nan")
+        record(f"int4_gemv {name} {rows}x{cols}", err < 1e-4,
+               f"rel err {err:.1e}; {ms * 1000:.0f} us, {gbps:.0f} GB/s = {frac:.0%} of copy",
+               us=ms * 1000, gbps=gbps, fraction_of_copy=frac, rel_err=err)
+        gpu.free_all()
+
+
+@check("int4_gemm")
+def gemm(gpu: Gpu, rng) -> None:
+    for tokens, (rows, cols) in ((512, SHAPES_7B["gate_up"]), (4, SHAPES_7B["qkv"]),
+                                 (37, SHAPES_7B["down_proj"])):
+        weight = random_int4(rng, rows, cols)
+        x = rng.standard_normal((tokens, cols)).astype(np.float32)
+        dq, ds, dz = gpu.put(weight.qweight), gpu.put(weight.scales), gpu.put(weight.zeros)
+        dx, out = gpu.put(x), gpu.empty((tokens, rows), np.float32)
+        nobias = gpu.put(np.zeros(1, np.float32))
+        grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(tokens / geo.GEMM_TILE_T))
+        run = lambda: gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, dx, dq, ds, dz,
+                                 np.int32(128), nobias, np.int32(0), out)
+        run()
+        got = gpu.get(out)
+        sample_rows = rng.choice(rows, 512, replace=False)
+        dense = dequantize_int4(Int4Weight(weight.qweight[sample_rows], weight.scales[sample_rows],
+                                           weight.zeros[sample_rows], 128))
+        err = rel_error(got[:, sample_rows], x @ dense.T)
+        ms = gpu.time_ms(run, 10)
+        tflops = 2 * tokens * rows * cols / ms / 1e9
+        record(f"int4_gemm T={tokens} {rows}x{cols}", err < 1e-4,
+               f"rel err {err:.1e}; {ms:.2f} ms, {tflops:.1f} TFLOP/s", ms=ms, tflops=tflops)
+        gpu.free_all()
+
+
+@check("attention")
+def attention(gpu: Gpu, rng) -> None:
+    heads, kv_heads, dim, length = 28, 4, 128, 4096
+    for tokens, positions in ((1, [4095]), (3, [0, 700, 2047])):
+        k = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
+        v = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
+        q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
+        pos = np.array(positions, np.int32)
+        slots = np.array([1] * tokens, np.int32)
+        parts = math.ceil(length / geo.ATTENTION_PARTITION)
+        items = tokens * heads
+        dk, dv, dq = gpu.put(k), gpu.put(v), gpu.put(q)
+        dpos, dslots = gpu.put(pos), gpu.put(slots)
+        pmax, psum = gpu.empty((items, parts), np.float32), gpu.empty((items, parts), np.float32)
+        pacc, out = gpu.empty((items, parts, dim), np.float32), gpu.empty((tokens, heads * dim), np.float32)
+
+        def run():
+            gpu.launch("attention_partial", (items, parts), geo.ATTENTION_THREADS, dq, dk, dv,
+                       dpos, dslots, np.int32(0), pmax, psum, pacc)
+            gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum, pacc, out)
+        run()
+        got = gpu.get(out)
+        err = 0.0
+        for t in range(tokens):
+            for h in range(heads):
+                keys = k[1, h // 7, :pos[t] + 1].astype(np.float32)
+                scores = keys @ q[t, h * dim:(h + 1) * dim] / np.sqrt(dim)
+                w = np.exp(scores - scores.max())
+                ref = w @ v[1, h // 7, :pos[t] + 1].astype(np.float32) / w.sum()
+                err = max(err, rel_error(got[t, h * dim:(h + 1) * dim], ref))
+        ms = gpu.time_ms(run, 20)
+        record(f"attention T={tokens} positions {positions}", err < 1e-4,
+               f"rel err {err:.1e}; {ms * 1000:.0f} us", us=ms * 1000)
+        gpu.free_all()
+
+
+@check("small kernels")
+def small_kernels(gpu: Gpu, rng) -> None:
+    hidden, tokens = 3584, 5
+    delta = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    residual = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    dd, dr, dw, out = gpu.put(delta), gpu.put(residual), gpu.put(weight), gpu.empty((tokens, hidden), np.float32)
+    gpu.launch("add_rmsnorm", tokens, geo.ROW_THREADS, dd, dr, dw, np.float32(1e-6), np.int32(1), out)
+    summed = delta + residual
+    ref = summed / np.sqrt((summed ** 2).mean(1, keepdims=True) + 1e-6) * weight
+    err = rel_error(gpu.get(out), ref)
+    record("add_rmsnorm 5x3584", err < 1e-5 and rel_error(gpu.get(dr), summed) < 1e-6, f"rel err {err:.1e}")
+    gate_up = rng.standard_normal((tokens, 2 * 18944)).astype(np.float32)
+    dg, act = gpu.put(gate_up), gpu.empty((tokens, 18944), np.float32)
+    gpu.launch("silu_mul", 256, geo.ELEMENTWISE_THREADS, dg, act)
+    g, u = gate_up[:, :18944], gate_up[:, 18944:]
+    err = rel_error(gpu.get(act), g / (1 + np.exp(-g)) * u)
+    record("silu_mul 5x18944", err < 1e-5, f"rel err {err:.1e}")
+    table = rng.standard_normal((152064, hidden)).astype(np.float16)
+    ids = np.array([0, 152063, 17, 17, 99999], np.int32)
+    dt, di, emb = gpu.put(table), gpu.put(ids), gpu.empty((tokens, hidden), np.float32)
+    gpu.launch("embed_fp16", tokens, geo.ROW_THREADS, di, dt, emb)
+    record("embed_fp16 152064x3584", np.array_equal(gpu.get(emb), table[ids].astype(np.float32)), "exact")
+    gpu.free_all()
+
+
+@check("sampling")
+def sampling_kernel(gpu: Gpu, rng) -> None:
+    from zse_runtime.sampling import SamplingParams, sample
+
+    vocab = 152064
+    params = [SamplingParams(0.0), SamplingParams(0.7, top_p=0.9, seed=1),
+              SamplingParams(1.0, top_k=40, seed=2), SamplingParams(0.8, top_k=100, top_p=0.95, seed=3)]
+    agree, trials = 0, 0
+    for trial in range(8):
+        logits = (rng.standard_normal((4, vocab)) * 2.5).astype(np.float32)
+        dl = gpu.put(logits)
+        out = gpu.empty((4,), np.int32)
+        args = (dl, gpu.put(np.array([p.temperature for p in params], np.float32)),
+                gpu.put(np.array([p.top_k for p in params], np.int32)),
+                gpu.put(np.array([p.top_p for p in params], np.float32)),
+                gpu.put(np.array([p.seed for p in params], np.uint64)),
+                gpu.put(np.full(4, trial, np.uint64)), out)
+        gpu.launch("sample_tokens", 4, geo.SAMPLING_THREADS, *args)
+        got = gpu.get(out)
+        expected = [sample(logits[i], params[i], trial) for i in range(4)]
+        agree += int(np.sum(got == expected))
+        trials += 4
+        if trial == 0:
+            ms = gpu.time_ms(lambda: gpu.launch("sample_tokens", 4, geo.SAMPLING_THREADS, *args), 10)
+        gpu.free_all()
+    record("sample_tokens 4x152064", agree >= trials - 1,
+           f"{agree}/{trials} draws equal the CPU reference; {ms * 1000:.0f} us for 4 rows",
+           us=ms * 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _engine_vs_transformers(label: str, zse_path: Path, checkpoint: Path, prompts: dict,
+                            steps: int = 32) -> None:
+    import torch
+
+    from tests.reference import hf_model_from_zse
+    from zse_runtime.engine import Engine
+    from zse_runtime.model import Batch
+
+    engine = Engine.open(zse_path, device="cuda", max_model_len=2048, slots=4)
+    record(f"{label}: engine open", engine.device.startswith("cuda"),
+           f"{engine.device}; {engine.startup}")
+    reference = hf_model_from_zse(zse_path, checkpoint).cuda()
+    for prompt_name, ids in prompts.items():
+        n = len(ids)
+        with torch.no_grad():
+            ref_logits = reference(torch.tensor([ids]).cuda()).logits[0].float().cpu().numpy()
+        if n <= 512:  # one prefill chunk: check logits at the start, middle and end
+            err = 0.0
+            for first in (0, n // 2, n - 4):
+                rows = np.arange(first, first + 4)
+                got = engine.ops.to_host(engine.forward(Batch.of(ids, np.arange(n), np.zeros(n),
+                                                                 rows)))
+                err = max(err, rel_error(got, ref_logits[rows]))
+            record(f"{label}: prefill logits ({prompt_name}, {n} tokens)", err <= TOLERANCE,
+                   f"max rel err {err:.1e} at 12 positions", rel_err=err)
+        expected = []
+        with torch.no_grad():
+            out = reference(torch.tensor([ids]).cuda(), use_cache=True)
+            for _ in range(steps):
+                expected.append(int(out.logits[0, -1].argmax()))
+                out = reference(torch.tensor([[expected[-1]]]).cuda(),
+                                past_key_values=out.past_key_values, use_cache=True)
+        got_tokens = list(engine.generate(ids, steps, ignore_eos=True))
+        same = sum(a == b for a, b in zip(got_tokens, expected))
+        record(f"{label}: greedy tokens ({prompt_name}, {n} tokens)", got_tokens == expected,
+               f"{same}/{steps} equal transformers; first {got_tokens[:8]}")
+    # batched decode through the graph equals solo decode
+    from zse_runtime.sampling import SamplingParams
+
+    solo = {}
+    for slot, ids in enumerate(list(prompts.values())[:3]):
+        ids = ids[:300]
+        solo[slot] = list(engine.generate(ids, 8, ignore_eos=True))
+    slots_ids = {s: list(prompts.values())[s][:300] for s in solo}
+    tokens = {}
+    for slot, ids in slots_ids.items():
+        n = len(ids)
+        logits = engine.forward(Batch.of(ids, np.arange(n), np.full(n, slot), [n - 1]))
+        tokens[slot] = [int(engine.ops.sample(logits, [SamplingParams()], [0])[0])]
+    for step in range(1, 8):
+        order = sorted(tokens)
+        nxt = engine.step([tokens[s][-1] for s in order],
+                          [len(slots_ids[s]) + step - 1 for s in order], order,
+                          [SamplingParams()] * len(order), [step] * len(order))
+        for s, t in zip(order, nxt):
+            tokens[s].append(int(t))
+    record(f"{label}: batched graph decode == solo", tokens == solo,
+           f"{len(solo)} sequences x 8 steps")
+
+
+@check("synthetic qwen2 vs transformers")
+def synthetic_model(work: Path, long_text: str) -> None:
+    from tests.checkpoints import make_checkpoint
+    from zse_convert.convert import ConvertOptions, convert
+
+    checkpoint = make_checkpoint(work / "qwen2-ckpt", "qwen2", hidden_size=896,
+                                 intermediate_size=4864, num_hidden_layers=4,
+                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
+                                 max_position_embeddings=4096)
+    out = work / "qwen2.zse"
+    convert(str(checkpoint), out, ConvertOptions())
+    rng = np.random.default_rng(5)
+    prompts = {"short": rng.integers(0, 300, 150).tolist(), "long": rng.integers(0, 300, 1100).tolist()}
+    _engine_vs_transformers("synthetic qwen2", out, checkpoint, prompts)
+
+
+@check("SmolLM2")
+def smollm2(work: Path, gguf: Path, long_text: str) -> None:
+    from tests.gguf_fixtures import gguf_to_hf
+    from zse_convert.convert import ConvertOptions, convert
+    from zse_runtime.engine import Engine
+
+    folder = work / "smollm2"
+    gguf_to_hf(gguf, folder)
+    out = work / "smollm2.zse"
+    convert(str(folder), out, ConvertOptions())
+    engine = Engine.open(out, device="cuda", max_model_len=2048)
+    text = engine.tokenizer.decode(list(engine.generate("The capital of France is", 8)))
+    record("SmolLM2: 'The capital of France is'", text.startswith(" Paris"), repr(text))
+    tokenizer = engine.tokenizer
+    del engine
+    prompts = {"short": tokenizer.encode("The capital of France is"),
+               "long": tokenizer.encode(long_text)[:1100]}
+    _engine_vs_transformers("SmolLM2", out, folder, prompts)
+
+
+@check("7B speed")
+def speed_7b(work: Path) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_synthetic_zse import PRESETS, write_random_zse
+    from zse_runtime.engine import Engine
+    from zse_runtime.sampling import SamplingParams
+
+    path = work / "q7-synthetic.zse"
+    started = time.perf_counter()
+    write_random_zse(path, dict(PRESETS["qwen2.5-7b"]))
+    record("7B synthetic .zse written", True, f"{path.stat().st_size / 1e9:.2f} GB in "
+           f"{time.perf_counter() - started:.1f} s")
+    context = driver.Context(0)
+    free_before, _ = context.memory_info()
+    started = time.perf_counter()
+    engine = Engine.open(path, device="cuda", max_model_len=4096, slots=1)
+    open_s = time.perf_counter() - started
+    free_after, _ = context.memory_info()
+    record("7B open", True, f"{open_s:.2f} s ({engine.startup}); GPU memory in use "
+           f"{(free_before - free_after) / 2**30:.2f} GiB", open_s=open_s,
+           gpu_gib=(free_before - free_after) / 2**30)
+    for label, params in (("greedy", SamplingParams()),
+                          ("sampled", SamplingParams(temperature=0.7, top_p=0.9, seed=1))):
+        list(engine.generate([1, 2, 3], 8, params, ignore_eos=True))
+        started = time.perf_counter()
+        count = len(list(engine.generate(list(range(100, 228)), 128, params, ignore_eos=True)))
+        seconds = time.perf_counter() - started
+        record(f"7B batch-1 {label} decode", True, f"{count / seconds:.1f} tok/s (128 tokens "
+               "after a 128-token prompt, prefill included)", tok_s=count / seconds)
+    prompt = list(np.random.default_rng(0).integers(0, 500, 2048))
+    list(engine.generate(prompt[:512], 1, ignore_eos=True))
+    started = time.perf_counter()
+    list(engine.generate(prompt, 1, ignore_eos=True))
+    seconds = time.perf_counter() - started
+    record("7B prefill 2048 tokens", True, f"{2048 / seconds:.0f} tok/s ({seconds:.2f} s)",
+           tok_s=2048 / seconds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/zse_gpu_check"))
+    parser.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = Gpu()
+    info = gpu.context.info
+    versions = {}
+    for module in ("numpy", "numba", "numba_cuda", "cuda.bindings", "torch", "transformers"):
+        try:
+            versions[module] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception as exc:  # noqa: BLE001
+            versions[module] = f"unavailable ({exc})"
+    print(f"GPU {info.name}, compute {info.compute_capability}, {info.multiprocessors} SMs, "
+          f"{info.total_memory / 2**30:.0f} GiB; kernels from {gpu.kernels.source}; {versions}")
+    rng = np.random.default_rng(0)
+    long_text = (Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}."
+                 f"{sys.version_info.minor}" / "LICENSE.txt")
+    long_text = long_text.read_text() if long_text.exists() else "The license text. " * 400
+    if not args.skip_kernels:
+        copy_gbps = copy_bandwidth(gpu)
+        gemv(gpu, copy_gbps, rng)
+        gemm(gpu, rng)
+        attention(gpu, rng)
+        small_kernels(gpu, rng)
+        sampling_kernel(gpu, rng)
+    if not args.skip_synthetic:
+        synthetic_model(args.work, long_text)
+    if args.gguf:
+        smollm2(args.work, args.gguf, long_text)
+    if not args.skip_speed:
+        speed_7b(args.work)
+    summary = {"gpu": info.name, "compute_capability": info.compute_capability,
+               "kernels": gpu.kernels.source, "versions": versions, "results": RESULTS}
+    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
+    print("\n" + "=" * 100)
+    for r in RESULTS:
+        print(f"{'PASS' if r['ok'] else 'FAIL'}  {r['check'][:48]:<48}  {r['detail'][:120]}")
+    failed = sum(not r["ok"] for r in RESULTS)
+    print(f"{len(RESULTS) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
