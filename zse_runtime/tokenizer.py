@@ -79,3 +79,42 @@ class Tokenizer:
         # adding special tokens again.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra),
                            add_special_tokens=False)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas.
+
+    Byte-level BPE splits multi-byte characters across tokens; decoding a partial character
+    yields U+FFFD. A delta is released only up to the last complete character, so concatenated
+    deltas always equal the full decode, with no replacement character the full decode lacks.
+    Only the tokens since the last released boundary are re-decoded (prefix offsets, as in
+    vLLM's detokenizer), so the cost per token stays constant.
+    """
+
+    CONTEXT = 6  # tokens of left context decoded with the new ones, for correct spacing
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_start = 0  # decode window start
+        self.read_offset = 0  # ids before this are already released
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_start:self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_start:], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_start, self.read_offset = (max(0, len(self.ids) - self.CONTEXT),
+                                                   len(self.ids))
+            # the window moved: release exactly what the old window added
+            return full[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """At the end: whatever is still held back (a dangling partial character decodes to U+FFFD
+        in the full text too)."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_start:self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_start:], self.skip)
+        self.read_offset = self.prefix_start = len(self.ids)
+        return full[len(prefix):]
