@@ -63,6 +63,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.decoder = Decoder(config, ops)
         self.startup = startup
+        self._slots = slots
         self._free_slots = list(range(slots))[::-1]
 
     @classmethod
@@ -126,6 +127,18 @@ class Engine:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def acquire_slot(self) -> int:
+        if not self._free_slots:
+            raise EngineError("all KV-cache slots are busy")
+        return self._free_slots.pop()
+
+    def release_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
     def forward(self, batch: Batch) -> np.ndarray:
         return self.decoder.forward(batch)
 
@@ -156,9 +169,7 @@ class Engine:
         """Yield generated token ids until max_tokens, an EOS/stop id, or the context is full."""
         ids = self.prompt_ids(prompt)
         stops = set(stop_token_ids or ()) | (set() if ignore_eos else set(self.tokenizer.eos_token_ids))
-        if not self._free_slots:
-            raise EngineError("all KV-cache slots are busy")
-        slot = self._free_slots.pop()
+        slot = self.acquire_slot()
         try:
             logits = None
             for start in range(0, len(ids), PREFILL_CHUNK):
@@ -175,7 +186,7 @@ class Engine:
                 token = int(self.step([token], [position], [slot], [sampling], [step])[0])
                 position += 1
         finally:
-            self._free_slots.append(slot)
+            self.release_slot(slot)
 
 
 class _ContextStarter:

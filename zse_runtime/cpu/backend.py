@@ -15,8 +15,9 @@ from ..zsefile import EMBED, LM_HEAD, Int4Weight, ZseFile
 from . import kernels
 
 # With this many tokens or more, dequantize row blocks and let BLAS multiply (prefill); below it
-# the fused kernel reads each weight once (decode).
-BLAS_MIN_TOKENS = 16
+# the fused kernel reads each weight once. Above the largest decode batch, so a sequence's
+# decode arithmetic is the same alone or batched with others.
+BLAS_MIN_TOKENS = 64
 BLAS_BLOCK_ROWS = 2048
 
 

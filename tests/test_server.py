@@ -1,0 +1,343 @@
+"""`zse-run` over real HTTP on loopback, driven by the official OpenAI client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import signal
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import LiveServer
+from zse_runtime.engine import Engine
+from zse_runtime.tokenizer import IncrementalDecoder
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen2_zse):
+    live = LiveServer(tiny_qwen2_zse, "--served-model-name", MODEL, "--max-num-seqs", "4",
+                      "--max-model-len", "256").wait_ready()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_qwen2_zse):
+    """Greedy text of the same file generated in-process, one request at a time."""
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=256)
+
+    def generate(prompt_ids, max_tokens):
+        tokens = list(engine.generate(prompt_ids, max_tokens, ignore_eos=True))
+        decoder = IncrementalDecoder(engine.tokenizer)
+        return tokens, "".join(decoder.push(t) for t in tokens) + decoder.flush()
+    generate.tokenizer = engine.tokenizer
+    return generate
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
+    values = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
+    return sum(values)
+
+
+def test_models_and_health(server, client):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ready"}
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_completion_equals_solo_greedy_and_streaming(client, solo):
+    ids = list(range(10, 40))
+    tokens, text = solo(ids, 12)
+    result = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert result.choices[0].text == text
+    assert result.choices[0].finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (30, 12)
+    pieces, finish = [], None
+    for chunk in client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}):
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == text and finish == "length"
+
+
+def test_chat_with_usage_chunk(client, solo):
+    messages = [{"role": "user", "content": "Say something about licenses"}]
+    prompt_ids = solo.tokenizer.encode_chat(messages)
+    _, text = solo(prompt_ids, 10)
+    result = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                            temperature=0, extra_body={"ignore_eos": True})
+    assert result.choices[0].message.role == "assistant"
+    assert result.choices[0].message.content == text
+    assert result.usage.prompt_tokens == len(prompt_ids)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def _boundary_stop(solo):
+    """A prompt and a 2-character stop string made of the last character of one token's text
+    and the first of the next token's: it exists only across the boundary."""
+    for start in range(0, 280, 7):
+        ids = list(range(start, start + 20))
+        tokens, text = solo(ids, 16)
+        for k in range(1, len(tokens)):
+            boundary = len(solo.tokenizer.decode(tokens[:k]))
+            stop = text[boundary - 1:boundary + 1]
+            if (len(stop) == 2 and "\ufffd" not in stop and text.find(stop) == boundary - 1
+                    and solo.tokenizer.decode(tokens[:k]) == text[:boundary]):
+                return ids, text, stop
+    raise AssertionError("no prompt gave a usable token boundary")
+
+
+def test_stop_strings_across_token_boundaries(client, solo):
+    ids, text, stop = _boundary_stop(solo)
+    expected = text[:text.index(stop)]
+    for stream in (False, True):
+        response = client.completions.create(model=MODEL, prompt=ids, max_tokens=16,
+                                             temperature=0, stop=[stop, "never-there"],
+                                             stream=stream, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(response)
+            got = "".join(c.choices[0].text for c in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            got, finish = response.choices[0].text, response.choices[0].finish_reason
+        assert got == expected and finish == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_n_choices(client):
+    ask = lambda seed, n=1: client.completions.create(
+        model=MODEL, prompt="the license", max_tokens=12, temperature=1.0, seed=seed, n=n,
+        extra_body={"ignore_eos": True})
+    first, again, other = ask(7), ask(7), ask(8)
+    assert first.choices[0].text == again.choices[0].text != other.choices[0].text
+    pair = ask(7, n=2)
+    assert [c.index for c in pair.choices] == [0, 1]
+    assert pair.choices[0].text == first.choices[0].text != pair.choices[1].text
+    assert pair.usage.completion_tokens == 24
+
+
+def test_logprobs(client):
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+        assert entry.logprob == pytest.approx(tops[0])  # greedy picks the most likely token
+    completion = client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=0,
+                                           logprobs=2, extra_body={"ignore_eos": True})
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(lp_ <= 0 for lp_ in lp.token_logprobs)
+    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)  # keyed by text: byte tokens may collide
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_penalties_change_sampling_but_not_validity(client):
+    plain = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=20, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    penalised = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=20,
+                                          temperature=0, frequency_penalty=2.0,
+                                          presence_penalty=2.0, extra_body={"ignore_eos": True})
+    assert penalised.usage.completion_tokens == 20
+    assert penalised.choices[0].text != plain.choices[0].text
+
+
+def _error(server, path: str, body, headers=None) -> tuple[int, dict]:
+    response = httpx.post(f"{server.url}{path}", content=body if isinstance(body, (str, bytes))
+                          else json.dumps(body), headers=headers or {}, timeout=30)
+    return response.status_code, response.json()
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ("{not json", 400, "not valid JSON"),
+    ([1, 2], 400, "must be a JSON object"),
+    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "only allowed when stream"),
+    ({"model": MODEL, "prompt": [999999]}, 400, "within the vocabulary"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 1000}, 400,
+     "maximum context length is 256 tokens. However, you requested 1001 tokens (1 in the prompt, "
+     "1000 for the completion)"),
+    ({"model": "gpt-4o", "prompt": "x"}, 404, "The model `gpt-4o` does not exist"),
+])
+def test_errors_have_openai_shape(server, body, status, fragment):
+    code, payload = _error(server, "/v1/completions", body)
+    assert code == status
+    assert fragment in payload["error"]["message"]
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=10_000)
+
+
+def test_sixteen_concurrent_streams_equal_solo_and_metrics_agree(server, client, solo):
+    before = metric(server, "zse_requests_total", '{endpoint="/v1/completions",status="200"}')
+    generated_before = metric(server, "zse_generation_tokens_total")
+    rng = np.random.default_rng(3)
+    jobs = [(rng.integers(0, 290, int(rng.integers(3, 60))).tolist(), int(rng.integers(1, 24)))
+            for _ in range(16)]
+
+    def run(job):
+        ids, max_tokens = job
+        text = ""
+        for chunk in client.completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens,
+                                               temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True}):
+            text += chunk.choices[0].text
+        return text
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, jobs))
+    for (ids, max_tokens), text in zip(jobs, results):
+        assert text == solo(ids, max_tokens)[1]
+    after = metric(server, "zse_requests_total", '{endpoint="/v1/completions",status="200"}')
+    assert after - before == 16
+    assert metric(server, "zse_generation_tokens_total") - generated_before == sum(m for _, m in jobs)
+    assert metric(server, "zse_requests_running") == 0
+    assert metric(server, "zse_time_to_first_token_seconds_count") >= 16
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while metric(server, "zse_requests_running") > 0:
+        assert time.monotonic() < deadline, "the disconnected request still holds its slot"
+        time.sleep(0.05)
+    assert metric(server, "zse_kv_cache_usage_ratio") == 0
+    assert client.completions.create(model=MODEL, prompt="y", max_tokens=2).usage.completion_tokens >= 1
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False),
+                    st.text(max_size=8), st.lists(st.integers(-1, 400), max_size=4))
+_KEYS = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperature", "top_p",
+                         "top_k", "n", "seed", "stop", "stream", "logprobs", "top_logprobs",
+                         "echo", "presence_penalty", "frequency_penalty", "stream_options",
+                         "max_completion_tokens", "unknown"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       extra=st.dictionaries(_KEYS, _VALUES, max_size=6),
+       messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
+                                                "content": st.one_of(st.text(max_size=20), st.none())}),
+                         max_size=2))
+def test_fuzzed_requests_never_5xx(server, path, extra, messages):
+    body = {"model": MODEL, "prompt": "fuzz", "messages": messages, "max_tokens": 2, **extra}
+    response = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert "error" in response.json()
+
+
+def test_server_still_healthy_after_fuzzing(server, client):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert metric(server, "zse_requests_running") == 0
+
+
+def test_api_key(tiny_qwen2_zse):
+    live = LiveServer(tiny_qwen2_zse, "--served-model-name", MODEL,
+                      env={"ZSE_API_KEY": "s3cret"}).wait_ready()
+    try:
+        wrong = openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        assert httpx.get(f"{live.url}/v1/models").status_code == 401
+        right = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0)
+        assert right.completions.create(model=MODEL, prompt="a", max_tokens=1).choices
+        assert httpx.get(f"{live.url}/health").status_code == 200  # probes need no key
+        assert "s3cret" not in live.output()
+    finally:
+        live.stop()
+
+
+def test_full_queue_is_503(tiny_qwen2_zse):
+    live = LiveServer(tiny_qwen2_zse, "--served-model-name", MODEL, "--max-num-seqs", "1",
+                      "--max-queue", "1").wait_ready()
+    try:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 120, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{live.url}/v1/completions", json=body,
+                                                       timeout=60).status_code, range(6)))
+        assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    finally:
+        live.stop()
+
+
+def test_sigterm_drains_in_flight_requests(tiny_qwen2_zse):
+    live = LiveServer(tiny_qwen2_zse, "--served-model-name", MODEL).wait_ready()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 150, "stream": True, "ignore_eos": True}
+    lines = []
+    with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line and not lines:
+                live.process.send_signal(signal.SIGTERM)
+            if line:
+                lines.append(line)
+    assert lines[-1] == "data: [DONE]"
+    finish = json.loads(lines[-2][6:])["choices"][0]["finish_reason"]
+    assert finish == "length"
+    assert live.process.wait(timeout=30) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{live.url}/health", timeout=2)
+    live.stop()
+
+
+def test_health_is_503_while_loading(tiny_qwen2_zse, tmp_path):
+    # An empty numba cache makes the CPU backend compile its kernels at start: seconds of load.
+    live = LiveServer(tiny_qwen2_zse, env={"NUMBA_CACHE_DIR": str(tmp_path)})
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        while not seen or seen[-1] != 200:
+            assert time.monotonic() < deadline, live.output()
+            try:
+                seen.append(httpx.get(f"{live.url}/health", timeout=1).status_code)
+            except httpx.TransportError:
+                time.sleep(0.02)
+        assert seen[0] == 503 and set(seen) == {503, 200}
+        assert "ready in" in live.output()
+    finally:
+        live.stop()
+
+
+def test_unloadable_file_exits_non_zero(tmp_path):
+    bad = tmp_path / "bad.zse"
+    bad.write_bytes(b"not a model" * 100)
+    live = LiveServer(bad)
+    assert live.process.wait(timeout=60) == 1
+    assert "bad magic" in live.output()
+    live.stop()

@@ -1,0 +1,97 @@
+"""`zse-run FILE --port 8000`: serve a .zse over the OpenAI API.
+
+Start-up order is the point: the engine starts loading (CUDA context, manifest, weights) on a
+thread first, then the HTTP stack is imported and bound, so /health answers 503 within a
+fraction of a second and flips to 200 the moment the weights are in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False)
+log = logging.getLogger("zse")
+
+
+def _load(state, path: Path, device: str, max_model_len: Optional[int], slots: int,
+          on_failure) -> None:
+    try:
+        from .engine import Engine
+
+        state.attach(Engine.open(path, device=device, max_model_len=max_model_len, slots=slots))
+        log.info("ready in %.2f s since process start (%s)",
+                 time.perf_counter() - _PROCESS_START, state.engine.startup)
+    except Exception as exc:  # noqa: BLE001 - any load failure ends the process, clearly
+        state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("could not load %s: %s", path, exc)
+        on_failure()
+
+
+_PROCESS_START = time.perf_counter()
+
+
+@app.command()
+def main(
+    file: Path = typer.Argument(..., help=".zse model file"),
+    host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 to expose)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    max_model_len: Optional[int] = typer.Option(None, help="Context length (default min(model, 4096))."),
+    max_num_seqs: int = typer.Option(8, min=1, max=32, help="Concurrent sequences (KV-cache slots)."),
+    max_queue: int = typer.Option(64, min=1, help="Requests that may wait for a slot; more get 503."),
+    served_model_name: Optional[str] = typer.Option(None, help="Model id in the API (default: file stem)."),
+    api_key: Optional[str] = typer.Option(None, envvar="ZSE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (or ZSE_API_KEY)."),
+    grace_period: float = typer.Option(30.0, help="Seconds in-flight requests may take after SIGTERM."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Serve FILE through an OpenAI-compatible HTTP API."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not file.is_file():
+        typer.echo(f"error: {file} is not a file", err=True)
+        raise typer.Exit(1)
+    from .server import ServerState  # light: no engine, no CUDA
+
+    state = ServerState(served_model_name or file.stem, api_key, max_waiting=max_queue)
+    server_box: list = []
+
+    def stop_server() -> None:
+        while not server_box:
+            time.sleep(0.01)
+        server_box[0].should_exit = True
+
+    loader = threading.Thread(target=_load, name="zse-loader", daemon=True,
+                              args=(state, file, device, max_model_len, max_num_seqs, stop_server))
+    loader.start()  # weights stream while the HTTP stack imports below
+
+    import uvicorn
+
+    from .server import create_app
+
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=grace_period, access_log=False)
+    server = uvicorn.Server(config)
+    server_box.append(server)
+    # uvicorn drains on SIGTERM/SIGINT, restores these handlers, then re-raises the signal:
+    # after a completed drain that means a clean exit, status 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: sys.exit(0))
+    server.run()
+    if state.status == "failed":
+        raise typer.Exit(1)
+
+
+def entry() -> None:
+    app(prog_name="zse-run")
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

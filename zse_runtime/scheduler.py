@@ -1,0 +1,226 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+One engine thread loops: admit waiting requests into free KV slots, run at most one prefill
+chunk (so a long prompt stalls running streams for one chunk, not its whole length), then one
+decode step for every running sequence. Tokens go back through each request's `emit`
+callback (the HTTP layer hands them to its event loop). The scheduler never touches HTTP; the
+engine never schedules.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .engine import PREFILL_CHUNK, Engine
+from .model import Batch
+from .sampling import SamplingParams, sample
+
+log = logging.getLogger("zse")
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    message: str = ""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    emit: Callable[[TokenEvent | FinishEvent], None]
+    stop_token_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # state, owned by the engine thread
+    slot: int = -1
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def needs_host_logits(self) -> bool:
+        return (self.logprobs is not None or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_waiting: int, on_step: Callable | None = None):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.on_step = on_step or (lambda scheduler: None)
+        self.failed: str | None = None
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="zse-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads ----------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._wake:
+            if self.failed:
+                raise RuntimeError(f"the engine failed: {self.failed}")
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True  # acted on between steps, by the engine thread
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting)"""
+        return len(self.running), len(self.waiting)
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._stop:
+                    break
+                self._admit()
+            try:
+                self._drop_cancelled()
+                self._prefill_one_chunk()
+                self._decode_step()
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                self.failed = f"{type(exc).__name__}: {exc}"
+                for request in self.running + list(self.waiting):
+                    self._finish(request, FinishEvent("error", self.failed))
+                self.running.clear()
+                self.waiting.clear()
+                break
+            self.on_step(self)
+        for request in self.running + list(self.waiting):
+            self._finish(request, FinishEvent("cancelled", "the server is shutting down"))
+
+    def _admit(self) -> None:
+        while self.waiting and self.engine.free_slots:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                request.emit(FinishEvent("cancelled"))
+                continue
+            request.slot = self.engine.acquire_slot()
+            self.running.append(request)
+
+    def _finish(self, request: Request, event: FinishEvent) -> None:
+        if request.slot >= 0:
+            self.engine.release_slot(request.slot)
+            request.slot = -1
+        request.emit(event)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.running if r.cancelled]:
+            self.running.remove(request)
+            self._finish(request, FinishEvent("cancelled"))
+
+    def _prefill_one_chunk(self) -> None:
+        request = next((r for r in self.running if r.prefilled < len(r.prompt_ids)), None)
+        if request is None:
+            return
+        start = request.prefilled
+        chunk = request.prompt_ids[start:start + PREFILL_CHUNK]
+        logits = self.engine.forward(Batch.of(chunk, np.arange(start, start + len(chunk)),
+                                              np.full(len(chunk), request.slot), [len(chunk) - 1]))
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt_ids):
+            self._accept([request], self._choose([request], logits))
+
+    def _decode_step(self) -> None:
+        batch = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.generated]
+        if not batch:
+            return
+        tokens = [r.generated[-1] for r in batch]
+        positions = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch]
+        slots = [r.slot for r in batch]
+        if any(r.needs_host_logits for r in batch):
+            logits = self.engine.forward(Batch.of(tokens, positions, slots, np.arange(len(batch))))
+            events = self._choose(batch, logits)
+        else:  # the fast path: a replayed graph on a GPU, only the ids come back
+            ids = self.engine.step(tokens, positions, slots, [r.params for r in batch],
+                                   [len(r.generated) for r in batch])
+            events = [TokenEvent(int(i)) for i in ids]
+        self._accept(batch, events)
+
+    def _choose(self, requests: list[Request], logits) -> list[TokenEvent]:
+        """Sample one token per request from its logits row."""
+        if not any(r.needs_host_logits for r in requests):
+            ids = self.engine.ops.sample(logits, [r.params for r in requests],
+                                         [len(r.generated) for r in requests])
+            return [TokenEvent(int(i)) for i in ids]
+        rows = np.asarray(self.engine.ops.to_host(logits), np.float32)
+        events = []
+        for request, row in zip(requests, rows):
+            row = _apply_penalties(row.copy(), request)
+            token = sample(row, request.params, len(request.generated))
+            event = TokenEvent(token)
+            if request.logprobs is not None:
+                logprobs = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+                event.logprob = float(logprobs[token])
+                if request.logprobs:
+                    top = np.argpartition(-logprobs, request.logprobs)[:request.logprobs]
+                    top = top[np.argsort(-logprobs[top], kind="stable")]
+                    event.top_logprobs = [(int(i), float(logprobs[i])) for i in top]
+            events.append(event)
+        return events
+
+    def _accept(self, requests: list[Request], events: list[TokenEvent]) -> None:
+        for request, event in zip(requests, events):
+            if request.cancelled:
+                continue  # dropped before the next step
+            request.generated.append(event.token)
+            request.emit(event)
+            length = len(request.prompt_ids) + len(request.generated)
+            if event.token in request.stop_token_ids:
+                reason = "stop"
+            elif len(request.generated) >= request.max_tokens or length >= self.engine.max_model_len:
+                reason = "length"
+            else:
+                continue
+            self.running.remove(request)
+            self._finish(request, FinishEvent(reason))
+
+
+def _apply_penalties(logits: np.ndarray, request: Request) -> np.ndarray:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+    if request.generated and (request.presence_penalty or request.frequency_penalty):
+        tokens, counts = np.unique(np.asarray(request.generated), return_counts=True)
+        logits[tokens] -= request.frequency_penalty * counts + request.presence_penalty
+    return logits

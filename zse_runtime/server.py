@@ -1,0 +1,445 @@
+"""OpenAI-compatible HTTP API over the scheduler: /v1/models, /v1/completions,
+/v1/chat/completions (streamed as server-sent events or not), /health and /metrics.
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with its status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api_types import ChatCompletionRequest, CompletionRequest
+from .sampling import SamplingParams
+from .scheduler import FinishEvent, QueueFull, Request, Scheduler, TokenEvent
+from .tokenizer import ChatTemplateError, IncrementalDecoder
+
+log = logging.getLogger("zse")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("zse_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("zse_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("zse_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("zse_time_to_first_token_seconds", "Request arrival to first token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("zse_inter_token_latency_seconds", "Time between tokens of a stream", registry=r,
+                             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.running = Gauge("zse_requests_running", "Sequences holding a KV slot", registry=r)
+        self.waiting = Gauge("zse_requests_waiting", "Sequences queued for a slot", registry=r)
+        self.kv_usage = Gauge("zse_kv_cache_usage_ratio", "Fraction of KV-cache slots in use", registry=r)
+        self.startup = Gauge("zse_startup_seconds", "Start-up time by stage", ["stage"], registry=r)
+
+
+@dataclass
+class ServerState:
+    model_name: str
+    api_key: str | None
+    max_waiting: int
+    status: str = "loading"  # loading | ready | failed
+    error: str | None = None
+    engine: Any = None
+    scheduler: Scheduler | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def attach(self, engine) -> None:
+        """Called by the loader thread once the engine is ready."""
+        self.engine = engine
+        self.scheduler = Scheduler(engine, self.max_waiting, on_step=self._observe)
+        for stage, seconds in engine.startup.stages.items():
+            self.metrics.startup.labels(stage).set(seconds)
+        self.status = "ready"
+
+    def _observe(self, scheduler: Scheduler) -> None:
+        running, waiting = scheduler.counts
+        self.metrics.running.set(running)
+        self.metrics.waiting.set(waiting)
+        self.metrics.kv_usage.set(running / self.engine.slots)
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "ready" and not (self.scheduler and self.scheduler.failed)
+
+
+class StopMatcher:
+    """Finds stop strings across token boundaries; holds back text that may begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        buffer = self.held + text
+        hits = [buffer.find(s) for s in self.stops if s in buffer]
+        if hits:
+            self.held = ""
+            return buffer[:min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(stop[:size]):
+                    keep = size
+                    break
+        self.held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[:len(buffer) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass
+class Choice:
+    index: int
+    request: Request
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenEvent] = field(default_factory=list)
+    last_token_at: float | None = None
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="zse", docs_url=None, redoc_url=None)
+
+    @app.on_event("shutdown")
+    async def _shutdown() -> None:
+        if state.scheduler is not None:
+            state.scheduler.stop()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: HttpRequest, exc: ApiError):
+        state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: HttpRequest, exc: StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: HttpRequest, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        state.metrics.requests.labels(request.url.path, "500").inc()
+        return ApiError(500, "internal server error", "server_error").response()
+
+    def authorize(request: HttpRequest) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not (header.startswith("Bearer ") and secrets.compare_digest(header[7:], state.api_key)):
+            raise ApiError(401, "Incorrect or missing API key (send Authorization: Bearer <key>)",
+                           "invalid_request_error", code="invalid_api_key")
+
+    def require_ready() -> None:
+        if not state.healthy:
+            raise ApiError(503, "the model is still loading" if state.status == "loading"
+                           else f"the engine is unavailable: {state.error or state.scheduler.failed}",
+                           "server_error", code="model_not_ready")
+
+    async def parse(request: HttpRequest, model_type):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        try:
+            parsed = model_type.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(400, f"invalid request: {param}: {first['msg']}" if param
+                           else f"invalid request: {first['msg']}", param=param) from None
+        if parsed.model != state.model_name:
+            raise ApiError(404, f"The model `{parsed.model}` does not exist; this server serves "
+                           f"`{state.model_name}`", param="model", code="model_not_found")
+        return parsed
+
+    @app.get("/health")
+    async def health():
+        if state.healthy:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": state.status, "error": state.error or (
+            state.scheduler.failed if state.scheduler else None)}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(state.metrics.registry).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: HttpRequest):
+        authorize(request)
+        max_len = state.engine.max_model_len if state.engine else None
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                            "created": state.created, "owned_by": "zse",
+                                            "max_model_len": max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        authorize(request)
+        body: CompletionRequest = await parse(request, CompletionRequest)
+        require_ready()
+        prompt = body.single_prompt
+        tokenizer = state.engine.tokenizer
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(not 0 <= i < state.engine.config.vocab_size for i in ids):
+                raise ApiError(400, "prompt token ids must be within the vocabulary", param="prompt")
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo together with logprobs is not supported", param="echo")
+        echo_text = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if body.echo else ""
+        return await generate(request, body, ids, body.max_tokens or 16, body.logprobs,
+                              chat=False, echo_text=echo_text)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        authorize(request)
+        body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        require_ready()
+        messages = [{"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            ids = state.engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        limit = body.token_limit or max(1, state.engine.max_model_len - len(ids))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await generate(request, body, ids, limit, logprobs, chat=True)
+
+    async def generate(http: HttpRequest, body, ids: list[int], max_tokens: int,
+                       logprobs: int | None, chat: bool, echo_text: str = ""):
+        engine = state.engine
+        endpoint = http.url.path
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(ids) + max_tokens > engine.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} "
+                           f"tokens. However, you requested {len(ids) + max_tokens} tokens "
+                           f"({len(ids)} in the prompt, {max_tokens} for the completion). Please "
+                           "reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop_ids = frozenset() if body.ignore_eos else frozenset(engine.tokenizer.eos_token_ids)
+        choices = []
+        for index in range(body.n):
+            seed = (body.seed + index) if body.seed is not None else secrets.randbits(63)
+            temperature = 1.0 if body.temperature is None else body.temperature
+            params = SamplingParams(temperature=temperature, top_p=body.top_p or 1.0,
+                                    top_k=max(0, body.top_k or 0), seed=seed)
+            request = Request(ids, params, max_tokens,
+                              emit=lambda e, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, e)),
+                              stop_token_ids=stop_ids, logprobs=logprobs,
+                              presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty)
+            choices.append(Choice(index, request, IncrementalDecoder(engine.tokenizer),
+                                  StopMatcher(body.stop_strings)))
+        try:
+            for choice in choices:
+                state.scheduler.submit(choice.request)
+        except QueueFull as exc:
+            for choice in choices:
+                state.scheduler.cancel(choice.request)
+            raise ApiError(503, f"the server is overloaded ({exc}); retry later", "server_error",
+                           code="server_overloaded") from None
+        except RuntimeError as exc:
+            raise ApiError(503, str(exc), "server_error") from None
+        state.metrics.prompt_tokens.inc(len(ids) * body.n)
+        started = time.perf_counter()
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+
+        def observe(choice: Choice) -> None:
+            now = time.perf_counter()
+            if choice.last_token_at is None:
+                state.metrics.ttft.observe(now - started)
+            else:
+                state.metrics.itl.observe(now - choice.last_token_at)
+            choice.last_token_at = now
+            state.metrics.generation_tokens.inc()
+
+        def on_event(choice: Choice, event) -> str:
+            """Apply one engine event to a choice; returns the text it releases."""
+            if isinstance(event, FinishEvent):
+                if event.reason == "error":
+                    raise ApiError(500, f"generation failed: {event.message}", "server_error")
+                if choice.finish_reason is not None:  # stopped earlier by a stop string
+                    return ""
+                text, stopped = choice.stops.push(choice.decoder.flush())
+                if not stopped:
+                    text += choice.stops.flush()
+                choice.finish_reason = "length" if event.reason == "length" and not stopped else "stop"
+                return text
+            if choice.finish_reason is not None:  # already stopped by a stop string
+                return ""
+            observe(choice)
+            choice.tokens += 1
+            if logprobs is not None:
+                choice.logprobs.append(event)
+            text, stopped = choice.stops.push(choice.decoder.push(event.token))
+            if stopped:
+                choice.finish_reason = "stop"
+                state.scheduler.cancel(choice.request)
+            return text
+
+        finished: set[int] = set()
+
+        async def next_event():
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError from None
+
+        def usage() -> dict:
+            completion = sum(c.tokens for c in choices)
+            return {"prompt_tokens": len(ids), "completion_tokens": completion,
+                    "total_tokens": len(ids) + completion}
+
+        def cancel_all() -> None:
+            for choice in choices:
+                if choice.index not in finished:
+                    state.scheduler.cancel(choice.request)
+
+        if not body.stream:
+            try:
+                while len(finished) < len(choices):
+                    index, event = await next_event()
+                    choice = choices[index]
+                    choice.text += on_event(choice, event)
+                    if isinstance(event, FinishEvent):
+                        finished.add(index)
+            finally:
+                cancel_all()
+            state.metrics.requests.labels(endpoint, "200").inc()
+            if chat:
+                return {"id": request_id, "object": "chat.completion", "created": created,
+                        "model": state.model_name, "usage": usage(),
+                        "choices": [{"index": c.index, "finish_reason": c.finish_reason,
+                                     "message": {"role": "assistant", "content": c.text},
+                                     "logprobs": _chat_logprobs(engine.tokenizer, c.logprobs)
+                                     if logprobs is not None else None} for c in choices]}
+            return {"id": request_id, "object": "text_completion", "created": created,
+                    "model": state.model_name, "usage": usage(),
+                    "choices": [{"index": c.index, "text": echo_text + c.text,
+                                 "finish_reason": c.finish_reason,
+                                 "logprobs": _completion_logprobs(engine.tokenizer, c.logprobs)
+                                 if logprobs is not None else None} for c in choices]}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choice_payload: list[dict] | None = None, usage_payload=None) -> str:
+            payload = {"id": request_id, "object": "chat.completion.chunk" if chat else
+                       "text_completion", "created": created, "model": state.model_name,
+                       "choices": choice_payload or []}
+            if include_usage:
+                payload["usage"] = usage_payload
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        def choice_delta(choice: Choice, text: str, event=None) -> dict:
+            if chat:
+                entry = {"index": choice.index, "delta": {"content": text} if text else {},
+                         "finish_reason": choice.finish_reason if choice.index in finished else None}
+                if logprobs is not None:
+                    entry["logprobs"] = _chat_logprobs(engine.tokenizer, [event]) if event else None
+            else:
+                entry = {"index": choice.index, "text": text,
+                         "finish_reason": choice.finish_reason if choice.index in finished else None}
+                if logprobs is not None:
+                    entry["logprobs"] = _completion_logprobs(engine.tokenizer, [event]) if event else None
+            return entry
+
+        async def stream():
+            status = "200"
+            try:
+                for choice in choices:  # the opening delta (role, or echoed prompt)
+                    if chat:
+                        yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                      "finish_reason": None}])
+                    elif echo_text:
+                        yield chunk([{"index": choice.index, "text": echo_text, "finish_reason": None}])
+                while len(finished) < len(choices):
+                    index, event = await next_event()
+                    choice = choices[index]
+                    try:
+                        text = on_event(choice, event)
+                    except ApiError as exc:
+                        status = str(exc.status)
+                        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.type}})}\n\n"
+                        return
+                    if isinstance(event, FinishEvent):
+                        finished.add(index)
+                        yield chunk([choice_delta(choice, text)])
+                    elif text or logprobs is not None:
+                        yield chunk([choice_delta(choice, text, event)])
+                if include_usage:
+                    yield chunk([], usage())
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel_all()  # a disconnect lands here: free the slots within one step
+                state.metrics.requests.labels(endpoint, status).inc()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _completion_logprobs(tokenizer, events: list[TokenEvent]) -> dict:
+    tokens = [_token_text(tokenizer, e.token) for e in events]
+    offsets, position = [], 0
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in (e.top_logprobs or [])}
+                             for e in events],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer, events: list[TokenEvent]) -> dict:
+    def entry(token: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(e.token, e.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in (e.top_logprobs or [])]}
+                        for e in events]}
