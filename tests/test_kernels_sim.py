@@ -55,14 +55,16 @@ def test_add_rmsnorm(accumulate):
     np.testing.assert_allclose(out, expected_residual / rms * weight, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name,rows_per_warp", [("int4_gemv", 4), ("int4_gemv_rows1", 1)])
 @pytest.mark.parametrize("has_bias", [0, 1])
-def test_int4_gemv(has_bias):
-    weight, dense = _int4(37, 128, 64)  # 37 rows: not a multiple of the warps in flight
+def test_int4_gemv(name, rows_per_warp, has_bias):
+    weight, dense = _int4(37, 128, 64)  # 37 rows: a partial last warp / block
     x = rng.standard_normal((1, 128)).astype(np.float32)
     bias = rng.standard_normal(37).astype(np.float32)
     out = np.full((1, 37), np.nan, np.float32)
-    jit(gemv_int4, "int4_gemv")[2, 64](x, weight.qweight, weight.scales, weight.zeros, 64, bias,
-                                      has_bias, out)
+    blocks = -(-37 // (rows_per_warp * 2))  # 64 threads: 2 warps per block
+    jit(gemv_int4, name)[blocks, 64](x, weight.qweight, weight.scales, weight.zeros, 64, bias,
+                                     has_bias, out)
     np.testing.assert_allclose(out, x @ dense.T + (bias if has_bias else 0), rtol=1e-5, atol=1e-5)
 
 

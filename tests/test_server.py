@@ -341,3 +341,30 @@ def test_unloadable_file_exits_non_zero(tmp_path):
     assert live.process.wait(timeout=60) == 1
     assert "bad magic" in live.output()
     live.stop()
+
+
+@pytest.mark.slow
+def test_smollm2_server_answers_like_the_engine(tmp_path_factory):
+    from tests.gguf_fixtures import smollm2_folder
+    from zse_convert.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2_server") / "smollm2.zse"
+    convert(str(smollm2_folder()), out)
+    live = LiveServer(out, "--served-model-name", "smollm2", "--max-model-len", "1024").wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        completion = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                               max_tokens=8, temperature=0)
+        assert completion.choices[0].text.startswith(" Paris")
+        stopped = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                            max_tokens=8, temperature=0, stop=["."])
+        assert stopped.choices[0].text == " Paris" and stopped.choices[0].finish_reason == "stop"
+        messages = [{"role": "user", "content": "What is 2 + 2?"}]
+        chat = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24,
+                                              temperature=0)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=24, temperature=0, stream=True))
+        assert chat.choices[0].message.content == streamed and streamed.strip()
+        assert chat.choices[0].finish_reason in ("stop", "length")
+    finally:
+        live.stop()

@@ -9,8 +9,9 @@ GEMM_TILE_N = 64
 GEMM_TILE_K = 32
 GEMM_THREADS = 256
 
-# int4_gemv / fp16_matmul: a warp per row.
+# int4_gemv: a warp per GEMV_ROWS_PER_WARP rows; fp16_matmul and int4_gemv_rows1: a warp per row.
 GEMV_THREADS = 128
+GEMV_ROWS_PER_WARP = 4
 
 # attention_partial: a block per (token x head, partition of PARTITION keys).
 ATTENTION_THREADS = 128
