@@ -163,12 +163,12 @@ def test_sampling_matches_the_reference():
               SamplingParams(0.7, top_k=20, seed=8), SamplingParams(1.3, top_p=0.8, seed=9),
               SamplingParams(0.9, top_k=50, top_p=0.5, seed=2**63 + 5)]
     steps = np.array([0, 1, 2, 3, 4, 2**40], np.uint64)
+    expected = [sample(logits[i], params[i], int(steps[i])) for i in range(6)]
     out = np.full(6, -1, np.int32)
     jit(sampling, "sample_tokens")[6, 64](
-        logits, np.array([p.temperature for p in params], np.float32),
+        logits.copy(), np.array([p.temperature for p in params], np.float32),
         np.array([p.top_k for p in params], np.int32), np.array([p.top_p for p in params], np.float32),
-        np.array([p.seed for p in params], np.uint64), steps, out)
-    expected = [sample(logits[i], params[i], int(steps[i])) for i in range(6)]
+        np.array([p.seed for p in params], np.uint64), steps, out)  # logits are consumed
     assert out.tolist() == expected
     assert out[0] == 17
 

@@ -262,8 +262,10 @@ class GpuOps:
         args = (x, w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                 bias if bias is not None else self._no_bias, np.int32(bias is not None), out)
         if T == 1:
-            rows_per_block = geo.GEMV_ROWS_PER_WARP * geo.GEMV_THREADS // geo.WARP
-            self._launch("int4_gemv", math.ceil(w.rows / rows_per_block), geo.GEMV_THREADS, *args)
+            multi = w.rows >= geo.GEMV_MULTI_ROW_MIN_ROWS
+            rows_per_block = (geo.GEMV_ROWS_PER_WARP if multi else 1) * geo.GEMV_THREADS // geo.WARP
+            self._launch("int4_gemv" if multi else "int4_gemv_rows1",
+                         math.ceil(w.rows / rows_per_block), geo.GEMV_THREADS, *args)
         else:
             grid = (math.ceil(w.rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
             self._launch("int4_gemm", grid, geo.GEMM_THREADS, *args)

@@ -14,6 +14,13 @@ from .common import WARP, int4_value, warp_sum
 from .geometry import GEMV_ROWS_PER_WARP
 
 
+@cuda.jit(device=True, inline="always")
+def _group_shift(group_size):
+    """log2(words per group) for group sizes 32, 64, 128: a shift instead of a 64-bit division
+    per word."""
+    return int32(2) if group_size == 32 else (int32(3) if group_size == 64 else int32(4))
+
+
 def int4_gemv_rows1(x, qweight, scales, zeros, group_size, bias, has_bias, out):
     """x [1, K] f32; qweight [N, K/8] u32; scales, zeros [N, K/group] f16; bias [N] f32 (read only
     when has_bias); out [1, N] f32. Any grid; block a multiple of 32."""
@@ -23,7 +30,7 @@ def int4_gemv_rows1(x, qweight, scales, zeros, group_size, bias, has_bias, out):
     total_warps = cuda.gridDim.x * warps_per_block
     rows = qweight.shape[0]
     words = qweight.shape[1]
-    words_per_group = group_size // 8
+    group_shift = _group_shift(group_size)
     # Every warp runs the same number of iterations (n may pass the end): warp_sum is then
     # reached uniformly, which the simulator's barrier-based warp_sum requires.
     for first in range(0, rows, total_warps):
@@ -31,7 +38,7 @@ def int4_gemv_rows1(x, qweight, scales, zeros, group_size, bias, has_bias, out):
         acc = float32(0.0)
         for w in range(lane, words if n < rows else 0, WARP):
             word = qweight[n, w]
-            g = w // words_per_group
+            g = w >> group_shift
             scale = float32(scales[n, g])
             zero = float32(zeros[n, g])
             base = w * 8
@@ -78,7 +85,7 @@ def int4_gemv(x, qweight, scales, zeros, group_size, bias, has_bias, out):
     warp = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + cuda.threadIdx.x // WARP
     rows = qweight.shape[0]
     words = qweight.shape[1]
-    words_per_group = group_size // 8
+    group_shift = _group_shift(group_size)
     n0 = warp * GEMV_ROWS_PER_WARP
     acc0 = float32(0.0)
     acc1 = float32(0.0)
@@ -95,7 +102,7 @@ def int4_gemv(x, qweight, scales, zeros, group_size, bias, has_bias, out):
         x6 = x[0, base + 6]
         x7 = x[0, base + 7]
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        g = w // words_per_group
+        g = w >> group_shift
         acc0 += _row_term(qweight, scales, zeros, n0, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
         acc1 += _row_term(qweight, scales, zeros, n0 + 1, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
         acc2 += _row_term(qweight, scales, zeros, n0 + 2, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)

@@ -1,8 +1,10 @@
 """Token sampling on the GPU, one block per sequence; only the chosen ids leave the device.
 
-Implements zse_runtime/sampling.py's semantics without sorting the vocabulary: the top-k and
-top-p cut-offs are logit thresholds found by bisection (each step one block-wide pass), and the
-draw is an inverse-CDF walk in vocabulary order with a counter-based random number.
+Implements zse_runtime/sampling.py's semantics without sorting the vocabulary: the logits are
+turned into unnormalised probabilities in place (one exp per token), the top-k and top-p
+cut-offs are thresholds on them found by bisection (each step one block-wide compare-and-add
+pass), and the draw is an inverse-CDF walk in vocabulary order with a counter-based random
+number.
 """
 
 import math
@@ -46,14 +48,13 @@ def _block_reduce_sum(value, scratch):
 
 
 @cuda.jit(device=True, inline="always")
-def _mass_above(logits, b, threshold, floor, best, inv_temperature, scratch):
-    """Sum of exp((x - best) / T) over x >= max(threshold, floor)."""
-    cut = max(threshold, floor)
+def _mass_above(probs, b, threshold, scratch):
+    """Sum of the unnormalised probabilities >= threshold."""
     partial = float32(0.0)
-    for i in range(cuda.threadIdx.x, logits.shape[1], cuda.blockDim.x):
-        x = logits[b, i]
-        if x >= cut:
-            partial += math.exp((x - best) * inv_temperature)
+    for i in range(cuda.threadIdx.x, probs.shape[1], cuda.blockDim.x):
+        e = probs[b, i]
+        if e >= threshold:
+            partial += e
     return _block_reduce_sum(partial, scratch)
 
 
@@ -103,26 +104,19 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
             out[b] = best_index
         return
     inv_temperature = float32(1.0) / temperature[b]
-    # smallest logit, the bisection's lower bound
-    low = float32(math.inf)
+    # Replace each logit by its unnormalised probability e = exp((x - max) / T), in place (the
+    # logits are consumed here): every later pass is then a compare and an add, not an exp.
+    # The map is monotone, so thresholds on e select the same tokens as thresholds on x; the
+    # largest e is exactly 1.
     for i in range(tid, vocab, cuda.blockDim.x):
-        low = min(low, logits[b, i])
-    scratch[tid] = low
+        logits[b, i] = math.exp((logits[b, i] - best) * inv_temperature)
     cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if tid < stride:
-            scratch[tid] = min(scratch[tid], scratch[tid + stride])
-        cuda.syncthreads()
-        stride //= 2
-    low = scratch[0]
-    cuda.syncthreads()
-    # top-k: the largest threshold that still keeps k logits
-    floor = low
+    # top-k: the largest threshold that still keeps k tokens
+    floor = float32(0.0)
     k = top_k[b]
     if k > 0 and k < vocab:
-        lo = low
-        hi = best
+        lo = float32(0.0)
+        hi = float32(1.0)
         for _ in range(BISECTION_STEPS):
             mid = lo + (hi - lo) * float32(0.5)
             if _count_above(logits, b, mid, scratch) >= float32(k):
@@ -131,19 +125,19 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
                 hi = mid
         floor = lo
     # top-p: the largest threshold whose kept mass still reaches top_p of the total
-    total = _mass_above(logits, b, floor, floor, best, inv_temperature, scratch)
+    total = _mass_above(logits, b, floor, scratch)
     if top_p[b] < float32(1.0):
         lo = floor
-        hi = best
+        hi = float32(1.0)
         target_mass = top_p[b] * total
         for _ in range(BISECTION_STEPS):
             mid = lo + (hi - lo) * float32(0.5)
-            if _mass_above(logits, b, mid, floor, best, inv_temperature, scratch) >= target_mass:
+            if _mass_above(logits, b, mid, scratch) >= target_mass:
                 lo = mid
             else:
                 hi = mid
         floor = lo
-        total = _mass_above(logits, b, floor, floor, best, inv_temperature, scratch)
+        total = _mass_above(logits, b, floor, scratch)
     target = uniform(seeds[b], steps[b]) * total
     # inverse CDF in vocabulary order: contiguous chunks, a scan of chunk masses, one walk
     chunk = (vocab + cuda.blockDim.x - 1) // cuda.blockDim.x
@@ -151,9 +145,9 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
     end = min(vocab, begin + chunk)
     mass = float32(0.0)
     for i in range(begin, end):
-        x = logits[b, i]
-        if x >= floor:
-            mass += math.exp((x - best) * inv_temperature)
+        e = logits[b, i]
+        if e >= floor:
+            mass += e
     scratch[tid] = mass
     index_scratch[tid] = -1
     cuda.syncthreads()
@@ -167,9 +161,9 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
     running = scratch[tid]
     if running <= target and running + mass > target:
         for i in range(begin, end):
-            x = logits[b, i]
-            if x >= floor:
-                running += math.exp((x - best) * inv_temperature)
+            e = logits[b, i]
+            if e >= floor:
+                running += e
                 if running > target:
                     index_scratch[0] = i
                     break
