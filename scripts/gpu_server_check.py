@@ -1,0 +1,148 @@
+"""`zse-run --device cuda` end to end, run through the device tool: concurrent greedy streams
+against solo in-process generation, time to ready, and aggregate decode throughput on a
+7B-shaped file. Prints a table last and writes gpu_server_check.json.
+
+    python scripts/gpu_server_check.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+ROWS: list[tuple[str, str]] = []
+
+
+def row(name: str, value: str) -> None:
+    ROWS.append((name, value))
+    print(f"{name}: {value}", flush=True)
+
+
+def start_server(model: Path, port: int, *args: str) -> tuple[subprocess.Popen, float]:
+    import httpx
+
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "zse_runtime.cli", str(model), "--port",
+                                str(port), "--device", "cuda", "--served-model-name", "m", *args],
+                               env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process, time.perf_counter() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.01)
+
+
+def stream(client, prompt, max_tokens) -> str:
+    text = ""
+    for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens,
+                                           temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        text += chunk.choices[0].text
+    return text
+
+
+def concurrency_check(work: Path) -> None:
+    import openai
+
+    from tests.checkpoints import make_checkpoint
+    from zse_convert.convert import convert
+    from zse_runtime.engine import Engine
+    from zse_runtime.tokenizer import IncrementalDecoder
+
+    checkpoint = make_checkpoint(work / "qwen2-ckpt", "qwen2", hidden_size=896,
+                                 intermediate_size=4864, num_hidden_layers=4,
+                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
+                                 max_position_embeddings=4096)
+    model = work / "qwen2.zse"
+    convert(str(checkpoint), model)
+    rng = np.random.default_rng(1)
+    jobs = [(rng.integers(0, 300, int(rng.integers(3, 700))).tolist(), int(rng.integers(4, 40)))
+            for _ in range(12)]
+    engine = Engine.open(model, device="cuda", max_model_len=2048)
+    solo = []
+    for ids, max_tokens in jobs:
+        decoder = IncrementalDecoder(engine.tokenizer)
+        tokens = list(engine.generate(ids, max_tokens, ignore_eos=True))
+        solo.append("".join(decoder.push(t) for t in tokens) + decoder.flush())
+    del engine
+    process, ready = start_server(model, 8301, "--max-num-seqs", "8", "--max-model-len", "2048")
+    try:
+        row("synthetic qwen2: process start -> /health 200", f"{ready:.2f} s")
+        client = openai.OpenAI(base_url="http://127.0.0.1:8301/v1", api_key="x", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            texts = list(pool.map(lambda job: stream(client, *job), jobs))
+        same = sum(a == b for a, b in zip(texts, solo))
+        row("12 concurrent greedy streams (8 slots) == solo", f"{same}/12")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        row("SIGTERM exit status", str(process.returncode))
+
+
+def throughput(work: Path) -> None:
+    import openai
+
+    from make_synthetic_zse import PRESETS, write_random_zse
+
+    model = work / "q7.zse"
+    if not model.exists():
+        write_random_zse(model, dict(PRESETS["qwen2.5-7b"]))
+    process, ready = start_server(model, 8302, "--max-num-seqs", "16", "--max-model-len", "4096")
+    try:
+        row("7B: process start -> /health 200 (page cache warm)", f"{ready:.2f} s")
+        client = openai.OpenAI(base_url="http://127.0.0.1:8302/v1", api_key="x", max_retries=0)
+        started = time.perf_counter()
+        first = None
+        for chunk in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=2, stream=True):
+            if first is None and chunk.choices and chunk.choices[0].delta.content is not None:
+                first = time.perf_counter() - started
+        row("7B: first streamed chat chunk (ready server)", f"{first * 1000:.0f} ms")
+        for streams in (1, 4, 16):
+            prompts = [list(range(100 + i, 228 + i)) for i in range(streams)]
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+                list(pool.map(lambda p: stream(client, p, 128), prompts))
+            seconds = time.perf_counter() - started
+            row(f"7B: {streams} concurrent streams x 128 tokens", f"{streams * 128 / seconds:.0f} tok/s aggregate")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/zse_gpu_server"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    for check in (concurrency_check, throughput):
+        try:
+            check(args.work)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            import traceback
+
+            row(f"{check.__name__} FAILED", traceback.format_exc()[-1500:])
+    (args.out / "gpu_server_check.json").write_text(json.dumps(dict(ROWS), indent=2))
+    print("\n" + "\n".join(f"{k:<52} {v}" for k, v in ROWS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
