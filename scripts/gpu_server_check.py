@@ -109,11 +109,10 @@ def throughput(work: Path) -> None:
         client = openai.OpenAI(base_url="http://127.0.0.1:8302/v1", api_key="x", max_retries=0)
         started = time.perf_counter()
         first = None
-        for chunk in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
-                                                    max_tokens=2, stream=True):
-            if first is None and chunk.choices and chunk.choices[0].delta.content is not None:
+        for chunk in client.completions.create(model="m", prompt="hi", max_tokens=2, stream=True):
+            if first is None and chunk.choices[0].text is not None:
                 first = time.perf_counter() - started
-        row("7B: first streamed chat chunk (ready server)", f"{first * 1000:.0f} ms")
+        row("7B: first streamed token (ready server)", f"{first * 1000:.0f} ms")
         for streams in (1, 4, 16):
             prompts = [list(range(100 + i, 228 + i)) for i in range(streams)]
             started = time.perf_counter()
@@ -130,9 +129,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--work", type=Path, default=Path("/tmp/zse_gpu_server"))
+    parser.add_argument("--only", choices=["concurrency", "throughput"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    for check in (concurrency_check, throughput):
+    checks = {"concurrency": concurrency_check, "throughput": throughput}
+    for name, check in checks.items():
+        if args.only and name != args.only:
+            continue
         try:
             check(args.work)
         except Exception as exc:  # noqa: BLE001 - report and go on

@@ -31,6 +31,12 @@ PREFILL_CHUNK = 512
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
+def _row(array: DeviceArray, t: int) -> DeviceArray:
+    """Row t of a [T, N] array as a [1, N] array."""
+    width = array.shape[1]
+    return DeviceArray(array.pointer + t * width * array.dtype.itemsize, (1, width), array.dtype)
+
+
 class OutOfDeviceMemory(RuntimeError):
     pass
 
@@ -261,11 +267,13 @@ class GpuOps:
             return
         args = (x, w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                 bias if bias is not None else self._no_bias, np.int32(bias is not None), out)
-        if T == 1:
+        if T <= geo.GEMV_MAX_TOKENS:  # one GEMV per token: same arithmetic as a solo decode
             multi = w.rows >= geo.GEMV_MULTI_ROW_MIN_ROWS
             rows_per_block = (geo.GEMV_ROWS_PER_WARP if multi else 1) * geo.GEMV_THREADS // geo.WARP
-            self._launch("int4_gemv" if multi else "int4_gemv_rows1",
-                         math.ceil(w.rows / rows_per_block), geo.GEMV_THREADS, *args)
+            for t in range(T):
+                self._launch("int4_gemv" if multi else "int4_gemv_rows1",
+                             math.ceil(w.rows / rows_per_block), geo.GEMV_THREADS,
+                             _row(x, t), *args[1:-1], _row(out, t))
         else:
             grid = (math.ceil(w.rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
             self._launch("int4_gemm", grid, geo.GEMM_THREADS, *args)

@@ -15,6 +15,9 @@ GEMV_ROWS_PER_WARP = 4
 # Below this many rows, a warp per row keeps more warps in flight and wins (H200, 2026-11-29:
 # down_proj 3584 rows 85 us vs 172 us; gate_up 37888 rows 144 us vs 116 us).
 GEMV_MULTI_ROW_MIN_ROWS = 16384
+# Up to this many tokens, one GEMV per token beats the tiled GEMM (whose 32-token tiles are mostly
+# empty for small decode batches): H200, qkv at T=4, GEMM 270 us vs 4 x 23 us.
+GEMV_MAX_TOKENS = 8
 
 # attention_partial: a block per (token x head, partition of PARTITION keys).
 ATTENTION_THREADS = 128
