@@ -138,7 +138,7 @@ def main() -> int:
             continue
         try:
             check(args.work)
-        except Exception as exc:  # noqa: BLE001 - report and go on
+        except Exception:  # noqa: BLE001 - report and go on
             import traceback
 
             row(f"{check.__name__} FAILED", traceback.format_exc()[-1500:])

@@ -20,7 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from zse_runtime import __version__
-from zse_runtime.zsefile import LAYOUT_INT4_ROWS, ZseFile, ZseFormatError
+from zse_runtime.zsefile import ZseFile, ZseFormatError
 
 from .convert import ConvertOptions, Progress as ConvertProgress, convert as run_convert
 from .source import SourceError

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zse_runtime import __version__
-from zse_runtime.zsefile import (DTYPE_INT4, EMBED, FINAL_NORM, FORMAT_NAME, FORMAT_VERSION_MAJOR,
+from zse_runtime.zsefile import (DTYPE_INT4, EMBED, FORMAT_NAME, FORMAT_VERSION_MAJOR,
                                  FORMAT_VERSION_MINOR, INT4_GROUP_SIZES, INT4_SCALE_DTYPE,
                                  INT4_ZERO_DTYPE, LAYOUT_DENSE, LAYOUT_INT4_ROWS, LM_HEAD,
                                  expected_tensor_shapes, int4_section_sizes)

@@ -52,7 +52,7 @@ def main(
         sys.stdout.write(decoder.flush() + "\n")
     except (EngineError, ZseFormatError, ChatTemplateError, OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     seconds = time.perf_counter() - started
     typer.echo(f"[{count} tokens in {seconds:.2f} s on {engine.device}, start-up "
                f"{engine.startup.total:.2f} s]", err=True)

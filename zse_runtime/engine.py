@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .model import Batch, Decoder
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .zsefile import ZseFile
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig, rope_tables
+from ..engine import PREFILL_CHUNK
 from ..kernels import geometry as geo
 from ..model import Batch, Decoder
 from ..sampling import SamplingParams
@@ -27,7 +28,6 @@ from .loader import upload_data_section
 
 log = logging.getLogger("zse")
 
-PREFILL_CHUNK = 512
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 

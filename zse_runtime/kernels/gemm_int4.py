@@ -6,7 +6,7 @@ read from global memory once per block), then each thread accumulates a 4 x 2 mi
 TILE_K = 32 never crosses a quantization group (group sizes are multiples of 32).
 """
 
-from numba import cuda, float32, int32
+from numba import cuda, float32
 
 from .common import int4_value
 
