@@ -7,6 +7,7 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -134,12 +135,13 @@ def _token_text(tokenizer, token: int) -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="zse", docs_url=None, redoc_url=None)
-
-    @app.on_event("shutdown")
-    async def _shutdown() -> None:
-        if state.scheduler is not None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if state.scheduler is not None:  # after uvicorn has drained the connections
             state.scheduler.stop()
+
+    app = FastAPI(title="zse", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: HttpRequest, exc: ApiError):
