@@ -42,7 +42,7 @@ def test_conversion_is_close_to_the_original_weights(smollm2):
     folder, out, summary = smollm2
     source = load_file(folder / "model.safetensors")
     assert summary["architecture"] == "llama" and summary["int4_bits_per_weight"] <= 4.5
-    assert summary["sq_error_vs_round_to_nearest"] < 0.9
+    assert summary["error_vs_round_to_nearest"] < 0.9
     with ZseFile(out) as zse:
         assert zse.model_config["tie_word_embeddings"] is True
         embed = source["model.embed_tokens.weight"].astype(np.float32)

@@ -144,7 +144,7 @@ def convert_command(
         ("bits per weight", f"{summary['bits_per_weight']:.2f} overall, "
                             f"{summary['int4_bits_per_weight']:.2f} in INT4 tensors"),
         ("group size", str(summary["group_size"])),
-        ("squared error vs RTN", str(summary["sq_error_vs_round_to_nearest"])),
+        ("weighted error vs RTN", str(summary["error_vs_round_to_nearest"])),
         ("time", f"{summary['seconds']:.1f} s ({summary['params_per_second'] / 1e6:.1f} M params/s)"),
     ]
     if summary["group_size_fallbacks"]:

@@ -147,8 +147,8 @@ def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_se
             else:
                 weight, chunk_stats = quantize_int4(values, spec.group_size, clip_search, source)
                 qweight[at], scales[at], zeros[at] = weight.qweight, weight.scales, weight.zeros
-                stats.sq_error += chunk_stats.sq_error
-                stats.rtn_sq_error += chunk_stats.rtn_sq_error
+                stats.error += chunk_stats.error
+                stats.rtn_error += chunk_stats.rtn_error
                 stats.numel += chunk_stats.numel
             on_rows(stop - start)
         row += src_rows
@@ -228,8 +228,8 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                         pending.result()
                     pending = io_thread.submit(writer.write, spec.name, blob)
                     del blob
-                    totals.sq_error += stats.sq_error
-                    totals.rtn_sq_error += stats.rtn_sq_error
+                    totals.error += stats.error
+                    totals.rtn_error += stats.rtn_error
                     totals.numel += stats.numel
                 pending.result()
             finally:
@@ -258,8 +258,9 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         "group_size_fallbacks": {s.name: s.group_size for s in quantized
                                  if s.group_size != options.group_size},
         "clip_search": options.clip_search,
-        "sq_error_vs_round_to_nearest": round(totals.sq_error / totals.rtn_sq_error, 4)
-        if totals.rtn_sq_error else None,
+        # weighted squared error of the chosen parameters over that of round-to-nearest
+        "error_vs_round_to_nearest": round(totals.error / totals.rtn_error, 4)
+        if totals.rtn_error else None,
         "seconds": round(seconds, 2),
         "params_per_second": round(params / seconds),
         "options": asdict(options) | {"token": None},

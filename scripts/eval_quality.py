@@ -1,0 +1,193 @@
+"""Quantization quality on real weights: perplexity, top-1 agreement and KL divergence against
+the unquantized model, for ZSE's INT4 at group 32/64/128 (with and without the clipping search)
+and llama.cpp's Q4_0 / Q4_1.
+
+    python scripts/eval_quality.py HF_FOLDER [--text FILE ...] [--tokens 4096] [--window 512]
+                                   [--json-out F] [--plot F.png]
+
+Text defaults to CPython's LICENSE.txt and pydoc_data.topics (both ship with the interpreter).
+The text is cut into non-overlapping windows; each window is a fresh sequence.
+
+How each variant runs:
+  fp16 (reference)  transformers, float32 on the CPU, on the checkpoint as it is;
+  zse gN / rtn gN   converted with zse-convert and run through ZSE's own CPU backend;
+  gguf q4_0 / q4_1  the same tensors quantized by the gguf package's reference quantizers,
+                    dequantized, and run through transformers (ZSE cannot execute GGUF blocks).
+Quantized in every variant: the q/k/v, o, gate/up, down projections and lm_head; the embedding
+stays fp16 and norms/biases float32. Bits per weight count those quantized tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+QUANTIZED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                      "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def default_text() -> str:
+    import pydoc_data.topics
+
+    license_file = (Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}."
+                    f"{sys.version_info.minor}" / "LICENSE.txt")
+    parts = [license_file.read_text()] if license_file.exists() else []
+    return "\n\n".join(parts + list(pydoc_data.topics.topics.values()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+class Scores:
+    """Accumulates NLL, top-1 agreement and KL(reference || variant) over windows."""
+
+    def __init__(self):
+        self.nll, self.agree, self.kl = [], [], []
+
+    def add(self, logprobs: np.ndarray, reference: np.ndarray, ids: list[int]) -> None:
+        targets = np.asarray(ids[1:])
+        self.nll.append(-logprobs[np.arange(len(targets)), targets])
+        self.agree.append(logprobs.argmax(-1) == reference.argmax(-1))
+        p_ref = np.exp(reference)
+        self.kl.append((p_ref * (reference - logprobs)).sum(-1))
+
+    def summary(self) -> dict:
+        nll, kl = np.concatenate(self.nll), np.concatenate(self.kl)
+        return {"perplexity": float(np.exp(nll.mean())),
+                "top1_agreement": float(np.concatenate(self.agree).mean()),
+                "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99))}
+
+
+def hf_model(folder: Path, replace: dict | None = None):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if replace:
+        state = model.state_dict()
+        for name, value in replace.items():
+            state[name] = torch.from_numpy(value)
+        if "lm_head.weight" in replace:
+            model.config.tie_word_embeddings = False
+            model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(replace["lm_head.weight"]))
+        model.load_state_dict({k: v for k, v in state.items() if k != "lm_head.weight"},
+                              strict=False)
+    return model.eval()
+
+
+def hf_logprobs(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
+    return log_softmax(logits)
+
+
+def gguf_variant(folder: Path, qtype_name: str) -> dict[str, np.ndarray]:
+    """Quantize and dequantize the same tensors ZSE quantizes, with gguf's reference code."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    from safetensors.numpy import load_file
+
+    qtype = GGMLQuantizationType[qtype_name]
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith(QUANTIZED_SUFFIXES) or name == "lm_head.weight":
+            w = value.astype(np.float32)
+            out[name] = dequantize(quantize(w, qtype), qtype).reshape(w.shape).astype(np.float32)
+    if "lm_head.weight" not in out:  # tied: quantize a copy of the embedding as the lm_head
+        w = tensors["model.embed_tokens.weight"].astype(np.float32)
+        out["lm_head.weight"] = dequantize(quantize(w, qtype), qtype).reshape(w.shape).astype(np.float32)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path, help="Hugging Face checkpoint folder")
+    parser.add_argument("--text", type=Path, nargs="*")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of text to score")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--variants", default="zse-g128,zse-g64,zse-g32,rtn-g128,rtn-g64,rtn-g32,"
+                                               "gguf-q4_0,gguf-q4_1")
+    parser.add_argument("--json-out", type=Path, default=Path("eval_quality.json"))
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from zse_convert.convert import ConvertOptions, convert
+    from zse_runtime.engine import Engine
+    from zse_runtime.model import Batch
+    from zse_runtime.zsefile import ZseFile
+
+    text = "\n\n".join(p.read_text() for p in args.text) if args.text else default_text()
+    ids = AutoTokenizer.from_pretrained(args.folder).encode(text)[:args.tokens]
+    windows = [ids[i:i + args.window] for i in range(0, len(ids) - 1, args.window)]
+    windows = [w for w in windows if len(w) > 1]
+    print(f"{args.folder.name}: {sum(len(w) - 1 for w in windows)} scored tokens in "
+          f"{len(windows)} windows", flush=True)
+    started = time.perf_counter()
+    reference_model = hf_model(args.folder)
+    reference = [hf_logprobs(reference_model, w) for w in windows]
+    scores = Scores()
+    for w, ref in zip(windows, reference):
+        scores.add(ref, ref, w)
+    results = {"fp16": {**scores.summary(), "bits_per_weight": 16.0}}
+    del reference_model
+    print(f"  fp16: ppl {results['fp16']['perplexity']:.4f} ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            started = time.perf_counter()
+            scores = Scores()
+            kind, spec = variant.split("-")
+            if kind in ("zse", "rtn"):
+                out = Path(tmp) / f"{variant}.zse"
+                convert(str(args.folder), out, ConvertOptions(group_size=int(spec[1:]),
+                                                              clip_search=kind == "zse"))
+                with ZseFile(out) as zse:
+                    int4 = [t for t in zse.tensors.values() if t.group_size]
+                    bits = sum(t.nbytes for t in int4) * 8 / sum(t.numel for t in int4)
+                engine = Engine.open(out, device="cpu", max_model_len=args.window)
+                for w, ref in zip(windows, reference):
+                    n = len(w)
+                    logits = engine.forward(Batch.of(w, np.arange(n), np.zeros(n), np.arange(n - 1)))
+                    scores.add(log_softmax(np.asarray(logits)), ref, w)
+                del engine
+            else:
+                model = hf_model(args.folder, gguf_variant(args.folder, spec.upper()))
+                bits = {"Q4_0": 4.5, "Q4_1": 5.0}[spec.upper()]  # (2 + 16) or (2 + 2 + 16) bytes / 32
+                for w, ref in zip(windows, reference):
+                    scores.add(hf_logprobs(model, w), ref, w)
+                del model
+            results[variant] = {**scores.summary(), "bits_per_weight": round(bits, 3)}
+            print(f"  {variant}: ppl {results[variant]['perplexity']:.4f}, "
+                  f"{bits:.2f} bits ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    base = results["fp16"]["perplexity"]
+    report = {"model": args.folder.name, "tokens": sum(len(w) - 1 for w in windows),
+              "window": args.window, "results": results}
+    args.json_out.write_text(json.dumps(report, indent=2))
+    print(f"\n{'variant':<10} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} {'KL p99':>8}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['bits_per_weight']:>7.3f} {r['perplexity']:>9.4f} "
+              f"{r['perplexity'] - base:>8.4f} {r['top1_agreement']:>7.3f} {r['kl_mean']:>9.5f} "
+              f"{r['kl_p99']:>8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
