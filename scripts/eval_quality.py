@@ -93,7 +93,7 @@ def hf_logprobs(model, ids: list[int]) -> np.ndarray:
     return log_softmax(logits)
 
 
-def gguf_variant(folder: Path, qtype_name: str) -> dict[str, np.ndarray]:
+def gguf_variant(folder: Path, qtype_name: str, lm_head: bool = True) -> dict[str, np.ndarray]:
     """Quantize and dequantize the same tensors ZSE quantizes, with gguf's reference code."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
@@ -105,10 +105,10 @@ def gguf_variant(folder: Path, qtype_name: str) -> dict[str, np.ndarray]:
         tensors.update(load_file(file))
     out = {}
     for name, value in tensors.items():
-        if name.endswith(QUANTIZED_SUFFIXES) or name == "lm_head.weight":
+        if name.endswith(QUANTIZED_SUFFIXES) or (lm_head and name == "lm_head.weight"):
             w = value.astype(np.float32)
             out[name] = dequantize(quantize(w, qtype), qtype).reshape(w.shape).astype(np.float32)
-    if "lm_head.weight" not in out:  # tied: quantize a copy of the embedding as the lm_head
+    if lm_head and "lm_head.weight" not in out:  # tied: quantize a copy of the embedding
         w = tensors["model.embed_tokens.weight"].astype(np.float32)
         out["lm_head.weight"] = dequantize(quantize(w, qtype), qtype).reshape(w.shape).astype(np.float32)
     return out
@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--variants", default="zse-g128,zse-g64,zse-g32,rtn-g128,rtn-g64,rtn-g32,"
                                                "gguf-q4_0,gguf-q4_1")
+    parser.add_argument("--lm-head", choices=["int4", "float16"], default="int4",
+                        help="lm_head precision in every quantized variant")
     parser.add_argument("--json-out", type=Path, default=Path("eval_quality.json"))
     args = parser.parse_args()
 
@@ -157,7 +159,8 @@ def main() -> int:
             if kind in ("zse", "rtn"):
                 out = Path(tmp) / f"{variant}.zse"
                 convert(str(args.folder), out, ConvertOptions(group_size=int(spec[1:]),
-                                                              clip_search=kind == "zse"))
+                                                              clip_search=kind == "zse",
+                                                              lm_head=args.lm_head))
                 with ZseFile(out) as zse:
                     int4 = [t for t in zse.tensors.values() if t.group_size]
                     bits = sum(t.nbytes for t in int4) * 8 / sum(t.numel for t in int4)
@@ -168,7 +171,8 @@ def main() -> int:
                     scores.add(log_softmax(np.asarray(logits)), ref, w)
                 del engine
             else:
-                model = hf_model(args.folder, gguf_variant(args.folder, spec.upper()))
+                model = hf_model(args.folder, gguf_variant(args.folder, spec.upper(),
+                                                           lm_head=args.lm_head == "int4"))
                 bits = {"Q4_0": 4.5, "Q4_1": 5.0}[spec.upper()]  # (2 + 16) or (2 + 2 + 16) bytes / 32
                 for w, ref in zip(windows, reference):
                     scores.add(hf_logprobs(model, w), ref, w)
@@ -179,7 +183,7 @@ def main() -> int:
 
     base = results["fp16"]["perplexity"]
     report = {"model": args.folder.name, "tokens": sum(len(w) - 1 for w in windows),
-              "window": args.window, "results": results}
+              "window": args.window, "lm_head": args.lm_head, "results": results}
     args.json_out.write_text(json.dumps(report, indent=2))
     print(f"\n{'variant':<10} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} {'KL p99':>8}")
     for name, r in results.items():

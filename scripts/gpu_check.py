@@ -187,6 +187,24 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
         gpu.free_all()
 
 
+@check("fp16_matmul")
+def fp16_lm_head(gpu: Gpu, copy_gbps: float | None, rng) -> None:
+    rows, cols = SHAPES_7B["lm_head"]
+    weight = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float16)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    dw, dx, out = gpu.put(weight), gpu.put(x), gpu.empty((1, rows), np.float32)
+    blocks = math.ceil(rows / (geo.GEMV_THREADS // geo.WARP))
+    run = lambda: gpu.launch("fp16_matmul", blocks, geo.GEMV_THREADS, dx, dw, out)
+    run()
+    err = rel_error(gpu.get(out), x @ weight.astype(np.float32).T)
+    ms = gpu.time_ms(run, 10)
+    gbps = weight.nbytes / ms / 1e6
+    record(f"fp16_matmul lm_head {rows}x{cols}", err < 1e-4,
+           f"rel err {err:.1e}; {ms * 1000:.0f} us, {gbps:.0f} GB/s = "
+           f"{gbps / copy_gbps if copy_gbps else float('nan'):.0%} of copy", us=ms * 1000, gbps=gbps)
+    gpu.free_all()
+
+
 @check("int4_gemm")
 def gemm(gpu: Gpu, rng) -> None:
     for tokens, (rows, cols) in ((512, SHAPES_7B["gate_up"]), (4, SHAPES_7B["qkv"]),
@@ -511,6 +529,7 @@ def main() -> int:
     if not args.skip_kernels:
         copy_gbps = copy_bandwidth(gpu)
         gemv(gpu, copy_gbps, rng)
+        fp16_lm_head(gpu, copy_gbps, rng)
         gemm(gpu, rng)
         attention(gpu, rng)
         small_kernels(gpu, rng)

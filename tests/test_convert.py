@@ -95,7 +95,7 @@ def test_manifest_metadata(tiny_qwen2, tiny_qwen2_zse):
     assert tok["special_tokens"]["eos_token"] == "<|im_end|>"
     assert tok["eos_token_ids"] == [2] and tok["bos_token_id"] == 0
     assert m["generation"]["eos_token_id"] == 2
-    assert m["quantization"]["group_size"] == 128 and m["quantization"]["lm_head"] == "int4"
+    assert m["quantization"]["group_size"] == 128 and m["quantization"]["lm_head"] == "float16"
     prov = m["provenance"]
     assert prov["source_kind"] == "local" and prov["commit"] is None
     assert prov["source_files"] == ["model.safetensors"]

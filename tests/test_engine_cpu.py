@@ -55,19 +55,31 @@ def test_prefill_logits_match_transformers(case):
     assert _relative_error(ours, hf_logits(reference, ids)) <= TOLERANCE
 
 
+def _near_tie(reference: np.ndarray) -> bool:
+    """Top-2 reference logits closer than our error bound allows us to order reliably."""
+    first, second = np.sort(reference)[-2:][::-1]
+    return (first - second) <= 2 * TOLERANCE * np.abs(reference).max()
+
+
 def test_greedy_decode_matches_transformers(case):
+    """64 decode steps, teacher-forced with transformers' tokens so every step is compared: the
+    logits agree within TOLERANCE and the greedy token is the same, except where transformers'
+    own top two logits are closer than twice that bound (a tie no float ordering can settle)."""
     engine, reference = case
     ids = _prompt(engine, seed=1)
     expected_tokens, expected_logits = hf_greedy(reference, ids, DECODE_STEPS)
     slot, n = 0, len(ids)
     logits = engine.forward(Batch.of(ids, np.arange(n), np.full(n, slot), [n - 1]))[0]
-    tokens = []
+    ours = []
     for step in range(DECODE_STEPS):
         assert _relative_error(logits, expected_logits[step]) <= TOLERANCE, step
-        tokens.append(int(logits.argmax()))
-        logits = engine.forward(Batch.of([tokens[-1]], [n + step], [slot], [0]))[0]
-    assert tokens == expected_tokens
-    assert list(engine.generate(ids, DECODE_STEPS, ignore_eos=True)) == expected_tokens
+        ours.append(int(logits.argmax()))
+        assert ours[-1] == expected_tokens[step] or _near_tie(expected_logits[step]), step
+        logits = engine.forward(Batch.of([expected_tokens[step]], [n + step], [slot], [0]))[0]
+    flips = [i for i, (a, b) in enumerate(zip(ours, expected_tokens)) if a != b]
+    assert len(flips) <= 1
+    agree = flips[0] if flips else DECODE_STEPS
+    assert list(engine.generate(ids, DECODE_STEPS, ignore_eos=True))[:agree] == expected_tokens[:agree]
 
 
 def test_batched_decode_across_slots_equals_solo(case):

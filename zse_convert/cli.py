@@ -112,7 +112,8 @@ def convert_command(
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit (default: main)."),
     group_size: int = typer.Option(128, "--group-size", "-g",
                                    help="INT4 group size along the input dimension: 32, 64 or 128."),
-    lm_head: str = typer.Option("int4", help="lm_head precision: int4 or float16."),
+    lm_head: str = typer.Option("float16", help="lm_head precision: float16 or int4 (4x smaller, "
+                                "measurably worse: see the README)."),
     embedding: str = typer.Option("float16", help="Embedding table precision: float16 or int4."),
     clip_search: bool = typer.Option(True, "--clip-search/--no-clip-search",
                                      help="Search per-group clipping (default) or plain min/max "

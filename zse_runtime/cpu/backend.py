@@ -47,6 +47,14 @@ class CpuOps:
         self.v_cache = [np.zeros(shape, np.uint16) for _ in range(config.num_hidden_layers)]
         self.cos, self.sin = rope_tables(config, max_len)
         self.window = config.sliding_window or 0
+        self._widened: dict[int, np.ndarray] = {}
+
+    def _dense_f32(self, w: np.ndarray) -> np.ndarray:
+        """float32 copy of an fp16 matrix (an fp16 lm_head), made once: BLAS wants float32."""
+        key = id(w)
+        if key not in self._widened:
+            self._widened[key] = w.astype(np.float32)
+        return self._widened[key]
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -80,7 +88,7 @@ class CpuOps:
 
     def _matmul(self, x: np.ndarray, w) -> np.ndarray:
         if not isinstance(w, CpuInt4):
-            return x @ w.T.astype(np.float32)
+            return x @ self._dense_f32(w).T
         out = np.empty((x.shape[0], w.rows), np.float32)
         if x.shape[0] < BLAS_MIN_TOKENS:
             kernels.int4_matmul(x, w.qweight, w.scales, w.zeros, w.group_size, out)
