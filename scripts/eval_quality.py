@@ -114,6 +114,62 @@ def gguf_variant(folder: Path, qtype_name: str, lm_head: bool = True) -> dict[st
     return out
 
 
+def text_windows(folder: Path, text: str, tokens: int, window: int) -> list[list[int]]:
+    """The text's first `tokens` tokens (the model's own tokenizer), in non-overlapping windows."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder).encode(text)[:tokens]
+    windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
+    return [w for w in windows if len(w) > 1]
+
+
+def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_head: str = "float16",
+             log=print) -> dict:
+    """{variant: {perplexity, top1_agreement, kl_mean, kl_p99, bits_per_weight}}, fp16 first."""
+    from zse_convert.convert import ConvertOptions, convert
+    from zse_runtime.engine import Engine
+    from zse_runtime.model import Batch
+    from zse_runtime.zsefile import ZseFile
+
+    started = time.perf_counter()
+    reference_model = hf_model(folder)
+    reference = [hf_logprobs(reference_model, w) for w in windows]
+    del reference_model
+    scores = Scores()
+    for w, ref in zip(windows, reference):
+        scores.add(ref, ref, w)
+    results = {"fp16": {**scores.summary(), "bits_per_weight": 16.0}}
+    log(f"  fp16: ppl {results['fp16']['perplexity']:.4f} ({time.perf_counter() - started:.0f} s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            started = time.perf_counter()
+            scores = Scores()
+            kind, spec = variant.split("-")
+            if kind in ("zse", "rtn"):
+                out = Path(tmp) / f"{variant}.zse"
+                convert(str(folder), out, ConvertOptions(group_size=int(spec[1:]),
+                                                         clip_search=kind == "zse", lm_head=lm_head))
+                with ZseFile(out) as zse:
+                    int4 = [t for t in zse.tensors.values() if t.group_size]
+                    bits = sum(t.nbytes for t in int4) * 8 / sum(t.numel for t in int4)
+                engine = Engine.open(out, device="cpu", max_model_len=max(len(w) for w in windows))
+                for w, ref in zip(windows, reference):
+                    n = len(w)
+                    logits = engine.forward(Batch.of(w, np.arange(n), np.zeros(n), np.arange(n - 1)))
+                    scores.add(log_softmax(np.asarray(logits)), ref, w)
+                del engine
+            else:
+                model = hf_model(folder, gguf_variant(folder, spec.upper(), lm_head=lm_head == "int4"))
+                bits = {"Q4_0": 4.5, "Q4_1": 5.0}[spec.upper()]  # (2 + 16) or (2 + 2 + 16) bytes / 32
+                for w, ref in zip(windows, reference):
+                    scores.add(hf_logprobs(model, w), ref, w)
+                del model
+            results[variant] = {**scores.summary(), "bits_per_weight": round(bits, 3)}
+            log(f"  {variant}: ppl {results[variant]['perplexity']:.4f}, {bits:.2f} bits "
+                f"({time.perf_counter() - started:.0f} s)")
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="Hugging Face checkpoint folder")
@@ -122,68 +178,20 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--variants", default="zse-g128,zse-g64,zse-g32,rtn-g128,rtn-g64,rtn-g32,"
                                                "gguf-q4_0,gguf-q4_1")
-    parser.add_argument("--lm-head", choices=["int4", "float16"], default="int4",
+    parser.add_argument("--lm-head", choices=["int4", "float16"], default="float16",
                         help="lm_head precision in every quantized variant")
     parser.add_argument("--json-out", type=Path, default=Path("eval_quality.json"))
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
-    from zse_convert.convert import ConvertOptions, convert
-    from zse_runtime.engine import Engine
-    from zse_runtime.model import Batch
-    from zse_runtime.zsefile import ZseFile
-
     text = "\n\n".join(p.read_text() for p in args.text) if args.text else default_text()
-    ids = AutoTokenizer.from_pretrained(args.folder).encode(text)[:args.tokens]
-    windows = [ids[i:i + args.window] for i in range(0, len(ids) - 1, args.window)]
-    windows = [w for w in windows if len(w) > 1]
-    print(f"{args.folder.name}: {sum(len(w) - 1 for w in windows)} scored tokens in "
-          f"{len(windows)} windows", flush=True)
-    started = time.perf_counter()
-    reference_model = hf_model(args.folder)
-    reference = [hf_logprobs(reference_model, w) for w in windows]
-    scores = Scores()
-    for w, ref in zip(windows, reference):
-        scores.add(ref, ref, w)
-    results = {"fp16": {**scores.summary(), "bits_per_weight": 16.0}}
-    del reference_model
-    print(f"  fp16: ppl {results['fp16']['perplexity']:.4f} ({time.perf_counter() - started:.0f} s)",
-          flush=True)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants.split(","):
-            started = time.perf_counter()
-            scores = Scores()
-            kind, spec = variant.split("-")
-            if kind in ("zse", "rtn"):
-                out = Path(tmp) / f"{variant}.zse"
-                convert(str(args.folder), out, ConvertOptions(group_size=int(spec[1:]),
-                                                              clip_search=kind == "zse",
-                                                              lm_head=args.lm_head))
-                with ZseFile(out) as zse:
-                    int4 = [t for t in zse.tensors.values() if t.group_size]
-                    bits = sum(t.nbytes for t in int4) * 8 / sum(t.numel for t in int4)
-                engine = Engine.open(out, device="cpu", max_model_len=args.window)
-                for w, ref in zip(windows, reference):
-                    n = len(w)
-                    logits = engine.forward(Batch.of(w, np.arange(n), np.zeros(n), np.arange(n - 1)))
-                    scores.add(log_softmax(np.asarray(logits)), ref, w)
-                del engine
-            else:
-                model = hf_model(args.folder, gguf_variant(args.folder, spec.upper(),
-                                                           lm_head=args.lm_head == "int4"))
-                bits = {"Q4_0": 4.5, "Q4_1": 5.0}[spec.upper()]  # (2 + 16) or (2 + 2 + 16) bytes / 32
-                for w, ref in zip(windows, reference):
-                    scores.add(hf_logprobs(model, w), ref, w)
-                del model
-            results[variant] = {**scores.summary(), "bits_per_weight": round(bits, 3)}
-            print(f"  {variant}: ppl {results[variant]['perplexity']:.4f}, "
-                  f"{bits:.2f} bits ({time.perf_counter() - started:.0f} s)", flush=True)
-
+    windows = text_windows(args.folder, text, args.tokens, args.window)
+    scored = sum(len(w) - 1 for w in windows)
+    print(f"{args.folder.name}: {scored} scored tokens in {len(windows)} windows", flush=True)
+    results = evaluate(args.folder, windows, args.variants.split(","), args.lm_head,
+                       log=lambda line: print(line, flush=True))
     base = results["fp16"]["perplexity"]
-    report = {"model": args.folder.name, "tokens": sum(len(w) - 1 for w in windows),
-              "window": args.window, "lm_head": args.lm_head, "results": results}
+    report = {"model": args.folder.name, "tokens": scored, "window": args.window,
+              "lm_head": args.lm_head, "results": results}
     args.json_out.write_text(json.dumps(report, indent=2))
     print(f"\n{'variant':<10} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} {'KL p99':>8}")
     for name, r in results.items():
