@@ -119,3 +119,47 @@ KERNELS = {
     "int4_gemv": (int4_gemv, _SIGNATURE),
     "int4_gemv_rows1": (int4_gemv_rows1, _SIGNATURE),
 }
+
+
+X_TILE = 4096  # activations staged in shared memory per step: 16 KiB of float32
+X_TILE_WORDS = X_TILE // 8
+
+
+def int4_gemv_smem(x, qweight, scales, zeros, group_size, bias, has_bias, out):
+    """As int4_gemv_rows1, with the activations staged in shared memory per tile of X_TILE.
+
+    Stored transposed, xs[j, w] = x[8 w + j], so a warp reading element j of 32 consecutive
+    words hits 32 consecutive banks: one conflict-free shared load where the global version
+    issues one 32-byte-strided load per element.
+    """
+    xs = cuda.shared.array((8, X_TILE_WORDS), float32)
+    lane = cuda.threadIdx.x % WARP
+    warps_per_block = cuda.blockDim.x // WARP
+    n = cuda.blockIdx.x * warps_per_block + cuda.threadIdx.x // WARP
+    rows = qweight.shape[0]
+    cols = x.shape[1]
+    group_shift = _group_shift(group_size)
+    acc = float32(0.0)
+    for k0 in range(0, cols, X_TILE):
+        width = min(X_TILE, cols - k0)
+        cuda.syncthreads()
+        for k in range(cuda.threadIdx.x, width, cuda.blockDim.x):
+            xs[k % 8, k // 8] = x[0, k0 + k]
+        cuda.syncthreads()
+        w0 = k0 // 8
+        for w in range(lane, width // 8 if n < rows else 0, WARP):
+            word = qweight[n, w0 + w]
+            g = (w0 + w) >> group_shift
+            scale = float32(scales[n, g])
+            zero = float32(zeros[n, g])
+            x_sum = float32(0.0)
+            dot = float32(0.0)
+            for j in range(8):
+                value = xs[j, w]
+                x_sum += value
+                dot += float32((word >> int32(4 * j)) & 15) * value
+            acc += scale * (dot - zero * x_sum)
+    _finish_row(acc, n, rows, lane, bias, has_bias, out)
+
+
+KERNELS["int4_gemv_smem"] = (int4_gemv_smem, _SIGNATURE)
