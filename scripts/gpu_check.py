@@ -156,8 +156,7 @@ SHAPES_7B = {"qkv": (4608, 3584), "o_proj": (3584, 3584), "gate_up": (37888, 358
              "down_proj": (3584, 18944), "lm_head": (152064, 3584)}
 
 
-GEMV_VERSIONS = {"int4_gemv": geo.GEMV_ROWS_PER_WARP, "int4_gemv_rows1": 1,
-                 "int4_gemv_smem": 1}  # rows per warp
+GEMV_VERSIONS = {"int4_gemv": geo.GEMV_ROWS_PER_WARP, "int4_gemv_rows1": 1}  # rows per warp
 
 
 @check("int4_gemv")

@@ -55,8 +55,7 @@ def test_add_rmsnorm(accumulate):
     np.testing.assert_allclose(out, expected_residual / rms * weight, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,rows_per_warp", [("int4_gemv", 4), ("int4_gemv_rows1", 1),
-                                                ("int4_gemv_smem", 1)])
+@pytest.mark.parametrize("name,rows_per_warp", [("int4_gemv", 4), ("int4_gemv_rows1", 1)])
 @pytest.mark.parametrize("has_bias", [0, 1])
 def test_int4_gemv(name, rows_per_warp, has_bias):
     weight, dense = _int4(37, 128, 64)  # 37 rows: a partial last warp / block
