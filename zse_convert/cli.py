@@ -101,8 +101,18 @@ def _hub_progress_class():
     return rich_tqdm
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _stop_handler(progress: "_RichProgress"):
+    """Before quantization starts (download, planning), interrupt at once; during it, ask the
+    converter to stop at the next chunk boundary: an exception raised from a signal handler
+    while numba's parallel kernels run surfaces as a SystemError or a crash. A second signal
+    interrupts at once."""
+
+    def handle(signum, frame):
+        if progress.task is None or progress.stop_requested:
+            raise KeyboardInterrupt
+        progress.stop_requested = True
+
+    return handle
 
 
 @app.command("convert")
@@ -123,8 +133,9 @@ def convert_command(
     """Convert a checkpoint into one .zse file (the default command)."""
     options = ConvertOptions(group_size=group_size, clip_search=clip_search, lm_head=lm_head,
                              embedding=embedding, revision=revision)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up the temp file on `kill` too
     progress = _RichProgress()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # clean up the temp file on `kill` too
+        signal.signal(signum, _stop_handler(progress))
     try:
         summary = run_convert(source, out, options, progress)
     except (SourceError, ValueError, OSError) as exc:

@@ -58,6 +58,9 @@ class Progress:
     """What the converter reports while it works; the CLI renders it with rich."""
 
     hub_tqdm_class = None  # tqdm class huggingface_hub draws download bars with
+    # Set (e.g. by a signal handler) to stop between chunks: raising from a signal handler
+    # while numba's parallel kernels run can corrupt the dispatcher's state.
+    stop_requested = False
 
     def download_started(self, source: str) -> None: ...
     def tensors_planned(self, specs: list[TensorSpec], total_elements: int) -> None: ...
@@ -117,7 +120,8 @@ def _row_chunks(rows: int, cols: int):
 
 
 def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_search: bool,
-                 on_rows: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, QuantStats]:
+                 on_rows: Callable[[int], None] = lambda n: None,
+                 stop_requested: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, QuantStats]:
     """The tensor's exact on-disk bytes, assembled chunk by chunk from its (fused) sources."""
     blob = np.empty(spec.nbytes, np.uint8)
     stats = QuantStats(0.0, 0.0, 0)
@@ -134,6 +138,8 @@ def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_se
     for source in sources:
         src_rows = ckpt.tensors[source].shape[0]
         for start, stop in _row_chunks(src_rows, cols):
+            if stop_requested():
+                raise KeyboardInterrupt
             at = slice(row + start, row + stop)
             if spec.dtype == "float16" and ckpt.tensors[source].dtype == "F16":  # copy the bits
                 target[at] = ckpt.read_raw(source, start, stop).view("<f2").reshape(stop - start,
@@ -225,7 +231,8 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                     cols = spec.shape[1] if len(spec.shape) == 2 else 1
                     blob, stats = build_tensor(
                         ckpt, spec, sources[spec.name], options.clip_search,
-                        lambda rows, spec=spec, cols=cols: progress.tensor_written(spec, rows * cols))
+                        lambda rows, spec=spec, cols=cols: progress.tensor_written(spec, rows * cols),
+                        lambda: progress.stop_requested)
                     if pending is not None:
                         pending.result()
                     pending = io_thread.submit(writer.write, spec.name, blob)
