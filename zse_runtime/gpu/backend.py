@@ -94,6 +94,7 @@ class GpuOps:
         self.max_tokens = max(PREFILL_CHUNK, self.max_batch)
         self.buckets = sorted({b for b in DECODE_BUCKETS if b < self.max_batch} | {self.max_batch})
         self.graphs: dict[int, driver.Graph] = {}
+        self.capturing = False  # True while decode graphs are captured: no syncs, fixed shapes
         self._plan_memory(zse)  # raises OutOfDeviceMemory before anything is uploaded
         self.weights_pointer = driver.allocate(zse.header.data_length)
         upload_data_section(zse.path, zse.header.data_offset, zse.header.data_length,
@@ -223,8 +224,6 @@ class GpuOps:
             else self.partitions(self.max_len)
         self.stream.copy_to_device(self.buffers["meta"].pointer, self.meta_host.pointer,
                                    self.meta_input_bytes)
-
-    capturing = False
 
     def _meta(self, name: str, count: int) -> DeviceArray:
         return self.meta[name][1].rows(count)
