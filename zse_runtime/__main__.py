@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,20 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False)
+
+
+class _StopOnSignal:
+    """Ctrl-C ends generation after the current token: raising inside a running numba kernel
+    (the default KeyboardInterrupt) can corrupt its dispatcher. A second Ctrl-C interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 @app.command()
@@ -44,18 +59,23 @@ def main(
                else engine.tokenizer.encode(prompt))
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         decoder = IncrementalDecoder(engine.tokenizer)
+        stop = _StopOnSignal()
         started, count = time.perf_counter(), 0
         for token in engine.generate(ids, max_tokens, params):
             count += 1
             sys.stdout.write(decoder.push(token))
             sys.stdout.flush()
+            if stop.requested:
+                break
         sys.stdout.write(decoder.flush() + "\n")
     except (EngineError, ZseFormatError, ChatTemplateError, OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     seconds = time.perf_counter() - started
     typer.echo(f"[{count} tokens in {seconds:.2f} s on {engine.device}, start-up "
-               f"{engine.startup.total:.2f} s]", err=True)
+               f"{engine.startup.total:.2f} s{', interrupted' if stop.requested else ''}]", err=True)
+    if stop.requested:
+        raise typer.Exit(130)
 
 
 if __name__ == "__main__":
