@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
 
 from zse_runtime.gpu import driver  # noqa: E402
-from zse_runtime.gpu.kernels import DeviceArray, KernelLibrary  # noqa: E402
+from zse_runtime.gpu.kernels import DeviceArray, KernelLibrary, download, upload  # noqa: E402
 from zse_runtime.kernels import geometry as geo  # noqa: E402
 from zse_runtime.zsefile import Int4Weight, dequantize_int4  # noqa: E402
 
@@ -62,11 +62,7 @@ class Gpu:
         array = np.ascontiguousarray(array)
         pointer = driver.allocate(array.nbytes)
         self.allocations.append(pointer)
-        staging = driver.PinnedBuffer(array.nbytes)
-        staging.array[:] = array.view(np.uint8).reshape(-1)
-        self.stream.copy_to_device(pointer, staging.pointer, array.nbytes)
-        self.stream.synchronize()
-        staging.close()
+        upload(self.stream, pointer, array)
         return DeviceArray(pointer, array.shape, array.dtype)
 
     def empty(self, shape, dtype) -> DeviceArray:
@@ -76,12 +72,7 @@ class Gpu:
         return DeviceArray(pointer, tuple(shape), dtype)
 
     def get(self, array: DeviceArray) -> np.ndarray:
-        staging = driver.PinnedBuffer(array.nbytes)
-        self.stream.copy_to_host(staging.pointer, array.pointer, array.nbytes)
-        self.stream.synchronize()
-        out = staging.array.view(array.dtype).reshape(array.shape).copy()
-        staging.close()
-        return out
+        return download(self.stream, array)
 
     def launch(self, name, grid, block, *args):
         self.kernels.launch(name, grid, block, self.stream, *args)

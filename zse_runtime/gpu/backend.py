@@ -23,7 +23,7 @@ from ..model import Batch, Decoder
 from ..sampling import SamplingParams
 from ..zsefile import EMBED, LAYOUT_INT4_ROWS, LM_HEAD, ZseFile, int4_section_sizes
 from . import driver
-from .kernels import DeviceArray, KernelLibrary
+from .kernels import DeviceArray, KernelLibrary, download, upload
 from .loader import upload_data_section
 
 log = logging.getLogger("zse")
@@ -103,8 +103,8 @@ class GpuOps:
         t = startup.mark("upload", t)
         self.buffers = self.arena.allocate()
         cos, sin = rope_tables(config, max_len)
-        self._upload(self.buffers["rope_cos"], cos)
-        self._upload(self.buffers["rope_sin"], sin)
+        upload(self.stream, self.buffers["rope_cos"].pointer, cos)
+        upload(self.stream, self.buffers["rope_sin"].pointer, sin)
         self._no_bias = self.buffers["no_bias"]
         self.meta_host = driver.PinnedBuffer(self.meta_bytes)
         self.meta = self._meta_views()
@@ -166,20 +166,8 @@ class GpuOps:
         return views
 
     def to_host(self, array: DeviceArray) -> np.ndarray:
-        """Synchronous device -> host copy (tests and checks; never on the serving path)."""
-        staging = driver.PinnedBuffer(array.nbytes)
-        self.stream.copy_to_host(staging.pointer, array.pointer, array.nbytes)
-        self.stream.synchronize()
-        values = staging.array.view(array.dtype).reshape(array.shape).copy()
-        staging.close()
-        return values
-
-    def _upload(self, target: DeviceArray, values: np.ndarray) -> None:
-        staging = driver.PinnedBuffer(values.nbytes)
-        staging.array[:] = np.ascontiguousarray(values).view(np.uint8).reshape(-1)
-        self.stream.copy_to_device(target.pointer, staging.pointer, values.nbytes)
-        self.stream.synchronize()
-        staging.close()
+        """Synchronous device -> host copy (logprob requests, tests and checks)."""
+        return download(self.stream, array)
 
     def _tensor(self, zse: ZseFile, name: str):
         info = zse.tensors[name]

@@ -53,6 +53,29 @@ class DeviceArray:
         return values, types
 
 
+def download(stream: driver.Stream, array: DeviceArray) -> np.ndarray:
+    """Synchronous device -> host copy through a pinned buffer (checks and tests, not serving)."""
+    staging = driver.PinnedBuffer(array.nbytes)
+    try:
+        stream.copy_to_host(staging.pointer, array.pointer, array.nbytes)
+        stream.synchronize()
+        return staging.array.view(array.dtype).reshape(array.shape).copy()
+    finally:
+        staging.close()
+
+
+def upload(stream: driver.Stream, pointer: int, values: np.ndarray) -> None:
+    """Synchronous host -> device copy of a whole array through a pinned buffer."""
+    values = np.ascontiguousarray(values)
+    staging = driver.PinnedBuffer(values.nbytes)
+    try:
+        staging.array[:] = values.view(np.uint8).reshape(-1)
+        stream.copy_to_device(pointer, staging.pointer, values.nbytes)
+        stream.synchronize()
+    finally:
+        staging.close()
+
+
 class KernelLibrary:
     """All kernels for one GPU: the cubin built for its architecture, else the PTX (driver JIT)."""
 
