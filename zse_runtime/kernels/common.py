@@ -4,8 +4,6 @@ shuffles): the test suite runs every kernel under NUMBA_ENABLE_CUDASIM=1."""
 
 from __future__ import annotations
 
-import math
-
 from numba import config, cuda, float32, int32
 
 from .geometry import WARP  # noqa: E402
@@ -29,18 +27,6 @@ if config.ENABLE_CUDASIM:
         cuda.syncthreads()
         return total
 
-    @cuda.jit(device=True, inline="always")
-    def warp_max(value):
-        scratch = cuda.shared.array(1024, float32)
-        scratch[cuda.threadIdx.x] = value
-        cuda.syncthreads()
-        base = cuda.threadIdx.x - cuda.threadIdx.x % WARP
-        best = scratch[base]
-        for lane in range(1, WARP):
-            best = max(best, scratch[base + lane])
-        cuda.syncthreads()
-        return best
-
 else:
 
     @cuda.jit(device=True, inline="always")
@@ -48,14 +34,6 @@ else:
         offset = 16
         while offset > 0:
             value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
-            offset //= 2
-        return value
-
-    @cuda.jit(device=True, inline="always")
-    def warp_max(value):
-        offset = 16
-        while offset > 0:
-            value = max(value, cuda.shfl_xor_sync(FULL_MASK, value, offset))
             offset //= 2
         return value
 
@@ -79,25 +57,7 @@ def block_sum(value, scratch):
 
 
 @cuda.jit(device=True, inline="always")
-def block_max(value, scratch):
-    value = warp_max(value)
-    warp = cuda.threadIdx.x // WARP
-    warps = (cuda.blockDim.x + WARP - 1) // WARP
-    cuda.syncthreads()
-    if cuda.threadIdx.x % WARP == 0:
-        scratch[warp] = value
-    cuda.syncthreads()
-    best = scratch[0]
-    for w in range(1, warps):
-        best = max(best, scratch[w])
-    cuda.syncthreads()
-    return best
-
-
-@cuda.jit(device=True, inline="always")
 def int4_value(word, j, scale, zero):
     """Dequantize nibble j of a packed word: (q - zero) * scale, in float32."""
     return (float32((word >> int32(4 * j)) & 15) - zero) * scale
 
-
-NEG_INF = -math.inf
