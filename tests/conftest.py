@@ -37,12 +37,17 @@ def tiny_qwen2_zse(tiny_qwen2, tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
-    """Run `zse-convert` as a user would: a fresh process, its exit code, stdout and stderr."""
+def run_module(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """Run `python -m module args` as a user would: a fresh process, its exit code and output."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = f"{REPO}{os.pathsep}{full_env.get('PYTHONPATH', '')}"
-    return subprocess.run([sys.executable, "-m", "zse_convert.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """`zse-convert args` in a fresh process."""
+    return run_module("zse_convert.cli", *args, env=env, timeout=timeout)
 
 
 def free_port() -> int:

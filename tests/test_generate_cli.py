@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from tests.conftest import REPO
+from tests.conftest import run_module
 from zse_runtime.engine import Engine
 
 
 def _run(*args: str):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "zse_runtime", *args], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=REPO)
+    return run_module("zse_runtime", *args)
 
 
 def test_streams_the_greedy_completion(tiny_qwen2_zse):
