@@ -32,6 +32,9 @@ FORMAT_VERSION_MAJOR = 1  # bumped only for changes an old reader would misread
 FORMAT_VERSION_MINOR = 0  # bumped for additions an old reader may ignore
 ALIGNMENT = 4096  # every tensor and the data section start on a multiple of this
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# Bytes a remote open reads first: header and manifest in one request for most models (the
+# manifest holds tokenizer.json, often 1-7 MB, which then takes a second request).
+MANIFEST_PREFETCH = 1 << 20
 
 # Header: fixed 64 bytes, little-endian.
 HEADER_STRUCT = struct.Struct(
@@ -472,6 +475,8 @@ class ZseFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.source = None  # a ByteSource when the bytes are remote (see from_source)
+        self.mirror = None  # where a streaming load also writes a verified local copy
         with open(self.path, "rb") as fh:
             file_size = os.fstat(fh.fileno()).st_size
             self.header = read_header(self.path, fh.read(HEADER_SIZE), file_size)
@@ -479,14 +484,34 @@ class ZseFile:
             raw = fh.read(self.header.manifest_length)
             if len(raw) != self.header.manifest_length:
                 raise ZseFormatError(self.path, "file shrank while reading the manifest")
-            if xxhash.xxh64_intdigest(raw) != self.header.manifest_xxh64:
-                raise ZseFormatError(self.path, "manifest checksum mismatch (corrupt manifest)",
-                                     offset=self.header.manifest_offset)
-            self.manifest = parse_manifest(self.path, raw)
-            self._check_manifest()
+            self._accept_manifest(raw)
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self.data = np.frombuffer(self._map, dtype=np.uint8, offset=self.header.data_offset,
                                   count=self.header.data_length)
+
+    @classmethod
+    def from_source(cls, source, prefetch: int = MANIFEST_PREFETCH) -> "ZseFile":
+        """Validate a remote `.zse` from its first bytes: one ranged read of `prefetch` bytes,
+        and a second only when the manifest runs past it. Tensor bytes are not read: the loader
+        streams them (`data` is None). `head` keeps bytes [0, data_offset) for a local mirror."""
+        self = cls.__new__(cls)
+        self.path, self.source, self.mirror, self._map, self.data = (
+            source.describe(), source, None, None, None)
+        head = source.read(0, min(source.size, prefetch))
+        self.header = read_header(self.path, head, source.size)
+        if self.header.data_offset > len(head):
+            head += source.read(len(head), self.header.data_offset - len(head))
+        self.head = head[:self.header.data_offset]
+        start = self.header.manifest_offset
+        self._accept_manifest(self.head[start:start + self.header.manifest_length])
+        return self
+
+    def _accept_manifest(self, raw: bytes) -> None:
+        if xxhash.xxh64_intdigest(raw) != self.header.manifest_xxh64:
+            raise ZseFormatError(self.path, "manifest checksum mismatch (corrupt manifest)",
+                                 offset=self.header.manifest_offset)
+        self.manifest = parse_manifest(self.path, raw)
+        self._check_manifest()
 
     def _check_manifest(self) -> None:
         m = self.manifest
@@ -513,6 +538,9 @@ class ZseFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a zero-copy uint8 view."""
         info = self.tensors[name]
+        if self.data is None:
+            raise RuntimeError(f"{self.path}: tensor bytes of a remote .zse are not mapped; "
+                               "the loader streams them")
         return self.data[info.offset:info.offset + info.nbytes]
 
     def dense(self, name: str) -> np.ndarray:
@@ -554,8 +582,11 @@ class ZseFile:
     def close(self) -> None:
         """Unmap now if no tensor view is alive; otherwise the last view releases the mapping."""
         self.data = None
+        if self.source is not None:
+            self.source.close()
         try:
-            self._map.close()
+            if self._map is not None:
+                self._map.close()
         except BufferError:
             pass
 
