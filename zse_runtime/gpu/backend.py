@@ -24,7 +24,7 @@ from ..sampling import SamplingParams
 from ..zsefile import EMBED, LAYOUT_INT4_ROWS, LM_HEAD, ZseFile, int4_section_sizes
 from . import driver
 from .kernels import DeviceArray, KernelLibrary, download, upload
-from .loader import upload_data_section
+from .loader import upload_weights
 
 log = logging.getLogger("zse")
 
@@ -97,8 +97,7 @@ class GpuOps:
         self.capturing = False  # True while decode graphs are captured: no syncs, fixed shapes
         self._plan_memory(zse)  # raises OutOfDeviceMemory before anything is uploaded
         self.weights_pointer = driver.allocate(zse.header.data_length)
-        upload_data_section(zse.path, zse.header.data_offset, zse.header.data_length,
-                            self.weights_pointer, context)
+        upload_weights(zse, self.weights_pointer, context, startup)
         self.weights = {name: self._tensor(zse, name) for name in zse.tensors}
         t = startup.mark("upload", t)
         self.buffers = self.arena.allocate()

@@ -1,8 +1,13 @@
-"""File -> one device allocation: the `.zse` data section is copied byte for byte.
+"""File or URL -> one device allocation: the `.zse` data section is copied byte for byte.
 
-Reader threads each own two pinned staging buffers and a stream: a thread reads chunk i into
-one buffer while the copy engine moves chunk i - 1 out of the other, so disk (or page cache)
-reads and PCIe transfers overlap. Tensor pointers are then base + the manifest offset.
+Local files: reader threads each own two pinned staging buffers and a stream: a thread reads
+chunk i into one buffer while the copy engine moves chunk i - 1 out of the other, so disk (or
+page cache) reads and PCIe transfers overlap. No checksums: the file is local (`zse-convert
+verify` checks it).
+
+Remote sources: `streaming.stream_data_section` fetches ranges in parallel into a ring of
+pinned buffers and verifies every tensor in file order; `DeviceSink` issues the copies as the
+chunks arrive. Tensor pointers are then base + the manifest offset.
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
+from ..streaming import MirrorFile, StreamStats, stream_data_section
+from ..zsefile import ZseFile
 from . import driver
 
 CHUNK_BYTES = 32 << 20
@@ -65,3 +74,69 @@ def upload_data_section(path: str | os.PathLike, data_offset: int, data_length: 
             raise failure[0]
     finally:
         os.close(fd)
+
+
+class DeviceSink:
+    """The streaming pipeline's device side: a ring of pinned buffers and one copy stream.
+    Copies run in issue order on the stream; an event per ring slot says when it is free."""
+
+    def __init__(self, device_pointer: int, context: driver.Context):
+        self.device_pointer, self.context = device_pointer, context
+        self.stream = driver.Stream()
+        self.buffers: list[driver.PinnedBuffer] = []
+        self.events: list[driver.Event] = []
+        self.recorded: list[bool] = []
+        self._threads = threading.local()
+
+    def staging(self, count: int, nbytes: int) -> list[np.ndarray]:
+        self.buffers = [driver.PinnedBuffer(nbytes) for _ in range(count)]
+        self.events = [driver.Event() for _ in range(count)]
+        self.recorded = [False] * count
+        return [buffer.array for buffer in self.buffers]
+
+    def copy(self, device_offset: int, host_view: np.ndarray) -> None:
+        self.stream.copy_to_device(self.device_pointer + device_offset, host_view.ctypes.data,
+                                   host_view.nbytes)
+
+    def issued(self, slot: int) -> None:
+        self.events[slot].record(self.stream)
+        self.recorded[slot] = True
+
+    def wait(self, slot: int) -> None:
+        if not getattr(self._threads, "current", False):  # fetcher threads: once each
+            self.context.make_current()
+            self._threads.current = True
+        if self.recorded[slot]:
+            self.events[slot].synchronize()
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        for buffer in self.buffers:
+            buffer.close()
+        self.buffers = []
+
+
+def upload_weights(zse: ZseFile, device_pointer: int, context: driver.Context,
+                   startup=None) -> StreamStats | None:
+    """The backend's one entry point: a local file takes the unverified fast path above; a
+    remote source streams with verification (and writes zse.mirror, the --cache-dir copy, when
+    set). Remote loads add their overlapped download and verify+copy times to `startup`;
+    the caller's own stage ("upload") is then download+upload."""
+    if zse.source is None:
+        upload_data_section(zse.path, zse.header.data_offset, zse.header.data_length,
+                            device_pointer, context)
+        return None
+    sink = DeviceSink(device_pointer, context)
+    mirror = MirrorFile(zse.mirror, zse.head, zse.source.size) if zse.mirror else None
+    try:
+        stats = stream_data_section(zse, sink, mirror)
+    finally:
+        sink.close()
+    if mirror:
+        mirror.commit()
+    if startup is not None:  # the backend's "upload" stage is the wall time
+        stats.report(startup)
+    return stats
