@@ -1,5 +1,8 @@
 """`zse-run FILE --port 8000`: serve a .zse over the OpenAI API.
 
+FILE may also be a URL: `s3://bucket/model.zse` (or any installed fsspec protocol),
+`https://...` or `hf://org/repo[@revision]/model.zse`, with `--cache-dir` to keep a verified copy.
+
 Start-up order is the point: the engine starts loading (CUDA context, manifest, weights) on a
 thread first, then the HTTP stack is imported and bound, so /health answers 503 within a
 fraction of a second and flips to 200 the moment the weights are in place.
@@ -21,17 +24,20 @@ app = typer.Typer(add_completion=False)
 log = logging.getLogger("zse")
 
 
-def _load(state, path: Path, device: str, max_model_len: Optional[int], slots: int,
-          on_failure) -> None:
+def _load(state, path: str, device: str, max_model_len: Optional[int], slots: int,
+          cache_dir: Optional[Path], on_failure) -> None:
+    from .source import redact
+
     try:
         from .engine import Engine
 
-        state.attach(Engine.open(path, device=device, max_model_len=max_model_len, slots=slots))
+        state.attach(Engine.open(path, device=device, max_model_len=max_model_len, slots=slots,
+                                 cache_dir=cache_dir))
         log.info("ready in %.2f s since process start (%s)",
                  time.perf_counter() - _PROCESS_START, state.engine.startup)
     except Exception as exc:  # noqa: BLE001 - any load failure ends the process, clearly
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("could not load %s: %s", path, exc)
+        log.error("could not load %s: %s", redact(path), exc)
         on_failure()
 
 
@@ -40,7 +46,8 @@ _PROCESS_START = time.perf_counter()
 
 @app.command()
 def main(
-    file: Path = typer.Argument(..., help=".zse model file"),
+    file: str = typer.Argument(..., help=".zse model file, or an s3://, gs://, https:// or "
+                               "hf://org/repo[@rev]/file.zse URL"),
     host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 to expose)."),
     port: int = typer.Option(8000, min=0, max=65535),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
@@ -52,15 +59,21 @@ def main(
                                           help="Require 'Authorization: Bearer KEY' (or ZSE_API_KEY)."),
     grace_period: float = typer.Option(30.0, help="Seconds in-flight requests may take after SIGTERM."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Keep a verified copy of a remote FILE here; reused while its ETag or "
+        "revision is unchanged."),
 ) -> None:
     """Serve FILE through an OpenAI-compatible HTTP API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not file.is_file():
+    from .source import is_url, redact
+
+    if not is_url(file) and not Path(file).is_file():
         typer.echo(f"error: {file} is not a file", err=True)
         raise typer.Exit(1)
     from .server import ServerState  # light: no engine, no CUDA
 
-    state = ServerState(served_model_name or file.stem, api_key, max_waiting=max_queue)
+    default_name = Path(redact(file).rstrip("/").rpartition("/")[2] if is_url(file) else file).stem
+    state = ServerState(served_model_name or default_name, api_key, max_waiting=max_queue)
     server_box: list = []
 
     def stop_server() -> None:
@@ -69,7 +82,8 @@ def main(
         server_box[0].should_exit = True
 
     loader = threading.Thread(target=_load, name="zse-loader", daemon=True,
-                              args=(state, file, device, max_model_len, max_num_seqs, stop_server))
+                              args=(state, file, device, max_model_len, max_num_seqs, cache_dir,
+                                    stop_server))
     loader.start()  # weights stream while the HTTP stack imports below
 
     import uvicorn

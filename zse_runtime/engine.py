@@ -1,6 +1,7 @@
 """Engine: open a `.zse`, own the KV-cache slots, generate tokens.
 
     engine = Engine.open("model.zse", device="cpu", max_model_len=2048, slots=4)
+    engine = Engine.open("s3://bucket/model.zse", cache_dir="/var/cache/zse")
     for token in engine.generate("The capital of France is", max_tokens=8):
         ...
 """
@@ -8,6 +9,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,9 +72,13 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, device: str = "auto", max_model_len: int | None = None,
-             slots: int = 1) -> "Engine":
+             slots: int = 1, cache_dir: str | Path | None = None) -> "Engine":
         """Validate the file, load it onto `device` ("cuda", "cpu", or "auto": a GPU if present)
-        and get every kernel ready, so the first request runs at full speed."""
+        and get every kernel ready, so the first request runs at full speed.
+
+        `path` may be a URL (s3://, gs://, https://, hf://...): the manifest is read with one
+        ranged request and the weights stream, verified, onto the device. With `cache_dir` a
+        verified copy is kept there and reused while the object's ETag/commit is unchanged."""
         started = time.perf_counter()
         startup = StartupTimes()
         if device not in DEVICES:
@@ -80,10 +88,10 @@ class Engine:
         context_thread = None
         if device in ("auto", "cuda"):
             context_thread = _ContextStarter(device == "cuda")  # overlaps the manifest read
-        zse = ZseFile(path)
+        zse, manifest_stage = _open_zse(path, cache_dir)
         config = ModelConfig.from_manifest(zse.model_config)
         tokenizer = Tokenizer(zse.manifest["tokenizer"])
-        t = startup.mark("manifest", started)
+        t = startup.mark(manifest_stage, started)
         max_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if not 0 < max_len <= config.max_position_embeddings:
             raise EngineError(f"max_model_len {max_len} must be in 1..{config.max_position_embeddings}")
@@ -96,10 +104,16 @@ class Engine:
                 ops = GpuOps(context, zse, config, slots, max_len, startup)
             except OutOfDeviceMemory as exc:
                 raise EngineError(str(exc)) from None
+            finally:
+                if zse.source is not None:
+                    zse.source.close()
             device = f"cuda:{context.info.ordinal} ({context.info.name})"
         else:
             from .cpu.backend import CpuOps
 
+            if zse.source is not None:
+                zse = _download_for_cpu(zse, startup)
+                t = time.perf_counter()
             ops = CpuOps(zse, config, slots, max_len)
             t = startup.mark("weights+kv_cache", t)
             device = "cpu"
@@ -187,6 +201,57 @@ class Engine:
                 position += 1
         finally:
             self.release_slot(slot)
+
+
+def _open_zse(path: str | Path, cache_dir: str | Path | None) -> tuple[ZseFile, str]:
+    """A local file as before; a URL through a ByteSource: the --cache-dir copy when it holds
+    this version of the object, otherwise a remote ZseFile (manifest read, data not yet)."""
+    from .source import is_url, open_source
+
+    if not is_url(path):
+        return ZseFile(path), "manifest"
+    source = open_source(str(path))
+    if source.local_path is not None:  # hf:// found in the local Hub cache
+        return ZseFile(source.local_path), "manifest (hub cache)"
+    try:
+        from .streaming import cache_path, remove_stale_copies
+
+        cached = cache_path(cache_dir, source) if cache_dir else None
+        if cache_dir and cached is None:
+            log.warning("%s has no ETag or version: not caching it", source.describe())
+        if cached is not None and cached.is_file():
+            log.info("%s: using the cached copy %s", source.describe(), cached)
+            source.close()
+            return ZseFile(cached), "manifest (cache hit)"
+        zse = ZseFile.from_source(source)
+    except BaseException:
+        source.close()
+        raise
+    if cached is not None:
+        zse.mirror = cached
+        removed = remove_stale_copies(cached)
+        if removed:
+            log.info("removed %d stale cached cop%s of %s", len(removed),
+                     "y" if len(removed) == 1 else "ies", source.describe())
+    return zse, "manifest (remote)"
+
+
+def _download_for_cpu(zse: ZseFile, startup: StartupTimes) -> ZseFile:
+    """The CPU backend maps a local file: stream the remote bytes, verified, into the cache
+    copy (or a temporary file unlinked as soon as it is mapped), then open that."""
+    from .streaming import download_to_file
+
+    target = zse.mirror or Path(tempfile.gettempdir()) / f"zse-{os.getpid()}-{secrets.token_hex(4)}.zse"
+    try:
+        stats = download_to_file(zse, target)
+    finally:
+        zse.close()
+    stats.report(startup, "download+verify")
+    log.info("%s: %s", zse.path, stats)
+    local = ZseFile(target)
+    if zse.mirror is None:
+        target.unlink()  # the mapping keeps the bytes; nothing is left behind on exit
+    return local
 
 
 class _ContextStarter:
