@@ -11,7 +11,13 @@ import sys
 import threading
 import time
 
-from tests.conftest import free_port
+
+def _free_port() -> int:
+    # not tests.conftest.free_port: importing conftest switches numba to the CUDA simulator,
+    # and scripts/bench_remote_start.py uses this module on real GPUs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # Credentials for the moto server; the secret is distinctive so tests can grep logs for it.
 CREDENTIALS = {
@@ -27,7 +33,7 @@ class MotoServer:
     process needs (credentials and AWS_ENDPOINT_URL)."""
 
     def __init__(self, require_auth: bool = False):
-        self.port = free_port()
+        self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         server_env = {**os.environ, **CREDENTIALS}
         if require_auth:  # every request must be signed by a key moto's IAM knows: 403 for ours

@@ -467,3 +467,28 @@ def test_missing_extra_names_what_to_install(monkeypatch):
     with pytest.raises(ImportError, match="gcsfs") as caught:  # gcsfs is not installed here
         open_source("gs://bucket/model.zse?token=SECRET")
     assert "SECRET" not in str(caught.value) and "gs://bucket/model.zse: no filesystem" in str(caught.value)
+
+
+def test_concurrent_downloads_into_one_cache_name(tiny_qwen2_zse, tmp_path):
+    """Two starts filling the same cache entry at once: each writes its own temporary file and
+    renames it into place, so the result is one complete, correct file and no leftovers."""
+    from zse_runtime.streaming import download_to_file
+
+    final = tmp_path / "cache" / "model.zse"
+    errors: list[BaseException] = []
+
+    def start():
+        try:
+            zse = _remote_zse(tiny_qwen2_zse, delay=lambda offset: 0.001)
+            download_to_file(zse, final, fetchers=3, chunk_bytes=16384)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [p.name for p in final.parent.iterdir()] == ["model.zse"]
+    assert final.read_bytes() == tiny_qwen2_zse.read_bytes()
