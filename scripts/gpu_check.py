@@ -147,52 +147,87 @@ SHAPES_7B = {"qkv": (4608, 3584), "o_proj": (3584, 3584), "gate_up": (37888, 358
              "down_proj": (3584, 18944), "lm_head": (152064, 3584)}
 
 
-GEMV_VERSIONS = {"int4_gemv": geo.GEMV_ROWS_PER_WARP, "int4_gemv_rows1": 1}  # rows per warp
+BATCHES = (1, 4, 8, 16, 32)
+
+
+def _bandwidth(name: str, weight_bytes: int, ms: float, copy_gbps: float | None, err: float,
+               ok: bool, **extra) -> None:
+    gbps = weight_bytes / ms / 1e6
+    frac = gbps / copy_gbps if copy_gbps else float("nan")
+    record(name, ok, f"rel err {err:.1e}; {ms * 1000:.1f} us, {gbps:.0f} GB/s = {frac:.0%} of copy",
+           us=ms * 1000, gbps=gbps, fraction_of_copy=frac, rel_err=err, **extra)
 
 
 @check("int4_gemv")
 def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
+    from zse_runtime.gpu.backend import int4_gemv_plan
+
     for name, (rows, cols) in SHAPES_7B.items():
         weight = random_int4(rng, rows, cols)
-        x = rng.standard_normal((1, cols)).astype(np.float32)
+        x = rng.standard_normal((BATCHES[-1], cols)).astype(np.float32)
         bias = rng.standard_normal(rows).astype(np.float32)
         expected = x @ dequantize_int4(weight).T + bias
         weight_bytes = weight.qweight.nbytes + weight.scales.nbytes * 2
         copies = max(1, math.ceil(256e6 / weight_bytes))  # rotate past the 50 MB L2
         devices = [(gpu.put(weight.qweight), gpu.put(weight.scales), gpu.put(weight.zeros))
                    for _ in range(copies)]
-        dx, dbias, out = gpu.put(x), gpu.put(bias), gpu.empty((1, rows), np.float32)
-        args = lambda i: (dx, *devices[i % copies], np.int32(128), dbias, np.int32(1), out)
-        for kernel, rows_per_warp in GEMV_VERSIONS.items():
-            blocks = math.ceil(rows / (rows_per_warp * geo.GEMV_THREADS // geo.WARP))
-            gpu.launch(kernel, blocks, geo.GEMV_THREADS, *args(0))
-            err = rel_error(gpu.get(out), expected)
+        dx, dbias = gpu.put(x), gpu.put(bias)
+        out = gpu.empty((BATCHES[-1], rows), np.float32)
+        args = lambda i, T: (DeviceArray(dx.pointer, (T, cols), dx.dtype), *devices[i % copies],
+                             np.int32(128), dbias, np.int32(1),
+                             DeviceArray(out.pointer, (T, rows), out.dtype))
+
+        def timed(kernel, grid, block, T):
+            gpu.launch(kernel, grid, block, *args(0, T))
+            got = gpu.get(out)[:T]
             counter = iter(range(10**9))
-            ms = gpu.time_ms(lambda: gpu.launch(kernel, blocks, geo.GEMV_THREADS,
-                                                *args(next(counter))), 30)
-            gbps = weight_bytes / ms / 1e6
-            frac = gbps / copy_gbps if copy_gbps else float("nan")
-            record(f"{kernel} {name} {rows}x{cols}", err < 1e-4,
-                   f"rel err {err:.1e}; {ms * 1000:.0f} us, {gbps:.0f} GB/s = {frac:.0%} of copy",
-                   us=ms * 1000, gbps=gbps, fraction_of_copy=frac, rel_err=err)
+            ms = gpu.time_ms(lambda: gpu.launch(kernel, grid, block, *args(next(counter), T)), 30)
+            return got, ms
+
+        solo = None
+        for T in BATCHES:
+            kernel, block_rows, tile, threads = int4_gemv_plan(rows, cols // 8, T)
+            got, ms = timed(kernel, (math.ceil(rows / block_rows), math.ceil(T / tile)), threads, T)
+            err = rel_error(got, expected[:T])
+            solo = got[0] if solo is None else solo
+            same = bool(np.array_equal(got[0], solo))  # token 0 as in the T=1 launch, bit for bit
+            _bandwidth(f"{kernel} {name} {rows}x{cols} T={T} ({threads} thr)", weight_bytes, ms,
+                       copy_gbps, err, err < 1e-4 and same, kernel=kernel, shape=name, tokens=T,
+                       threads=threads, equals_solo=same)
+        for T in (16, 32):
+            grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
+            got, ms = timed("int4_gemm", grid, geo.GEMM_THREADS, T)
+            err = rel_error(got, expected[:T])
+            _bandwidth(f"int4_gemm {name} {rows}x{cols} T={T}", weight_bytes, ms, copy_gbps, err,
+                       err < 1e-4, kernel="int4_gemm", shape=name, tokens=T)
         gpu.free_all()
 
 
 @check("fp16_matmul")
 def fp16_lm_head(gpu: Gpu, copy_gbps: float | None, rng) -> None:
+    from zse_runtime.gpu.backend import gemv_token_tile
+
     rows, cols = SHAPES_7B["lm_head"]
     weight = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float16)
-    x = rng.standard_normal((1, cols)).astype(np.float32)
-    dw, dx, out = gpu.put(weight), gpu.put(x), gpu.empty((1, rows), np.float32)
-    blocks = math.ceil(rows / (geo.GEMV_THREADS // geo.WARP))
-    run = lambda: gpu.launch("fp16_matmul", blocks, geo.GEMV_THREADS, dx, dw, out)
-    run()
-    err = rel_error(gpu.get(out), x @ weight.astype(np.float32).T)
-    ms = gpu.time_ms(run, 10)
-    gbps = weight.nbytes / ms / 1e6
-    record(f"fp16_matmul lm_head {rows}x{cols}", err < 1e-4,
-           f"rel err {err:.1e}; {ms * 1000:.0f} us, {gbps:.0f} GB/s = "
-           f"{gbps / copy_gbps if copy_gbps else float('nan'):.0%} of copy", us=ms * 1000, gbps=gbps)
+    x = rng.standard_normal((BATCHES[-1], cols)).astype(np.float32)
+    expected = x @ weight.astype(np.float32).T
+    dw, dx = gpu.put(weight), gpu.put(x)
+    words = DeviceArray(dw.pointer, (rows, cols // 2), np.dtype(np.uint32))
+    out = gpu.empty((BATCHES[-1], rows), np.float32)
+    x_of = lambda T: DeviceArray(dx.pointer, (T, cols), dx.dtype)
+    out_of = lambda T: DeviceArray(out.pointer, (T, rows), out.dtype)
+    runs = []
+    for T in BATCHES:
+        tile = gemv_token_tile(T)
+        grid = (math.ceil(rows / geo.GEMV_ROWS), math.ceil(T / tile))
+        runs.append((f"fp16_matmul_t{tile}", T, lambda grid=grid, tile=tile, T=T: gpu.launch(
+            f"fp16_matmul_t{tile}", grid, geo.FP16_GEMV_THREADS, x_of(T), words, out_of(T))))
+    for kernel, T, run in runs:
+        run()
+        err = rel_error(gpu.get(out)[:T], expected[:T])
+        ms = gpu.time_ms(run, 10)
+        _bandwidth(f"{kernel} lm_head {rows}x{cols} T={T}", weight.nbytes, ms, copy_gbps, err,
+                   err < 1e-4, kernel=kernel, shape="lm_head_fp16", tokens=T)
     gpu.free_all()
 
 
@@ -224,13 +259,14 @@ def gemm(gpu: Gpu, rng) -> None:
 @check("attention")
 def attention(gpu: Gpu, rng) -> None:
     heads, kv_heads, dim, length = 28, 4, 128, 4096
-    for tokens, positions in ((1, [4095]), (3, [0, 700, 2047])):
+    for tokens, positions in ((1, [4095]), (1, [255]), (3, [0, 700, 2047])):
         k = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         v = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
         pos = np.array(positions, np.int32)
         slots = np.array([1] * tokens, np.int32)
-        parts = math.ceil(length / geo.ATTENTION_PARTITION)
+        partition = geo.ATTENTION_DECODE_PARTITION
+        parts = math.ceil(length / partition)  # what a decode graph launches at any context
         items = tokens * heads
         dk, dv, dq = gpu.put(k), gpu.put(v), gpu.put(q)
         dpos, dslots = gpu.put(pos), gpu.put(slots)
@@ -239,7 +275,7 @@ def attention(gpu: Gpu, rng) -> None:
 
         def run():
             gpu.launch("attention_partial", (items, parts), geo.ATTENTION_THREADS, dq, dk, dv,
-                       dpos, dslots, np.int32(0), pmax, psum, pacc)
+                       dpos, dslots, np.int32(0), np.int32(partition), pmax, psum, pacc)
             gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum, pacc, out)
         run()
         got = gpu.get(out)

@@ -11,6 +11,7 @@ import pytest
 from numba import config, cuda
 
 from zse_convert.quantize import quantize_int4
+from zse_runtime.kernels.geometry import GEMV_ROWS, GEMV_TOKEN_TILES
 from zse_runtime.kernels import (activation, attention, embedding, gemm_int4, gemv_fp16, gemv_int4,
                                  rmsnorm, rope_cache, sampling)
 from zse_runtime.sampling import SamplingParams, sample, uniform
@@ -55,17 +56,38 @@ def test_add_rmsnorm(accumulate):
     np.testing.assert_allclose(out, expected_residual / rms * weight, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,rows_per_warp", [("int4_gemv", 4), ("int4_gemv_rows1", 1)])
-@pytest.mark.parametrize("has_bias", [0, 1])
-def test_int4_gemv(name, rows_per_warp, has_bias):
-    weight, dense = _int4(37, 128, 64)  # 37 rows: a partial last warp / block
-    x = rng.standard_normal((1, 128)).astype(np.float32)
-    bias = rng.standard_normal(37).astype(np.float32)
-    out = np.full((1, 37), np.nan, np.float32)
-    blocks = -(-37 // (rows_per_warp * 2))  # 64 threads: 2 warps per block
-    jit(gemv_int4, name)[blocks, 64](x, weight.qweight, weight.scales, weight.zeros, 64, bias,
+@pytest.mark.parametrize("kernel,block_rows,tokens,group,has_bias", [
+    ("int4_gemv_t1_r4", 4, 1, 32, 1), ("int4_gemv_t1_r8", 8, 1, 128, 0),
+    ("int4_gemv_t4_r4", 4, 5, 64, 1), ("int4_gemv_t8_r4", 4, 3, 128, 0)])
+def test_int4_gemv(kernel, block_rows, tokens, group, has_bias):
+    """Partial row blocks (13 rows), partial token tiles, and K = 384 (48 words) over 2 warps: one
+    full and one partial slice of K."""
+    weight, dense = _int4(13, 384, group)
+    x = rng.standard_normal((tokens, 384)).astype(np.float32)
+    bias = rng.standard_normal(13).astype(np.float32)
+    out = np.full((tokens, 13), np.nan, np.float32)
+    tile = int(kernel.split("_t")[1].split("_")[0])
+    grid = (-(-13 // block_rows), -(-tokens // tile))
+    jit(gemv_int4, kernel)[grid, 64](x, weight.qweight, weight.scales, weight.zeros, group, bias,
                                      has_bias, out)
     np.testing.assert_allclose(out, x @ dense.T + (bias if has_bias else 0), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_gemv_tiles_agree_bit_for_bit():
+    """A token's result does not depend on the tile or block rows it was computed with (a batched
+    decode must equal solo decodes)."""
+    weight, _ = _int4(8, 256, 32)
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    results = []
+    for kernel in gemv_int4.KERNELS:
+        tile = int(kernel.split("_t")[1].split("_")[0])
+        block_rows = int(kernel.split("_r")[-1])
+        out = np.zeros((8, 8), np.float32)
+        jit(gemv_int4, kernel)[(-(-8 // block_rows), -(-8 // tile)), 64](
+            x, weight.qweight, weight.scales, weight.zeros, 32, np.zeros(8, np.float32), 0, out)
+        results.append(out)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
 
 
 def test_int4_gemm_ragged_tiles():
@@ -81,11 +103,13 @@ def test_int4_gemm_ragged_tiles():
     np.testing.assert_allclose(out, x @ dense.T + bias, rtol=1e-4, atol=1e-4)
 
 
-def test_fp16_matmul():
-    weight = rng.standard_normal((19, 64)).astype(np.float16)
-    x = rng.standard_normal((3, 64)).astype(np.float32)
-    out = np.full((3, 19), np.nan, np.float32)
-    jit(gemv_fp16, "fp16_matmul")[1, 64](x, weight, out)
+@pytest.mark.parametrize("tile,tokens", [(1, 1), (4, 5), (8, 3)])
+def test_fp16_matmul(tile, tokens):
+    weight = rng.standard_normal((19, 136)).astype(np.float16)  # 17 units of 8 halves
+    x = rng.standard_normal((tokens, 136)).astype(np.float32)
+    out = np.full((tokens, 19), np.nan, np.float32)
+    grid = (-(-19 // GEMV_ROWS), -(-tokens // tile))
+    jit(gemv_fp16, f"fp16_matmul_t{tile}")[grid, 64](x, weight.view(np.uint32), out)
     np.testing.assert_allclose(out, x @ weight.astype(np.float32).T, rtol=1e-5, atol=1e-5)
 
 
@@ -119,8 +143,7 @@ def test_rope_and_cache():
 
 
 @pytest.mark.parametrize("window", [0, 7])
-def test_attention_split_over_partitions(window, monkeypatch):
-    monkeypatch.setattr(attention, "PARTITION", 8)  # several partitions on a toy context
+def test_attention_split_over_partitions(window):
     heads, kv_heads, dim, slots, length = 4, 2, 64, 2, 40
     k_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
     v_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
@@ -134,7 +157,7 @@ def test_attention_split_over_partitions(window, monkeypatch):
     part_acc = np.full((tokens * heads, parts, dim), np.nan, np.float32)
     out = np.full((tokens, heads * dim), np.nan, np.float32)
     cuda.jit(attention.attention_partial)[(tokens * heads, parts), attention.THREADS](
-        q, k_cache, v_cache, positions, slot_ids, window, part_max, part_sum, part_acc)
+        q, k_cache, v_cache, positions, slot_ids, window, 8, part_max, part_sum, part_acc)
     jit(attention, "attention_combine")[tokens * heads, 64](part_max, part_sum, part_acc, out)
     for t in range(tokens):
         start = max(0, positions[t] - window + 1) if window else 0

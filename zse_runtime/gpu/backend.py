@@ -37,6 +37,22 @@ def _row(array: DeviceArray, t: int) -> DeviceArray:
     return DeviceArray(array.pointer + t * width * array.dtype.itemsize, (1, width), array.dtype)
 
 
+def gemv_token_tile(tokens: int) -> int:
+    """The smallest GEMV token tile that holds `tokens` in one pass, else the largest."""
+    return next((tile for tile in geo.GEMV_TOKEN_TILES if tile >= tokens), geo.GEMV_TOKEN_TILES[-1])
+
+
+def int4_gemv_plan(rows: int, words: int, tokens: int) -> tuple[str, int, int, int]:
+    """(kernel, rows per block, token tile, threads per block) for an INT4 GEMV."""
+    tile = gemv_token_tile(tokens)
+    block_rows = geo.GEMV_TALL_ROWS if tile == 1 and rows >= geo.GEMV_TALL_MIN_ROWS else geo.GEMV_ROWS
+    if words >= geo.GEMV_LONG_K_WORDS:
+        threads = 256
+    else:
+        threads = 64 if rows >= geo.GEMV_TALL_MIN_ROWS else 128
+    return f"int4_gemv_t{tile}_r{block_rows}", block_rows, tile, threads
+
+
 class OutOfDeviceMemory(RuntimeError):
     pass
 
@@ -114,7 +130,8 @@ class GpuOps:
 
     def _plan_memory(self, zse: ZseFile) -> None:
         c, T, B = self.config, self.max_tokens, self.max_batch
-        parts = self.partitions(self.max_len)
+        # attention partials: prefill chunks and decode steps split keys differently
+        partial_rows = max(T * self.partitions(T, self.max_len), B * self.partitions(B, self.max_len))
         arena = Arena()
         # slot `slots` is a scratch slot that padded graph entries write into
         kv_shape = (c.num_hidden_layers, 2, self.slots + 1, c.num_key_value_heads, self.max_len,
@@ -125,9 +142,9 @@ class GpuOps:
                             ("q", c.q_size), ("attended", c.q_size),
                             ("gate_up", 2 * c.intermediate_size), ("act", c.intermediate_size)):
             arena.add(name, (T, width), np.float32)
-        arena.add("part_max", (T * c.num_attention_heads, parts), np.float32)
-        arena.add("part_sum", (T * c.num_attention_heads, parts), np.float32)
-        arena.add("part_acc", (T * c.num_attention_heads, parts, c.head_dim), np.float32)
+        arena.add("part_max", (partial_rows * c.num_attention_heads,), np.float32)
+        arena.add("part_sum", (partial_rows * c.num_attention_heads,), np.float32)
+        arena.add("part_acc", (partial_rows * c.num_attention_heads, c.head_dim), np.float32)
         arena.add("last_hidden", (B, c.hidden_size), np.float32)
         arena.add("logits", (B, c.vocab_size), np.float32)
         arena.add("rope_cos", (self.max_len, c.head_dim // 2), np.float32)
@@ -187,9 +204,14 @@ class GpuOps:
         size = int(np.prod(shape)) * 2
         return DeviceArray(cache.pointer + (layer * 2 + which) * size, shape, np.dtype(np.float16))
 
-    def partitions(self, keys: int) -> int:
+    def partition_length(self, tokens: int) -> int:
+        """Keys per attention partition: short for decode steps, long for prefill chunks."""
+        return geo.ATTENTION_DECODE_PARTITION if tokens <= self.max_batch \
+            else geo.ATTENTION_PREFILL_PARTITION
+
+    def partitions(self, tokens: int, keys: int) -> int:
         span = min(keys, self.window) if self.window else keys
-        return max(1, math.ceil(span / geo.ATTENTION_PARTITION))
+        return max(1, math.ceil(span / self.partition_length(tokens)))
 
     # -- step inputs ----------------------------------------------------------------------
 
@@ -207,8 +229,9 @@ class GpuOps:
             self.meta[name][0][:values.size] = values
         self.tokens_now = T
         self.rows_now = batch.logit_rows.size
-        self.parts_now = self.partitions(int(batch.positions.max()) + 1) if not self.capturing \
-            else self.partitions(self.max_len)
+        # a graph is replayed at every context length: it covers the longest
+        self.parts_now = self.partitions(T, self.max_len if self.capturing
+                                         else int(batch.positions.max()) + 1)
         self.stream.copy_to_device(self.buffers["meta"].pointer, self.meta_host.pointer,
                                    self.meta_input_bytes)
 
@@ -247,22 +270,26 @@ class GpuOps:
 
     def _matmul(self, x: DeviceArray, w, out: DeviceArray, bias: DeviceArray | None) -> None:
         T = x.shape[0]
-        if not isinstance(w, Int4Device):  # an fp16 lm_head
-            blocks = math.ceil(w.shape[0] / (geo.GEMV_THREADS // geo.WARP))
-            self._launch("fp16_matmul", blocks, geo.GEMV_THREADS, x, w, out)
+        # decode (and an fp16 lm_head, which only ever sees the logit rows): one pass over the
+        # weights per token tile; prefill: the tiled GEMM
+        if T <= geo.GEMV_MAX_TOKENS or not isinstance(w, Int4Device):
+            if isinstance(w, Int4Device):
+                kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, w.qweight.shape[1], T)
+                self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)),
+                             threads, x, w.qweight, w.scales, w.zeros, np.int32(w.group_size),
+                             bias if bias is not None else self._no_bias,
+                             np.int32(bias is not None), out)
+            else:  # fp16, read as pairs of halves
+                tile = gemv_token_tile(T)
+                words = DeviceArray(w.pointer, (w.shape[0], w.shape[1] // 2), np.dtype(np.uint32))
+                self._launch(f"fp16_matmul_t{tile}",
+                             (math.ceil(w.shape[0] / geo.GEMV_ROWS), math.ceil(T / tile)),
+                             geo.FP16_GEMV_THREADS, x, words, out)
             return
-        args = (x, w.qweight, w.scales, w.zeros, np.int32(w.group_size),
-                bias if bias is not None else self._no_bias, np.int32(bias is not None), out)
-        if T <= geo.GEMV_MAX_TOKENS:  # one GEMV per token: same arithmetic as a solo decode
-            multi = w.rows >= geo.GEMV_MULTI_ROW_MIN_ROWS
-            rows_per_block = (geo.GEMV_ROWS_PER_WARP if multi else 1) * geo.GEMV_THREADS // geo.WARP
-            for t in range(T):
-                self._launch("int4_gemv" if multi else "int4_gemv_rows1",
-                             math.ceil(w.rows / rows_per_block), geo.GEMV_THREADS,
-                             _row(x, t), *args[1:-1], _row(out, t))
-        else:
-            grid = (math.ceil(w.rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
-            self._launch("int4_gemm", grid, geo.GEMM_THREADS, *args)
+        grid = (math.ceil(w.rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
+        self._launch("int4_gemm", grid, geo.GEMM_THREADS, x, w.qweight, w.scales, w.zeros,
+                     np.int32(w.group_size), bias if bias is not None else self._no_bias,
+                     np.int32(bias is not None), out)
 
     def rope_and_cache(self, qkv: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
         T, q = qkv.shape[0], self.buffers["q"].rows(qkv.shape[0])
@@ -282,7 +309,8 @@ class GpuOps:
         out = self.buffers["attended"].rows(T)
         self._launch("attention_partial", (items, P), geo.ATTENTION_THREADS, q, self.kv(layer, 0),
                      self.kv(layer, 1), self._meta("positions", T), self._meta("slots", T),
-                     np.int32(self.window), part_max, part_sum, part_acc)
+                     np.int32(self.window), np.int32(self.partition_length(T)), part_max,
+                     part_sum, part_acc)
         self._launch("attention_combine", items, geo.ATTENTION_THREADS, part_max, part_sum,
                      part_acc, out)
         return out

@@ -15,17 +15,17 @@ from numba import cuda, float32
 from .common import WARP, warp_sum
 
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
-from .geometry import ATTENTION_PARTITION as PARTITION
 from .geometry import ATTENTION_THREADS as THREADS
 
 WARPS = THREADS // WARP
 MAX_DIMS_PER_LANE = MAX_DIM // WARP  # head_dim <= 128, a multiple of 32
 
 
-def attention_partial(q, k_cache, v_cache, positions, slots, window, part_max, part_sum,
-                      part_acc):
+def attention_partial(q, k_cache, v_cache, positions, slots, window, partition, part_max,
+                      part_sum, part_acc):
     """q [T, H * D] f32 (rotated); k_cache, v_cache [S, KVH, L, D] f16; positions, slots [T] i32;
-    window: 0, or attend to keys > position - window; part_max, part_sum [T * H, P] f32;
+    window: 0, or attend to keys > position - window; partition: keys per partition;
+    part_max, part_sum [T * H, P] f32;
     part_acc [T * H, P, D] f32. Grid (T * H, P), block THREADS."""
     item = cuda.blockIdx.x
     part = cuda.blockIdx.y
@@ -37,8 +37,8 @@ def attention_partial(q, k_cache, v_cache, positions, slots, window, part_max, p
     position = positions[t]
     slot = slots[t]
     start = max(0, position - window + 1) if window > 0 else 0
-    lo = start + part * PARTITION
-    hi = min(position + 1, lo + PARTITION)
+    lo = start + part * partition
+    hi = min(position + 1, lo + partition)
     lane = cuda.threadIdx.x % WARP
     warp = cuda.threadIdx.x // WARP
     scale = float32(1.0) / math.sqrt(float32(dim))
@@ -123,7 +123,7 @@ def attention_combine(part_max, part_sum, part_acc, out):
 KERNELS = {
     "attention_partial": (attention_partial,
                           "void(float32[:, ::1], float16[:, :, :, ::1], float16[:, :, :, ::1], "
-                          "int32[::1], int32[::1], int32, float32[:, ::1], float32[:, ::1], "
+                          "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
                           "float32[:, :, ::1])"),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
                                              "float32[:, :, ::1], float32[:, ::1])"),

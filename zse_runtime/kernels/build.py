@@ -44,7 +44,7 @@ def source_digest() -> str:
 
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in ("common", "geometry", *MODULES):
+    for name in ("common", "geometry", "memory", *MODULES):
         digest.update((here / f"{name}.py").read_bytes())
     digest.update(repr((ARCHITECTURES, PTX_COMPUTE_CAPABILITY, numba_cuda_version)).encode())
     return digest.hexdigest()
@@ -74,6 +74,9 @@ def build(out: Path = PREBUILT) -> dict:
     ptx, entries = compile_all()
     out.mkdir(parents=True, exist_ok=True)
     (out / "ptx").mkdir(exist_ok=True)
+    for old in (out / "ptx").glob("*.ptx"):  # kernels that were renamed or removed
+        if old.stem not in ptx:
+            old.unlink()
     for name, text in ptx.items():
         (out / "ptx" / f"{name}.ptx").write_text(text)
     for arch in ARCHITECTURES:

@@ -61,3 +61,31 @@ def int4_value(word, j, scale, zero):
     """Dequantize nibble j of a packed word: (q - zero) * scale, in float32."""
     return (float32((word >> int32(4 * j)) & 15) - zero) * scale
 
+
+
+@cuda.jit(device=True, inline="always")
+def store_gemv_tile(acc, partial, n0, t0, rows, last_token, bias, has_bias, out):
+    """End of a GEMV block: acc [tokens, block_rows] per thread holds each lane's partial dots;
+    sum them over the warp, then over the block's warps (partial: shared [tokens, block_rows,
+    WARP]), and write out[t0 + t, n0 + r] (+ bias) inside the matrix. Every thread calls this."""
+    tokens = acc.shape[0]
+    block_rows = acc.shape[1]
+    lane = cuda.threadIdx.x % WARP
+    warp = cuda.threadIdx.x // WARP
+    for t in range(tokens):
+        for r in range(block_rows):
+            total = warp_sum(acc[t, r])
+            if lane == 0:
+                partial[t, r, warp] = total
+    cuda.syncthreads()
+    i = cuda.threadIdx.x
+    if i < tokens * block_rows:
+        t = i // block_rows
+        r = i % block_rows
+        if n0 + r < rows and t0 + t <= last_token:
+            total = float32(0.0)
+            for w in range(cuda.blockDim.x // WARP):
+                total += partial[t, r, w]
+            if has_bias:
+                total += bias[n0 + r]
+            out[t0 + t, n0 + r] = total

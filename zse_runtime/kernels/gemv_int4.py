@@ -1,17 +1,19 @@
-"""INT4 GEMV for single-token decode: out[0, n] = x[0] . dequant(row n) (+ bias[n]).
+"""INT4 GEMV for decode: out[t, n] = x[t] . dequant(row n) (+ bias[n]) for a few tokens t.
 
-Versions (scripts/gpu_check.py times both side by side; docs/kernel-notes.md has the numbers):
-  int4_gemv_rows1  a warp per row: lanes read consecutive 32-bit words, so every warp-wide load
-                   is one coalesced 128-byte transaction; partial dots summed by shuffles.
-  int4_gemv        a warp per 4 rows: each lane loads its 8 activations once and uses them for 4
-                   rows (4 independent weight loads in flight per lane), and folds the zero point
-                   per word: sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z sum_j x_j).
+A block owns a few rows; its warps take interleaved 32-word slices of K, so the block reads
+consecutive 128-byte lines of each row, and the partial dots meet in shared memory. A lane loads
+one weight word per row, its 8 activations with two 16-byte loads (shared by the block's rows),
+and folds the zero point per word: sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z sum_j x_j).
+Nibbles become floats by the exponent trick below, not by integer-to-float conversions.
+The history (a warp per row, a warp per 4 rows, measured side by side) is in
+docs/kernel-notes.md.
 """
 
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint32
 
-from .common import WARP, int4_value, warp_sum
-from .geometry import GEMV_ROWS_PER_WARP
+from .common import WARP, store_gemv_tile
+from .geometry import GEMV_ROWS, GEMV_TALL_ROWS, GEMV_TOKEN_TILES
+from .memory import bits_as_float, load, load_f32x4, load_u32_streaming
 
 
 @cuda.jit(device=True, inline="always")
@@ -21,101 +23,76 @@ def _group_shift(group_size):
     return int32(2) if group_size == 32 else (int32(3) if group_size == 64 else int32(4))
 
 
-def int4_gemv_rows1(x, qweight, scales, zeros, group_size, bias, has_bias, out):
-    """x [1, K] f32; qweight [N, K/8] u32; scales, zeros [N, K/group] f16; bias [N] f32 (read only
-    when has_bias); out [1, N] f32. Any grid; block a multiple of 32."""
-    lane = cuda.threadIdx.x % WARP
-    warps_per_block = cuda.blockDim.x // WARP
-    warp = cuda.blockIdx.x * warps_per_block + cuda.threadIdx.x // WARP
-    total_warps = cuda.gridDim.x * warps_per_block
-    rows = qweight.shape[0]
-    words = qweight.shape[1]
-    group_shift = _group_shift(group_size)
-    # Every warp runs the same number of iterations (n may pass the end): warp_sum is then
-    # reached uniformly, which the simulator's barrier-based warp_sum requires.
-    for first in range(0, rows, total_warps):
-        n = first + warp
-        acc = float32(0.0)
-        for w in range(lane, words if n < rows else 0, WARP):
-            word = qweight[n, w]
+# Nibble j of a word sits at bit 4j. OR-ing it into the mantissa of 2**(23 - 4j) makes the float
+# 2**(23 - 4j) + q exactly, so one LOP3 and one FADD replace a shift, a mask and a (slow, 16 per
+# clock per SM) integer-to-float conversion. Nibbles 4-7 use the same constants on word >> 16.
+_MAGIC_BITS = (0x4B000000, 0x49000000, 0x47000000, 0x45000000)  # 2**23, 2**19, 2**15, 2**11
+_MAGIC = (8388608.0, 524288.0, 32768.0, 2048.0)
+
+
+@cuda.jit(device=True, inline="always")
+def _codes_as_floats(word, codes, r):
+    """codes[r, j] = nibble j of word, as float32."""
+    high = word >> 16
+    for j in range(4):
+        mask = uint32(0xF << (4 * j))
+        codes[r, j] = bits_as_float((word & mask) | uint32(_MAGIC_BITS[j])) - float32(_MAGIC[j])
+        codes[r, j + 4] = bits_as_float((high & mask) | uint32(_MAGIC_BITS[j])) - float32(_MAGIC[j])
+
+
+def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
+    def int4_gemv(x, qweight, scales, zeros, group_size, bias, has_bias, out):
+        """out[t, n] = x[t] . dequant(row n) (+ bias[n]) for the token tile of blockIdx.y.
+
+        x [T, K] f32; qweight [N, K/8] u32; scales, zeros [N, K/group] f16; bias [N] f32 (read
+        only when has_bias); out [T, N] f32. Grid (ceil(N / block_rows), ceil(T / tokens)), block
+        a multiple of 32 (<= 32 warps). A block owns block_rows rows; its warps take interleaved
+        32-word slices of K, so a block reads consecutive 128-byte lines of each row; each weight
+        word is unpacked once and used for every token of the tile; per token the arithmetic
+        does not depend on the tile size, so a batched decode equals solo decodes bit for bit.
+        """
+        lane = cuda.threadIdx.x % WARP
+        warp = cuda.threadIdx.x // WARP
+        warps = cuda.blockDim.x // WARP
+        rows = qweight.shape[0]
+        words = qweight.shape[1]
+        last_token = x.shape[0] - 1
+        n0 = cuda.blockIdx.x * block_rows
+        t0 = cuda.blockIdx.y * tokens
+        group_shift = _group_shift(group_size)
+        acc = cuda.local.array((tokens, block_rows), float32)
+        codes = cuda.local.array((block_rows, 8), float32)
+        scale = cuda.local.array(block_rows, float32)
+        zero = cuda.local.array(block_rows, float32)
+        for t in range(tokens):
+            for r in range(block_rows):
+                acc[t, r] = float32(0.0)
+        for w in range(warp * WARP + lane, words, warps * WARP):
             g = w >> group_shift
-            scale = float32(scales[n, g])
-            zero = float32(zeros[n, g])
-            base = w * 8
-            for j in range(8):
-                acc += int4_value(word, j, scale, zero) * x[0, base + j]
-        acc = warp_sum(acc)
-        if lane == 0 and n < rows:
-            if has_bias:
-                acc += bias[n]
-            out[0, n] = acc
+            for r in range(block_rows):
+                n = min(n0 + r, rows - 1)  # past the last row: compute, never store
+                _codes_as_floats(load_u32_streaming(qweight, n, w), codes, r)
+                scale[r] = float32(load(scales, n, g))
+                zero[r] = float32(load(zeros, n, g))
+            for t in range(tokens):
+                row = min(t0 + t, last_token)
+                x0, x1, x2, x3 = load_f32x4(x, row, w * 8)
+                x4, x5, x6, x7 = load_f32x4(x, row, w * 8 + 4)
+                x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+                for r in range(block_rows):
+                    dot = (((codes[r, 0] * x0 + codes[r, 1] * x1) + (codes[r, 2] * x2 + codes[r, 3] * x3))
+                           + ((codes[r, 4] * x4 + codes[r, 5] * x5) + (codes[r, 6] * x6 + codes[r, 7] * x7)))
+                    acc[t, r] += scale[r] * (dot - zero[r] * x_sum)
+        partial = cuda.shared.array((tokens, block_rows, WARP), float32)
+        store_gemv_tile(acc, partial, n0, t0, rows, last_token, bias, has_bias, out)
 
-
-@cuda.jit(device=True, inline="always")
-def _codes_dot(word, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum_j q_j * x_j over the 8 nibbles of a word."""
-    return (float32(word & 15) * x0 + float32((word >> 4) & 15) * x1
-            + float32((word >> 8) & 15) * x2 + float32((word >> 12) & 15) * x3
-            + float32((word >> 16) & 15) * x4 + float32((word >> 20) & 15) * x5
-            + float32((word >> 24) & 15) * x6 + float32((word >> 28) & 15) * x7)
-
-
-@cuda.jit(device=True, inline="always")
-def _row_term(qweight, scales, zeros, n, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum):
-    if n >= rows:
-        return float32(0.0)
-    word = qweight[n, w]
-    scale = float32(scales[n, g])
-    return scale * (_codes_dot(word, x0, x1, x2, x3, x4, x5, x6, x7) - float32(zeros[n, g]) * x_sum)
-
-
-@cuda.jit(device=True, inline="always")
-def _finish_row(acc, n, rows, lane, bias, has_bias, out):
-    total = warp_sum(acc)
-    if lane == 0 and n < rows:
-        if has_bias:
-            total += bias[n]
-        out[0, n] = total
-
-
-def int4_gemv(x, qweight, scales, zeros, group_size, bias, has_bias, out):
-    """As int4_gemv_rows1, GEMV_ROWS_PER_WARP (4) rows per warp. Grid
-    ceil(N / (4 * warps per block)), block a multiple of 32."""
-    lane = cuda.threadIdx.x % WARP
-    warp = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + cuda.threadIdx.x // WARP
-    rows = qweight.shape[0]
-    words = qweight.shape[1]
-    group_shift = _group_shift(group_size)
-    n0 = warp * GEMV_ROWS_PER_WARP
-    acc0 = float32(0.0)
-    acc1 = float32(0.0)
-    acc2 = float32(0.0)
-    acc3 = float32(0.0)
-    for w in range(lane, words if n0 < rows else 0, WARP):
-        base = w * 8
-        x0 = x[0, base]
-        x1 = x[0, base + 1]
-        x2 = x[0, base + 2]
-        x3 = x[0, base + 3]
-        x4 = x[0, base + 4]
-        x5 = x[0, base + 5]
-        x6 = x[0, base + 6]
-        x7 = x[0, base + 7]
-        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        g = w >> group_shift
-        acc0 += _row_term(qweight, scales, zeros, n0, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
-        acc1 += _row_term(qweight, scales, zeros, n0 + 1, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
-        acc2 += _row_term(qweight, scales, zeros, n0 + 2, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
-        acc3 += _row_term(qweight, scales, zeros, n0 + 3, rows, w, g, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
-    _finish_row(acc0, n0, rows, lane, bias, has_bias, out)
-    _finish_row(acc1, n0 + 1, rows, lane, bias, has_bias, out)
-    _finish_row(acc2, n0 + 2, rows, lane, bias, has_bias, out)
-    _finish_row(acc3, n0 + 3, rows, lane, bias, has_bias, out)
+    return int4_gemv
 
 
 _SIGNATURE = ("void(float32[:, ::1], uint32[:, ::1], float16[:, ::1], float16[:, ::1], int32, "
               "float32[::1], int32, float32[:, ::1])")
-KERNELS = {
-    "int4_gemv": (int4_gemv, _SIGNATURE),
-    "int4_gemv_rows1": (int4_gemv_rows1, _SIGNATURE),
-}
+KERNELS = {}
+for _tokens in GEMV_TOKEN_TILES:
+    KERNELS[f"int4_gemv_t{_tokens}_r{GEMV_ROWS}"] = (_make_int4_gemv(_tokens), _SIGNATURE)
+# tall matrices (gate_up, an INT4 lm_head) at batch 1: 8 rows per block, half the blocks
+KERNELS[f"int4_gemv_t1_r{GEMV_TALL_ROWS}"] = (_make_int4_gemv(1, GEMV_TALL_ROWS), _SIGNATURE)

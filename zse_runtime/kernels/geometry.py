@@ -9,19 +9,27 @@ GEMM_TILE_N = 64
 GEMM_TILE_K = 32
 GEMM_THREADS = 256
 
-# int4_gemv: a warp per GEMV_ROWS_PER_WARP rows; fp16_matmul and int4_gemv_rows1: a warp per row.
-GEMV_THREADS = 128
-GEMV_ROWS_PER_WARP = 4
-# Below this many rows, a warp per row keeps more warps in flight and wins (H200, 2026-11-29:
-# down_proj 3584 rows 85 us vs 172 us; gate_up 37888 rows 144 us vs 116 us).
-GEMV_MULTI_ROW_MIN_ROWS = 16384
-# Up to this many tokens, one GEMV per token beats the tiled GEMM (whose 32-token tiles are mostly
-# empty for small decode batches): H200, qkv at T=4, GEMM 270 us vs 4 x 23 us.
-GEMV_MAX_TOKENS = 8
+# int4_gemv_t*_r*: a block per GEMV_ROWS rows (its warps split K), one kernel per token tile size;
+# at batch 1, matrices of >= GEMV_TALL_MIN_ROWS rows take GEMV_TALL_ROWS rows per block. Threads
+# per block by shape (the same for every token tile, so batched results equal solo ones bit for
+# bit): H200, 2026-11-30, best of 64/128/256 at each 7B shape (docs/kernel-notes.md).
+GEMV_ROWS = 4
+GEMV_TALL_ROWS = 8
+GEMV_TALL_MIN_ROWS = 16384
+GEMV_LONG_K_WORDS = 2048  # K >= 16384: 256 threads
+GEMV_TOKEN_TILES = (1, 4, 8)
+FP16_GEMV_THREADS = 256
 
-# attention_partial: a block per (token x head, partition of PARTITION keys).
+# Up to this many tokens (every decode bucket), the GEMV token tiles beat the tiled GEMM.
+GEMV_MAX_TOKENS = 32
+
+# attention_partial: a block per (token x head, partition of keys). A warp walks its share of a
+# partition key by key (dependent loads), so short partitions keep decode latency low (H200: 256
+# keys per partition took 45 us per layer even at 256 keys of context); prefill has thousands of
+# token x head blocks anyway and uses long partitions, which keeps the workspace small.
 ATTENTION_THREADS = 128
-ATTENTION_PARTITION = 256
+ATTENTION_DECODE_PARTITION = 64
+ATTENTION_PREFILL_PARTITION = 1024
 ATTENTION_MAX_HEAD_DIM = 128
 
 # sample_tokens: a block per sequence; a power of two.

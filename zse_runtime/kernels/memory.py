@@ -1,0 +1,159 @@
+"""Loads and bit casts that numba's array indexing cannot express, as PTX through inline asm.
+
+numba indexes arrays one element at a time with no alignment information, so a lane reading 8
+consecutive floats issues 8 scalar loads; across a warp those are 8 requests spanning 1 KB each.
+The 16-byte vector loads here bring the same bytes in 2 requests (callers guarantee 16-byte
+alignment: every weight row and activation row starts on a multiple of 16 bytes). Weights are
+read with `.cs` (evict first: streamed once per step, so they should not push the activations
+out of L1/L2).
+
+Each helper has a plain-Python twin for the CUDA simulator, which has no inline asm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import config, cuda, types
+
+if config.ENABLE_CUDASIM:
+
+    @cuda.jit(device=True, inline="always")
+    def load_f32x4(array, row, col):
+        return array[row, col], array[row, col + 1], array[row, col + 2], array[row, col + 3]
+
+    @cuda.jit(device=True, inline="always")
+    def load_u32x4_streaming(array, row, col):
+        return array[row, col], array[row, col + 1], array[row, col + 2], array[row, col + 3]
+
+    @cuda.jit(device=True, inline="always")
+    def load_u32_streaming(array, row, col):
+        return array[row, col]
+
+    @cuda.jit(device=True, inline="always")
+    def load(array, row, col):
+        return array[row, col]
+
+    @cuda.jit(device=True, inline="always")
+    def bits_as_float(bits):
+        return np.uint32(bits).view(np.float32)
+
+    @cuda.jit(device=True, inline="always")
+    def halves_as_floats(bits):
+        pair = np.array([bits], np.uint32).view(np.float16)
+        return np.float32(pair[0]), np.float32(pair[1])
+
+else:
+    from llvmlite import ir
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+    def _element_pointer(context, builder, array_type, array, indices, index_types):
+        """Address of array[indices] (no negative-index wraparound: callers index in range)."""
+        indices = [context.cast(builder, value, ty, types.intp)
+                   for value, ty in zip(indices, index_types)]
+        struct = context.make_array(array_type)(context, builder, value=array)
+        return cgutils.get_item_pointer(context, builder, array_type, struct, indices,
+                                        wraparound=False)
+
+    def _vector_load(element, llvm_element, constraint, instruction):
+        @intrinsic
+        def load(typingctx, array, row, col):
+            signature = types.UniTuple(element, 4)(array, row, col)
+
+            def codegen(context, builder, sig, args):
+                pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1:],
+                                           sig.args[1:])
+                result = ir.LiteralStructType([llvm_element] * 4)
+                asm = ir.InlineAsm(ir.FunctionType(result, [pointer.type]),
+                                   f"{instruction} {{$0, $1, $2, $3}}, [$4];",
+                                   f"={constraint},={constraint},={constraint},={constraint},l")
+                loaded = builder.call(asm, [pointer])
+                values = [builder.extract_value(loaded, i) for i in range(4)]
+                return context.make_tuple(builder, sig.return_type, values)
+
+            return signature, codegen
+
+        return load
+
+    _load_f32x4 = _vector_load(types.float32, ir.FloatType(), "f", "ld.global.nc.v4.f32")
+    _load_u32x4_streaming = _vector_load(types.uint32, ir.IntType(32), "r",
+                                         "ld.global.cs.v4.u32")
+
+    @intrinsic
+    def _load_u32_streaming(typingctx, array, row, col):
+        signature = types.uint32(array, row, col)
+
+        def codegen(context, builder, sig, args):
+            pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1:],
+                                       sig.args[1:])
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [pointer.type]),
+                               "ld.global.cs.u32 $0, [$1];", "=r,l")
+            return builder.call(asm, [pointer])
+
+        return signature, codegen
+
+    @intrinsic
+    def _load(typingctx, array, row, col):
+        signature = array.dtype(array, row, col)
+
+        def codegen(context, builder, sig, args):
+            pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1:],
+                                       sig.args[1:])
+            return builder.load(pointer)
+
+        return signature, codegen
+
+    @intrinsic
+    def _bits_as_float(typingctx, bits):
+        signature = types.float32(bits)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.trunc(args[0], ir.IntType(32))
+                                   if args[0].type.width > 32 else args[0], ir.FloatType())
+
+        return signature, codegen
+
+    @intrinsic
+    def _halves_as_floats(typingctx, bits):
+        signature = types.UniTuple(types.float32, 2)(bits)
+
+        def codegen(context, builder, sig, args):
+            result = ir.LiteralStructType([ir.FloatType()] * 2)
+            asm = ir.InlineAsm(ir.FunctionType(result, [ir.IntType(32)]),
+                               "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
+                               "cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }", "=f,=f,r")
+            pair = builder.call(asm, [args[0]])
+            values = [builder.extract_value(pair, i) for i in range(2)]
+            return context.make_tuple(builder, sig.return_type, values)
+
+        return signature, codegen
+
+    @cuda.jit(device=True, inline="always")
+    def load_f32x4(array, row, col):
+        """array[row, col:col + 4] of a float32 array; col * 4 bytes is a multiple of 16."""
+        return _load_f32x4(array, row, col)
+
+    @cuda.jit(device=True, inline="always")
+    def load_u32x4_streaming(array, row, col):
+        """array[row, col:col + 4] of a uint32 array, evict-first; 16-byte aligned."""
+        return _load_u32x4_streaming(array, row, col)
+
+    @cuda.jit(device=True, inline="always")
+    def load_u32_streaming(array, row, col):
+        """array[row, col] of a uint32 array, evict-first."""
+        return _load_u32_streaming(array, row, col)
+
+    @cuda.jit(device=True, inline="always")
+    def load(array, row, col):
+        """array[row, col] without numba's negative-index wraparound (indices are in range)."""
+        return _load(array, row, col)
+
+    @cuda.jit(device=True, inline="always")
+    def bits_as_float(bits):
+        """The float32 whose bit pattern is the uint32 `bits`."""
+        return _bits_as_float(bits)
+
+    @cuda.jit(device=True, inline="always")
+    def halves_as_floats(bits):
+        """The two float16 values packed in a uint32 (low half first), as float32."""
+        return _halves_as_floats(bits)
