@@ -73,7 +73,7 @@ def concurrency_check(work: Path) -> None:
     convert(str(checkpoint), model)
     rng = np.random.default_rng(1)
     jobs = [(rng.integers(0, 300, int(rng.integers(3, 700))).tolist(), int(rng.integers(4, 40)))
-            for _ in range(12)]
+            for _ in range(20)]
     engine = Engine.open(model, device="cuda", max_model_len=2048)
     solo = []
     for ids, max_tokens in jobs:
@@ -81,14 +81,14 @@ def concurrency_check(work: Path) -> None:
         tokens = list(engine.generate(ids, max_tokens, ignore_eos=True))
         solo.append("".join(decoder.push(t) for t in tokens) + decoder.flush())
     del engine
-    process, ready = start_server(model, 8301, "--max-num-seqs", "8", "--max-model-len", "2048")
+    process, ready = start_server(model, 8301, "--max-num-seqs", "16", "--max-model-len", "2048")
     try:
         row("synthetic qwen2: process start -> /health 200", f"{ready:.2f} s")
         client = openai.OpenAI(base_url="http://127.0.0.1:8301/v1", api_key="x", max_retries=0)
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
             texts = list(pool.map(lambda job: stream(client, *job), jobs))
         same = sum(a == b for a, b in zip(texts, solo))
-        row("12 concurrent greedy streams (8 slots) == solo", f"{same}/12")
+        row(f"{len(jobs)} concurrent greedy streams (16 slots) == solo", f"{same}/{len(jobs)}")
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -103,7 +103,7 @@ def throughput(work: Path) -> None:
     model = work / "q7.zse"
     if not model.exists():
         write_random_zse(model, dict(PRESETS["qwen2.5-7b"]))
-    process, ready = start_server(model, 8302, "--max-num-seqs", "16", "--max-model-len", "4096")
+    process, ready = start_server(model, 8302, "--max-num-seqs", "32", "--max-model-len", "4096")
     try:
         row("7B: process start -> /health 200 (page cache warm)", f"{ready:.2f} s")
         client = openai.OpenAI(base_url="http://127.0.0.1:8302/v1", api_key="x", max_retries=0)
@@ -113,7 +113,7 @@ def throughput(work: Path) -> None:
             if first is None and chunk.choices[0].text is not None:
                 first = time.perf_counter() - started
         row("7B: first streamed token (ready server)", f"{first * 1000:.0f} ms")
-        for streams in (1, 4, 16):
+        for streams in (1, 4, 16, 32):
             prompts = [list(range(100 + i, 228 + i)) for i in range(streams)]
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(streams) as pool:

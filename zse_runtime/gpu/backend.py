@@ -133,8 +133,10 @@ class GpuOps:
         # attention partials: prefill chunks and decode steps split keys differently
         partial_rows = max(T * self.partitions(T, self.max_len), B * self.partitions(B, self.max_len))
         arena = Arena()
-        # slot `slots` is a scratch slot that padded graph entries write into
-        kv_shape = (c.num_hidden_layers, 2, self.slots + 1, c.num_key_value_heads, self.max_len,
+        # slot `slots` is a scratch slot that padded graph entries write into; with one sequence
+        # at a time nothing is ever padded (the only bucket is 1), so it is left out
+        self.kv_slots = self.slots + (1 if self.max_batch > 1 else 0)
+        kv_shape = (c.num_hidden_layers, 2, self.kv_slots, c.num_key_value_heads, self.max_len,
                     c.head_dim)
         arena.add("kv_cache", kv_shape, np.float16)
         for name, width in (("hidden", c.hidden_size), ("residual", c.hidden_size),
@@ -200,7 +202,7 @@ class GpuOps:
 
     def kv(self, layer: int, which: int) -> DeviceArray:
         c, cache = self.config, self.buffers["kv_cache"]
-        shape = (self.slots + 1, c.num_key_value_heads, self.max_len, c.head_dim)
+        shape = (self.kv_slots, c.num_key_value_heads, self.max_len, c.head_dim)
         size = int(np.prod(shape)) * 2
         return DeviceArray(cache.pointer + (layer * 2 + which) * size, shape, np.dtype(np.float16))
 
