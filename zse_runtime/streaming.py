@@ -200,12 +200,14 @@ def remove_stale_copies(final: Path) -> list[Path]:
 
 
 def stream_data_section(zse: ZseFile, sink: Sink | None = None, mirror: MirrorFile | None = None,
-                        fetchers: int = FETCHERS, chunk_bytes: int = CHUNK_BYTES,
+                        fetchers: int | None = None, chunk_bytes: int | None = None,
                         ring_slots: int | None = None) -> StreamStats:
     """Fetch zse's data section from zse.source in parallel and consume it in order: verify
     every tensor's xxh64, copy to `sink`, write to `mirror`. Raises on the first failure, after
-    every fetcher has stopped and every issued copy has finished."""
+    every fetcher has stopped and every issued copy has finished. Defaults: FETCHERS,
+    CHUNK_BYTES and RING_SLOTS_PER_FETCHER, read at call time."""
     source, header = zse.source, zse.header
+    fetchers, chunk_bytes = fetchers or FETCHERS, chunk_bytes or CHUNK_BYTES
     length = header.data_length
     chunks = [(start, min(chunk_bytes, length - start)) for start in range(0, length, chunk_bytes)]
     slots = min(ring_slots or fetchers * RING_SLOTS_PER_FETCHER, max(len(chunks), 1))
