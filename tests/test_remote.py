@@ -264,6 +264,16 @@ def test_hf_url_through_offline_hub_cache(tiny_qwen2_zse, tmp_path, monkeypatch,
         Engine.open("hf://zse-test/tiny-zse@v9/tiny.zse", device="cpu")
     with pytest.raises(ValueError, match="expected hf://org/repo"):
         open_source("hf://just-a-repo")
+    assert source_module._parse_hf("hf://datasets/org/data@v1/sub/m.zse") == (
+        "dataset", "org/data", "v1", "sub/m.zse")
+
+    # not cached and online: the Hub is asked (here a closed port), and the failure is clear
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(source_module, "RETRY_BACKOFF_S", 0.01)
+    with pytest.raises(RemoteUnavailable, match=r"hf://zse-test/other/tiny.zse: could not reach the "
+                       r"Hub at http://127.0.0.1:9 after 5 attempts \("):
+        open_source("hf://zse-test/other/tiny.zse")
 
 
 # -- retries and the dropped-connection path -----------------------------------------------

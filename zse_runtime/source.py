@@ -296,19 +296,31 @@ def _open_hf(url: str) -> ByteSource:
     if constants.HF_HUB_OFFLINE:
         raise RemoteNotFound(f"{redact(url)}: {where} is not in the local Hub cache and "
                              "HF_HUB_OFFLINE is set")
-    try:
-        meta = hub.get_hf_file_metadata(hub.hf_hub_url(repo_id, filename, repo_type=repo_type,
-                                                       revision=revision))
-    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
-            errors.EntryNotFoundError) as exc:
-        raise RemoteNotFound(f"{redact(url)}: {type(exc).__name__} for {where}") from None
-    except errors.GatedRepoError:
-        raise RemoteAccessDenied(f"{redact(url)}: {repo_id} is gated; set HF_TOKEN") from None
-    except errors.HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise RemoteAccessDenied(f"{redact(url)}: HTTP {status} for {where}; set HF_TOKEN") from None
-        raise RemoteUnavailable(f"{redact(url)}: {type(exc).__name__} (HTTP {status})") from None
+    delay = RETRY_BACKOFF_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            meta = hub.get_hf_file_metadata(hub.hf_hub_url(
+                repo_id, filename, repo_type=repo_type, revision=revision,
+                endpoint=constants.ENDPOINT))
+            break
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
+                errors.EntryNotFoundError) as exc:
+            raise RemoteNotFound(f"{redact(url)}: {type(exc).__name__} for {where}") from None
+        except errors.GatedRepoError:
+            raise RemoteAccessDenied(f"{redact(url)}: {repo_id} is gated; set HF_TOKEN") from None
+        except Exception as exc:  # noqa: BLE001 - whichever HTTP client the hub uses
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise RemoteAccessDenied(f"{redact(url)}: HTTP {status} for {where}; set "
+                                         "HF_TOKEN") from None
+            if attempt == RETRY_ATTEMPTS or (status is not None and status < 500):
+                raise RemoteUnavailable(
+                    f"{redact(url)}: could not reach the Hub at {constants.ENDPOINT} after "
+                    f"{attempt} attempts ({type(exc).__name__}: {exc})") from None
+            log.warning("%s: Hub metadata request failed (%s); retry in %.2f s", redact(url),
+                        type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
     prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo_type]
     fs = hub.HfFileSystem()
     return FsspecSource(url, fs, f"{prefix}{repo_id}@{meta.commit_hash}/{filename}",
