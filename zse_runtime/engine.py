@@ -242,11 +242,13 @@ def _download_for_cpu(zse: ZseFile, startup: StartupTimes) -> ZseFile:
     from .streaming import download_to_file
 
     target = zse.mirror or Path(tempfile.gettempdir()) / f"zse-{os.getpid()}-{secrets.token_hex(4)}.zse"
+    started = time.perf_counter()
     try:
-        stats = download_to_file(zse, target)
+        stats = download_to_file(zse, target, durable=zse.mirror is not None)
     finally:
         zse.close()
-    stats.report(startup, "download+verify")
+    startup.mark("download+verify", started)  # including the cache copy's fsync
+    stats.report(startup)
     log.info("%s: %s", zse.path, stats)
     local = ZseFile(target)
     if zse.mirror is None:

@@ -158,16 +158,20 @@ class MirrorFile:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
 
-    def commit(self) -> Path:
-        os.fsync(self.fd)
+    def commit(self, durable: bool = True) -> Path:
+        """Publish the file under its final name; `durable` fsyncs it first (a cache copy must
+        survive a crash; a temporary copy need not, and skipping it saves seconds)."""
+        if durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.temp, self.final)
-        directory = os.open(self.final.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        if durable:
+            directory = os.open(self.final.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         return self.final
 
     def discard(self) -> None:
@@ -305,9 +309,9 @@ def stream_data_section(zse: ZseFile, sink: Sink | None = None, mirror: MirrorFi
     return stats
 
 
-def download_to_file(zse: ZseFile, final: Path, **options) -> StreamStats:
+def download_to_file(zse: ZseFile, final: Path, durable: bool = True, **options) -> StreamStats:
     """Stream zse's bytes, verified, into `final` (atomically). Returns the stream's stats."""
     mirror = MirrorFile(final, zse.head, zse.source.size)
     stats = stream_data_section(zse, None, mirror, **options)  # discards the mirror on failure
-    mirror.commit()
+    mirror.commit(durable)
     return stats
