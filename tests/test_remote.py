@@ -502,3 +502,111 @@ def test_concurrent_downloads_into_one_cache_name(tiny_qwen2_zse, tmp_path):
     assert errors == []
     assert [p.name for p in final.parent.iterdir()] == ["model.zse"]
     assert final.read_bytes() == tiny_qwen2_zse.read_bytes()
+
+
+# -- the GPU loader's device side, against a fake driver that defers copies like a stream -----
+
+
+class _FakeDriver:
+    """PinnedBuffer / Stream / Event stand-ins over host memory. A copy runs only when its
+    stream or a later event is synchronized, as on a GPU, so refilling a staging buffer before
+    its copy has finished corrupts the "device" bytes and fails the test."""
+
+    def __init__(self):
+        self.pinned: list = []
+        self.pending: list[tuple[int, int, int]] = []
+        driver = self
+
+        class PinnedBuffer:
+            def __init__(self, nbytes):
+                self.array = np.zeros(nbytes, np.uint8)
+                self.pointer = self.array.ctypes.data
+                self.closed = False
+                driver.pinned.append(self)
+
+            def close(self):
+                self.closed = True
+
+        class Stream:
+            def copy_to_device(self, device_pointer, host_pointer, nbytes):
+                driver.pending.append((device_pointer, host_pointer, nbytes))
+
+            def synchronize(self):
+                driver.flush(len(driver.pending))
+
+        class Event:
+            def record(self, stream):
+                self.mark = len(driver.pending)
+
+            def synchronize(self):
+                driver.flush(self.mark)
+
+        self.PinnedBuffer, self.Stream, self.Event = PinnedBuffer, Stream, Event
+        self.flushed = 0
+        self.lock = threading.Lock()
+
+    def flush(self, upto: int) -> None:
+        import ctypes
+
+        with self.lock:
+            for device_pointer, host_pointer, nbytes in self.pending[self.flushed:upto]:
+                ctypes.memmove(device_pointer, host_pointer, nbytes)
+            self.flushed = max(self.flushed, upto)
+
+
+class _FakeContext:
+    def make_current(self):
+        pass
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    from zse_runtime import streaming
+    from zse_runtime.gpu import driver
+
+    fake = _FakeDriver()
+    for name in ("PinnedBuffer", "Stream", "Event"):
+        monkeypatch.setattr(driver, name, getattr(fake, name))
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 12288)
+    monkeypatch.setattr(streaming, "FETCHERS", 3)
+    return fake
+
+
+def test_upload_weights_streams_remote_bytes_to_the_device(fake_gpu, tiny_qwen2_zse, tmp_path):
+    from zse_runtime.engine import StartupTimes
+    from zse_runtime.gpu.loader import upload_weights
+
+    with ZseFile(tiny_qwen2_zse) as local:
+        expected = np.array(local.data)
+        device = np.zeros(local.header.data_length, np.uint8)
+        assert upload_weights(local, device.ctypes.data, _FakeContext()) is None  # local fast path
+        assert np.array_equal(device, expected)
+
+    fake_gpu.pinned.clear()
+    device[:] = 0
+    zse = _remote_zse(tiny_qwen2_zse, delay=lambda offset: 0.0002 * (offset % 3))
+    zse.mirror = tmp_path / "cache" / "copy.zse"
+    startup = StartupTimes()
+    stats = upload_weights(zse, device.ctypes.data, _FakeContext(), startup)
+    assert np.array_equal(device, expected)
+    assert stats.chunks == -(-zse.header.data_length // 12288)
+    assert len(fake_gpu.pinned) == 6 and all(b.closed for b in fake_gpu.pinned)  # 3 fetchers x 2
+    assert set(startup.stages) == {"download (overlapped)", "verify+copy (overlapped)"}
+    assert zse.mirror.read_bytes() == tiny_qwen2_zse.read_bytes()
+
+
+def test_upload_weights_checksum_failure_frees_buffers_and_leaves_no_cache(fake_gpu, tiny_qwen2_zse,
+                                                                          tmp_path):
+    from zse_runtime.gpu.loader import upload_weights
+
+    blob = bytearray(tiny_qwen2_zse.read_bytes())
+    with ZseFile(tiny_qwen2_zse) as local:
+        blob[local.header.data_offset + local.tensors["lm_head"].offset + 5] ^= 0x04
+    zse = ZseFile.from_source(FakeSource(bytes(blob)))
+    zse.mirror = tmp_path / "copy.zse"
+    device = np.zeros(zse.header.data_length, np.uint8)
+    with pytest.raises(ZseFormatError, match="tensor 'lm_head'"):
+        upload_weights(zse, device.ctypes.data, _FakeContext())
+    assert fake_gpu.pinned and all(b.closed for b in fake_gpu.pinned)
+    assert fake_gpu.flushed == len(fake_gpu.pending)  # every issued copy finished first
+    assert list(tmp_path.iterdir()) == []
