@@ -610,3 +610,18 @@ def test_upload_weights_checksum_failure_frees_buffers_and_leaves_no_cache(fake_
     assert fake_gpu.pinned and all(b.closed for b in fake_gpu.pinned)
     assert fake_gpu.flushed == len(fake_gpu.pending)  # every issued copy finished first
     assert list(tmp_path.iterdir()) == []
+
+
+def test_python_m_zse_runtime_from_s3(moto, tiny_qwen2_zse):
+    from tests.conftest import run_module
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu")
+    expected = engine.tokenizer.decode(list(engine.generate("the license", 8)))
+    result = run_module("zse_runtime", f"s3://{BUCKET}/tiny.zse", "the license", "-n", "8",
+                        "--device", "cpu", env=moto.env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    missing = run_module("zse_runtime", f"s3://{BUCKET}/gone.zse", "hi", "--device", "cpu",
+                         env=moto.env)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"error: s3://{BUCKET}/gone.zse: not found" in missing.stderr

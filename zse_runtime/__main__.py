@@ -2,6 +2,7 @@
 
     python -m zse_runtime smollm2.zse "The capital of France is" --max-tokens 32
     python -m zse_runtime smollm2.zse "Write a haiku about GPUs" --chat --temperature 0.7
+    python -m zse_runtime s3://bucket/smollm2.zse "The capital of France is"
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
 import typer
 
@@ -33,7 +33,7 @@ class _StopOnSignal:
 
 @app.command()
 def main(
-    model: Path = typer.Argument(..., help=".zse file"),
+    model: str = typer.Argument(..., help=".zse file, or an s3://, https:// or hf:// URL"),
     prompt: str = typer.Argument(..., help="Prompt text (a user message with --chat)."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -68,7 +68,8 @@ def main(
             if stop.requested:
                 break
         sys.stdout.write(decoder.flush() + "\n")
-    except (EngineError, ZseFormatError, ChatTemplateError, OSError, ValueError) as exc:
+    except (EngineError, ZseFormatError, ChatTemplateError, OSError, ValueError,
+            ImportError) as exc:  # ImportError: a URL whose extra is not installed
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     seconds = time.perf_counter() - started
