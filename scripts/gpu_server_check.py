@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+from benchlib import start_server  # noqa: E402  (shared with bench_coldstart / bench_decode)
 
 ROWS: list[tuple[str, str]] = []
 
@@ -28,24 +27,6 @@ ROWS: list[tuple[str, str]] = []
 def row(name: str, value: str) -> None:
     ROWS.append((name, value))
     print(f"{name}: {value}", flush=True)
-
-
-def start_server(model: Path, port: int, *args: str) -> tuple[subprocess.Popen, float]:
-    import httpx
-
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "zse_runtime.cli", str(model), "--port",
-                                str(port), "--device", "cuda", "--served-model-name", "m", *args],
-                               env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process, time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.01)
 
 
 def stream(client, prompt, max_tokens) -> str:

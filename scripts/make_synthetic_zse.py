@@ -56,7 +56,9 @@ def random_blob(spec, rng) -> np.ndarray:
     return blob
 
 
-def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 0) -> Path:
+def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 0,
+                     chat_template: str | None = None) -> Path:
+    """`chat_template` (e.g. tests.checkpoints.CHAT_TEMPLATE) lets /v1/chat/completions serve it."""
     tokenizer = build_tokenizer(512)
     tokenizer_json = tokenizer.to_str()
     eos = tokenizer.token_to_id("<|im_end|>")
@@ -64,7 +66,7 @@ def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 
         "format": FORMAT_NAME, "format_version": [FORMAT_VERSION_MAJOR, FORMAT_VERSION_MINOR],
         "model": model,
         "quantization": {"method": "synthetic-random", "bits": 4, "group_size": group_size},
-        "tokenizer": {"tokenizer_json": tokenizer_json, "chat_template": None, "chat_templates": {},
+        "tokenizer": {"tokenizer_json": tokenizer_json, "chat_template": chat_template, "chat_templates": {},
                       "special_tokens": {"bos_token": None, "eos_token": "<|im_end|>",
                                          "pad_token": None, "unk_token": None},
                       "bos_token_id": None, "eos_token_ids": [eos], "pad_token_id": None,

@@ -1,0 +1,82 @@
+"""Smoke test of the issue-5 benchmarks on the CPU backend: scripts/bench_coldstart.py and
+scripts/bench_decode.py run end to end (zse-run subprocesses, the transformers fp16 baseline, a
+synthetic checkpoint converted once and shared) on the llama-tiny preset, and write JSON with
+positive numbers where the CPU can measure, "skipped: no GPU" where it cannot, and both plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--device", "cpu", "--preset", "llama-tiny", "--baseline", "--runs", "1"]
+SKIPPED = "skipped: no GPU"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def run_script(name: str, out: Path, work: Path, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), "--out", str(out),
+                             "--work", str(work), *TINY, *args], capture_output=True, text=True,
+                            cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "median of 1 run(s)" in result.stdout  # the table comes last
+    return json.loads((out / name.replace(".py", ".json")).read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_coldstart_cpu(tmp_path, work):
+    report = run_script("bench_coldstart.py", tmp_path, work, "--no-cold")
+    zse = report["zse"]["warm"]["median"]
+    for key in ("spawn_to_health_200_s", "spawn_to_first_token_s", "chat_request_to_first_token_s",
+                "spawn_to_http_up_s", "engine_open_s"):
+        assert positive(zse[key]), key
+    assert zse["spawn_to_first_token_s"] > zse["spawn_to_health_200_s"]
+    assert {"manifest", "kernel_load"} <= set(zse["stages_s"])
+    assert all(positive(v) for v in zse["stages_s"].values())
+    assert zse["gpu_in_use_gib"] == SKIPPED
+    assert report["zse"]["cold"] == "cold: not requested (--no-cold)"
+    hf = report["transformers"]["warm"]["median"]
+    assert hf["spawn_to_imported_s"] < hf["spawn_to_loaded_s"] < hf["spawn_to_first_token_s"]
+    assert positive(hf["spawn_to_imported_s"]) and hf["gpu_in_use_gib"] == SKIPPED
+    assert positive(report["models"]["conversion"]["convert_s"])
+    assert report["settings"]["max_model_len"] == 4096 and report["settings"]["slots"] == 1
+    assert png(tmp_path / "coldstart_waterfall.png")
+
+
+def test_bench_decode_cpu(tmp_path, work):
+    report = run_script("bench_decode.py", tmp_path, work, "--contexts", "16,64",
+                        "--decode-tokens", "4", "--prefill", "16,32", "--streams", "1,2",
+                        "--server-tokens", "4")
+    engine = report["engine"]
+    assert [(d["context"], d["sampling"]) for d in engine["decode"]] == [
+        (16, "greedy"), (16, "sampled"), (64, "greedy"), (64, "sampled")]
+    assert all(positive(d["tok_s"]) and d["gpu_step_ms"] == SKIPPED for d in engine["decode"])
+    assert [p["prompt_tokens"] for p in engine["prefill"]] == [16, 32]
+    assert all(positive(p["tok_s"]) for p in engine["prefill"])
+    step = engine["bytes_per_step"]
+    assert 0 < step["bytes_read"] < step["file_tensor_bytes"]  # the embedding is not read
+    assert engine["roofline"] == SKIPPED and report["gemv"] == SKIPPED
+    levels = report["server"]["levels"]
+    assert [level["streams"] for level in levels] == [1, 2]
+    assert all(positive(level["aggregate_tok_s"]) for level in levels)
+    hf = report["transformers"]
+    assert [d["context"] for d in hf["decode"]] == [16, 64]
+    assert all(positive(d["tok_s"]) for d in hf["decode"])
+    assert hf["gpu_in_use_gib"] == SKIPPED
+    assert png(tmp_path / "decode_concurrency.png")
