@@ -1,16 +1,19 @@
 """Time to ready from object storage against from a local file.
 
     python scripts/bench_remote_start.py --device cpu --out bench-out
-    python scripts/bench_remote_start.py --device cuda --zse model.zse --runs 5 --out bench-out
+    python scripts/bench_remote_start.py --device cuda --runs 3 --out bench-out
+    python scripts/bench_remote_start.py --device cuda --zse model.zse --chunk-mb 64 --out bench-out
 
 Builds a synthetic .zse of a real model's shape (default qwen2.5-0.5b, ~0.5 GB) unless --zse is
 given, starts a local S3 server (moto, on loopback), uploads the file, then opens it in fresh
 processes: from the local path, from s3:// (streamed: parallel ranged reads, verified, copied as
 they arrive), and from s3:// with a warm --cache-dir (one metadata request, then the local
 copy). Each run reports Engine.open's wall time and its start-up stages; for the s3 runs the
-breakdown shows the download and the verify+copy work that overlapped it. Prints a table last
-and writes every run to OUT/bench_remote_start.json. Needs the `bench` extra (moto[server],
-s3fs); a GPU run also needs cuda-bindings and the prebuilt kernels, as zse-run does.
+breakdown shows the download and the verify+copy work that overlapped it. Every run then
+decodes 8 greedy tokens, and the script fails unless all starts agree (a check that the
+streamed upload is byte-exact on the device). Prints a table last and writes every run to
+OUT/bench_remote_start.json. Needs the `bench` extra (moto[server], s3fs); a GPU run also
+needs cuda-bindings and the prebuilt kernels, as zse-run does.
 
 moto answers every ranged GET by materialising the whole object and slicing it, so each
 request costs O(object size) on the server: with 8 MiB ranges a 700 MB object downloads at
@@ -85,8 +88,11 @@ def child(location: str, device: str, cache_dir: str | None, chunk_mb: int) -> N
     imported = time.perf_counter()
     engine = Engine.open(location, device=device, max_model_len=1024, cache_dir=cache_dir)
     ready = time.perf_counter()
+    # greedy tokens after ready: equal across starts only if every weight byte arrived intact
+    tokens = list(engine.generate(list(range(1, 17)), 8, ignore_eos=True))
     print(json.dumps({"imports_s": imported - started, "open_s": ready - imported,
-                      "device": engine.device, "stages": engine.startup.stages}))
+                      "device": engine.device, "stages": engine.startup.stages,
+                      "tokens": tokens}))
 
 
 def measure(location: str, device: str, env: dict, chunk_mb: int,
@@ -174,10 +180,12 @@ def main() -> int:
         range_server.stop()
         shutil.rmtree(work, ignore_errors=True)
     summary = {mode: summarise(r) for mode, r in runs.items()}
+    outputs = {json.dumps(run["tokens"]) for mode_runs in runs.values() for run in mode_runs}
     report = {"model": str(args.zse or f"synthetic {args.preset}"), "bytes": size, "device": runs["local file"][0]["device"],
               "machine": f"{platform.node()} {platform.processor() or platform.machine()} "
                          f"{os.cpu_count()} cores",
               "chunk_mb": args.chunk_mb, "whole_object_get_s": whole_get_s,
+              "identical_outputs": len(outputs) == 1,
               "runs": runs, "summary": summary}
     (args.out / "bench_remote_start.json").write_text(json.dumps(report, indent=2))
 
@@ -196,7 +204,9 @@ def main() -> int:
               f"{fmt(overlap):>9}")
     print("weights: download+verify (cpu) or upload (cuda) for remote starts; download and "
           "verify+copy ran concurrently within it; overlap = download + verify+copy - weights")
-    return 0
+    print(f"greedy tokens after ready, every start: "
+          f"{'identical' if len(outputs) == 1 else 'DIFFERENT: ' + ' / '.join(sorted(outputs))}")
+    return 0 if len(outputs) == 1 else 1
 
 
 if __name__ == "__main__":
