@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import re
 import signal
+import threading
 import time
 
 import httpx
@@ -368,3 +369,23 @@ def test_smollm2_server_answers_like_the_engine(tmp_path_factory):
         assert chat.choices[0].finish_reason in ("stop", "length")
     finally:
         live.stop()
+
+
+def test_the_engine_thread_binds_the_device(tiny_qwen2_zse, monkeypatch):
+    """The scheduler drives the engine from its own thread, which must make the device current
+    there first (a CUDA context is per thread: without it a logprobs request on a GPU failed
+    with CUDA_ERROR_INVALID_CONTEXT)."""
+    from zse_runtime.engine import Engine
+    from zse_runtime.scheduler import Scheduler
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu")
+    bound = []
+    monkeypatch.setattr(engine.ops, "bind_thread", lambda: bound.append(threading.current_thread().name))
+    scheduler = Scheduler(engine, max_waiting=1)
+    try:
+        deadline = time.monotonic() + 10
+        while not bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert bound == ["zse-engine"]

@@ -137,6 +137,11 @@ class Engine:
             batch = Batch.of(np.zeros(tokens), np.arange(tokens), np.full(tokens, slot), [tokens - 1])
             self.decoder.forward(batch)
 
+    def bind_thread(self) -> None:
+        """Make the calling thread able to drive the engine's device (a CUDA context is current
+        per thread: the engine is opened on one thread and served from another)."""
+        self.ops.bind_thread()
+
     @property
     def free_slots(self) -> int:
         return len(self._free_slots)

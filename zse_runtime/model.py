@@ -32,6 +32,7 @@ class Batch:
 class Ops(Protocol):
     """What a backend provides. Activations are [T, features]; names are canonical tensors."""
 
+    def bind_thread(self) -> None: ...  # let the calling thread drive the device
     def prepare(self, batch: Batch) -> None: ...  # stage the batch's metadata (GPU: upload)
     def embed(self, tokens: np.ndarray): ...
     def add_rmsnorm(self, delta, residual, norm: str) -> tuple: ...  # (normed, new residual)

@@ -108,6 +108,7 @@ class Scheduler:
     # -- the engine thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self.engine.bind_thread()  # this thread drives the device from now on
         while True:
             with self._wake:
                 while not self._stop and not self.waiting and not self.running:

@@ -62,6 +62,9 @@ class CpuOps:
 
     # -- ops --------------------------------------------------------------------------------
 
+    def bind_thread(self) -> None:
+        pass  # numba's CPU kernels run on any thread
+
     def prepare(self, batch: Batch) -> None:
         pass  # the batch's numpy arrays are used directly
 

@@ -183,6 +183,9 @@ class GpuOps:
         self.meta_input_bytes = offset - Arena.nbytes_of((self.max_batch,), np.int32)  # all but ids
         return views
 
+    def bind_thread(self) -> None:
+        self.context.make_current()
+
     def to_host(self, array: DeviceArray) -> np.ndarray:
         """Synchronous device -> host copy (logprob requests, tests and checks)."""
         return download(self.stream, array)
