@@ -70,7 +70,7 @@ def main(
     if not is_url(file) and not Path(file).is_file():
         typer.echo(f"error: {file} is not a file", err=True)
         raise typer.Exit(1)
-    from .server import ServerState  # light: no engine, no CUDA
+    from .state import ServerState  # light: no HTTP stack, no engine, no CUDA
 
     default_name = Path(redact(file).rstrip("/").rpartition("/")[2] if is_url(file) else file).stem
     state = ServerState(served_model_name or default_name, api_key, max_waiting=max_queue)
