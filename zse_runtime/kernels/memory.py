@@ -128,32 +128,9 @@ else:
 
         return signature, codegen
 
-    @cuda.jit(device=True, inline="always")
-    def load_f32x4(array, row, col):
-        """array[row, col:col + 4] of a float32 array; col * 4 bytes is a multiple of 16."""
-        return _load_f32x4(array, row, col)
-
-    @cuda.jit(device=True, inline="always")
-    def load_u32x4_streaming(array, row, col):
-        """array[row, col:col + 4] of a uint32 array, evict-first; 16-byte aligned."""
-        return _load_u32x4_streaming(array, row, col)
-
-    @cuda.jit(device=True, inline="always")
-    def load_u32_streaming(array, row, col):
-        """array[row, col] of a uint32 array, evict-first."""
-        return _load_u32_streaming(array, row, col)
-
-    @cuda.jit(device=True, inline="always")
-    def load(array, row, col):
-        """array[row, col] without numba's negative-index wraparound (indices are in range)."""
-        return _load(array, row, col)
-
-    @cuda.jit(device=True, inline="always")
-    def bits_as_float(bits):
-        """The float32 whose bit pattern is the uint32 `bits`."""
-        return _bits_as_float(bits)
-
-    @cuda.jit(device=True, inline="always")
-    def halves_as_floats(bits):
-        """The two float16 values packed in a uint32 (low half first), as float32."""
-        return _halves_as_floats(bits)
+    load_f32x4 = _load_f32x4  # array[row, col:col + 4], float32; col * 4 a multiple of 16
+    load_u32x4_streaming = _load_u32x4_streaming  # the same for uint32, evict-first
+    load_u32_streaming = _load_u32_streaming  # array[row, col], uint32, evict-first
+    load = _load  # array[row, col] without numba's negative-index wraparound
+    bits_as_float = _bits_as_float  # the float32 whose bit pattern is a uint32
+    halves_as_floats = _halves_as_floats  # the two float16 halves of a uint32, low first
