@@ -86,6 +86,17 @@ def test_zse_run_from_s3_answers_like_the_local_file_and_logs_no_secret(moto, lo
         assert secret not in output
 
 
+def _health_until_exit(live) -> set[int]:
+    """Every /health status the server answered with before its process ended."""
+    seen = set()
+    while live.process.poll() is None:
+        try:
+            seen.add(httpx.get(f"{live.url}/health", timeout=1).status_code)
+        except httpx.TransportError:
+            time.sleep(0.02)
+    return seen
+
+
 @pytest.mark.parametrize("key,message", [
     ("corrupt.zse", "tensor 'layers.1.gate_up'"),
     ("missing.zse", "not found"),
@@ -93,12 +104,7 @@ def test_zse_run_from_s3_answers_like_the_local_file_and_logs_no_secret(moto, lo
 def test_zse_run_failed_remote_load_exits_1_and_is_never_ready(moto, key, message):
     live = LiveServer(f"s3://{BUCKET}/{key}", env=moto.env)
     try:
-        seen = set()
-        while live.process.poll() is None:
-            try:
-                seen.add(httpx.get(f"{live.url}/health", timeout=1).status_code)
-            except httpx.TransportError:
-                time.sleep(0.02)
+        seen = _health_until_exit(live)
         assert live.process.wait() == 1
         assert 200 not in seen
         output = live.output()
@@ -122,12 +128,7 @@ def test_server_killed_mid_download_fails_cleanly(tiny_qwen2_zse, tmp_path):
     live = LiveServer(f"s3://{BUCKET}/tiny.zse", "--cache-dir", str(tmp_path / "cache"),
                       env={**server.env, "AWS_ENDPOINT_URL": proxy.endpoint})
     try:
-        seen = set()
-        while live.process.poll() is None:
-            try:
-                seen.add(httpx.get(f"{live.url}/health", timeout=1).status_code)
-            except httpx.TransportError:
-                time.sleep(0.02)
+        seen = _health_until_exit(live)
         assert live.process.wait() == 1 and 200 not in seen
         output = live.output()
         assert proxy.cuts == 1 and server.process.poll() is not None
