@@ -76,8 +76,9 @@ class Engine:
         """Validate the file, load it onto `device` ("cuda", "cpu", or "auto": a GPU if present)
         and get every kernel ready, so the first request runs at full speed.
 
-        `path` may be a URL (s3://, gs://, https://, hf://...): the manifest is read with one
-        ranged request and the weights stream, verified, onto the device. With `cache_dir` a
+        `path` may be a URL (s3://, gs://, https://, hf://...): the header and manifest come from
+        one ranged read of the first MiB (a second when the manifest is longer) and the weights
+        stream, verified, onto the device. With `cache_dir` a
         verified copy is kept there and reused while the object's ETag/commit is unchanged."""
         started = time.perf_counter()
         startup = StartupTimes()
