@@ -88,3 +88,19 @@ def test_launch_arguments_match_the_compiled_parameter_lists():
             types += arg.abi()[1] if isinstance(arg, DeviceArray) else [_SCALAR_TYPES[np.asarray(arg).dtype]]
         assert [ctypes.sizeof(t) for t in types] == [size for _, size in params], name
         assert index["entries"][name] in ptx
+
+
+def test_every_gemv_the_backend_plans_is_shipped():
+    """For every decode batch size and the 7B shapes plus a tiny model's, the GPU backend's GEMV
+    choice names a prebuilt kernel, and one launch's token tiles cover the batch."""
+    from zse_runtime.gpu.backend import DECODE_BUCKETS, gemv_token_tile, int4_gemv_plan
+
+    entries = json.loads((build.PREBUILT / build.INDEX).read_text())["entries"]
+    shapes = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (152064, 3584), (64, 64)]
+    for tokens in range(1, DECODE_BUCKETS[-1] + 1):
+        tile = gemv_token_tile(tokens)
+        assert f"fp16_matmul_t{tile}" in entries
+        for rows, cols in shapes:
+            kernel, block_rows, plan_tile, threads = int4_gemv_plan(rows, cols // 8, tokens)
+            assert kernel in entries and plan_tile == tile and threads % 32 == 0
+            assert kernel.endswith(f"_r{block_rows}")
