@@ -10,18 +10,14 @@ llama.cpp's `make_qkx2_quants`, we try a grid of inverse scales around 15 / (max
 weighted least squares; the candidate with the smallest weighted squared error wins. Each
 element's error is weighted by rms(group) + |x| (llama.cpp's weighting): with plain squared
 error the search clipped the few large weights the output depends on most, and SmolLM2's
-perplexity got worse than with round-to-nearest although the squared error went down. The
-candidates are that one, plain min/max round-to-nearest, and a symmetric fallback, each
-*after* rounding s and z to fp16 and re-assigning codes. Then REFINE_STEPS times: take the codes
-the best candidate so far assigns, fit (s, m) to them by the same weighted least squares, round
-to fp16, re-assign codes, and add the result as one more candidate (the search's fit was made
-for codes from its grid, not for the codes its own (s, z) assign, so this lowers the error
-further, by 1-3% of it). The candidate with the least error wins, the earliest on a tie, so the
-reported error is the error the kernel will see and the result is never worse than
-round-to-nearest on any group (in that weighted error).
+perplexity got worse than with round-to-nearest although the squared error went down. The final
+choice is made between that candidate, plain min/max round-to-nearest, and a symmetric
+fallback, *after* rounding s and z to fp16 and re-assigning codes, so the reported error is the
+error the kernel will see and the result is never worse than round-to-nearest on any group (in
+that weighted error).
 
-Numba passes with cheap numpy steps between them (fp16 rounding, which numba's CPU target does
-not do) keep the hot loops compiled and parallel over rows.
+Two numba passes with a cheap numpy step between them (fp16 rounding, which numba's CPU target
+does not do) keep the hot loops compiled and parallel over rows.
 """
 
 from __future__ import annotations
@@ -39,9 +35,6 @@ FP16_MAX = float(np.finfo(np.float16).max)
 # group's extremes, below leaves headroom. 13 steps over [14, 17] matched 21 steps over wider
 # grids to within 0.3% of squared error on Gaussian and Student-t(3) matrices, at 60% of the cost.
 SEARCH_NUMERATORS = np.linspace(LEVELS - 1.0, LEVELS + 2.0, 13).astype(np.float32)
-
-# Least-squares refinement passes after the search (see `_assess`); each appends one candidate.
-REFINE_STEPS = 3
 
 _CANDIDATE_SEARCH, _CANDIDATE_RTN, _CANDIDATE_SYMMETRIC = range(3)
 
@@ -138,92 +131,51 @@ def _search_groups(w, group_size, numerators):
     return scales, mins
 
 
-@numba.njit(inline="always")
-def _code(x, scale, zero):
-    """The 4-bit code of x for an fp16-rounded (scale, zero), float32 arithmetic."""
-    return min(max(np.floor(x / scale + zero + np.float32(0.5)), np.float32(0.0)),
-               np.float32(LEVELS))
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _assess(w, group_size, scales, zeros):
-    """For every fp16-rounded candidate (scale, zero): assign codes, measure the weighted squared
-    error, and fit (scale, min) to those codes by weighted least squares, x ~ scale * q + min
-    with weights rms(group) + |x| and float64 sums in element order (the refinement's next
-    candidate).
+def _choose_and_pack(w, group_size, scales, zeros):
+    """Assign codes for each fp16-rounded candidate, keep the one with the least weighted error,
+    pack nibbles.
 
     scales, zeros: float32 [rows, groups, candidates] holding exactly fp16-representable values;
-    a non-finite or non-positive scale marks an unusable candidate (error inf).
-    Returns (error float64, fit scale float32, fit min float32), each [rows, groups, candidates];
-    the fit is NaN for unusable candidates, where all codes are equal, or where the fitted scale
-    is not positive.
+    a non-finite or non-positive scale marks an unusable candidate.
+    Returns (qweight uint32 [rows, cols / 8], choice int8 [rows, groups],
+    weighted error float64 [rows, groups, candidates]).
     """
     rows, cols = w.shape
     groups = cols // group_size
     candidates = scales.shape[2]
+    qweight = np.zeros((rows, cols // 8), np.uint32)
+    choice = np.empty((rows, groups), np.int8)
     errors = np.full((rows, groups, candidates), np.inf)
-    fit_scales = np.full((rows, groups, candidates), np.nan, np.float32)
-    fit_mins = np.full((rows, groups, candidates), np.nan, np.float32)
     for r in numba.prange(rows):
         for g in range(groups):
             start = g * group_size
             floor = _importance_scale(w, r, start, group_size)
-            sum_v = 0.0
-            sum_vx = 0.0
-            for i in range(group_size):
-                x64 = np.float64(w[r, start + i])
-                v = floor + abs(x64)
-                sum_v += v
-                sum_vx += v * x64
+            best = -1
             for c in range(candidates):
                 scale = scales[r, g, c]
                 zero = zeros[r, g, c]
                 if not (np.isfinite(scale) and np.isfinite(zero) and scale > 0.0):
                     continue
                 err = 0.0
-                sum_vl = 0.0
-                sum_vll = 0.0
-                sum_vxl = 0.0
                 for i in range(group_size):
                     x = w[r, start + i]
-                    q = _code(x, scale, zero)
-                    x64 = np.float64(x)
-                    v = floor + abs(x64)
+                    q = min(max(np.floor(x / scale + zero + np.float32(0.5)), np.float32(0.0)),
+                            np.float32(LEVELS))
                     d = np.float64((q - zero) * scale - x)
-                    err += v * d * d
-                    level = np.float64(q)
-                    sum_vl += v * level
-                    sum_vll += v * level * level
-                    sum_vxl += v * x64 * level
+                    err += (floor + abs(np.float64(x))) * d * d
                 errors[r, g, c] = err
-                det = sum_v * sum_vll - sum_vl * sum_vl
-                if det <= 0.0:
-                    continue
-                fit_scale = (sum_v * sum_vxl - sum_vl * sum_vx) / det
-                if fit_scale <= 0.0:
-                    continue
-                fit_scales[r, g, c] = fit_scale
-                fit_mins[r, g, c] = (sum_vll * sum_vx - sum_vl * sum_vxl) / det
-    return errors, fit_scales, fit_mins
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _pack(w, group_size, scales, zeros, choice):
-    """Pack the codes of the chosen candidate per group into uint32 [rows, cols / 8], low nibble
-    first."""
-    rows, cols = w.shape
-    groups = cols // group_size
-    qweight = np.zeros((rows, cols // 8), np.uint32)
-    for r in numba.prange(rows):
-        for g in range(groups):
-            start = g * group_size
-            scale = scales[r, g, choice[r, g]]
-            zero = zeros[r, g, choice[r, g]]
+                if best < 0 or err < errors[r, g, best]:
+                    best = c
+            choice[r, g] = best
+            scale = scales[r, g, best]
+            zero = zeros[r, g, best]
             for i in range(group_size):
                 k = start + i
-                q = _code(w[r, k], scale, zero)
+                q = min(max(np.floor(w[r, k] / scale + zero + np.float32(0.5)), np.float32(0.0)),
+                        np.float32(LEVELS))
                 qweight[r, k >> 3] |= np.uint32(q) << np.uint32(4 * (k & 7))
-    return qweight
+    return qweight, choice, errors
 
 
 def fp16_candidates(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -265,25 +217,11 @@ def quantize_int4(w: np.ndarray, group_size: int, clip_search: bool = True,
         scales16[..., _CANDIDATE_SEARCH] = np.inf
         rtn_usable = np.isfinite(scales16[..., _CANDIDATE_RTN]) & np.isfinite(zeros16[..., _CANDIDATE_RTN])
         scales16[..., _CANDIDATE_SYMMETRIC][rtn_usable] = np.inf
-    errors, fit_scales, fit_mins = _assess(w, group_size, scales16, zeros16)
-    for _ in range(REFINE_STEPS if clip_search else 0):
-        # The least-squares fit to the codes of the best candidate so far becomes one more
-        # candidate, chosen only where its error (after fp16 rounding) is strictly lower.
-        best = np.argmin(errors, axis=2)[..., None]
-        new_scales, new_zeros = fp16_candidates(np.take_along_axis(fit_scales, best, axis=2),
-                                                np.take_along_axis(fit_mins, best, axis=2))
-        new_errors, new_fit_scales, new_fit_mins = _assess(w, group_size, new_scales, new_zeros)
-        scales16 = np.concatenate([scales16, new_scales], axis=2)
-        zeros16 = np.concatenate([zeros16, new_zeros], axis=2)
-        errors = np.concatenate([errors, new_errors], axis=2)
-        fit_scales = np.concatenate([fit_scales, new_fit_scales], axis=2)
-        fit_mins = np.concatenate([fit_mins, new_fit_mins], axis=2)
-    choice = np.argmin(errors, axis=2)  # the first minimum: earlier candidates win ties
-    qweight = _pack(w, group_size, scales16, zeros16, choice)
-    picked = np.take_along_axis(np.stack([scales16, zeros16]), choice[None, ..., None],
+    qweight, choice, errors = _choose_and_pack(w, group_size, scales16, zeros16)
+    picked = np.take_along_axis(np.stack([scales16, zeros16]), choice[None, ..., None].astype(np.intp),
                                 axis=3)[..., 0]
     stats = QuantStats(
-        error=float(np.take_along_axis(errors, choice[..., None], axis=2).sum()),
+        error=float(np.take_along_axis(errors, choice[..., None].astype(np.intp), axis=2).sum()),
         rtn_error=float(np.where(np.isfinite(errors[..., _CANDIDATE_RTN]),
                                     errors[..., _CANDIDATE_RTN],
                                     errors[..., _CANDIDATE_SYMMETRIC]).sum()),
