@@ -242,7 +242,10 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     assert client.completions.create(model=MODEL, prompt="y", max_tokens=2).usage.completion_tokens >= 1
 
 
-_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False),
+# finite floats: a JSON client cannot send NaN or Infinity (test_non_finite_numbers_are_400 sends
+# them raw)
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3),
+                    st.floats(allow_nan=False, allow_infinity=False),
                     st.text(max_size=8), st.lists(st.integers(-1, 400), max_size=4))
 _KEYS = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperature", "top_p",
                          "top_k", "n", "seed", "stop", "stream", "logprobs", "top_logprobs",
@@ -262,6 +265,17 @@ def test_fuzzed_requests_never_5xx(server, path, extra, messages):
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert "error" in response.json()
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "max_tokens", "presence_penalty"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_400(server, field, value):
+    """Python's JSON parser accepts NaN and Infinity literals; the API must refuse them cleanly."""
+    body = f'{{"model": "{MODEL}", "prompt": "x", "max_tokens": 2, "{field}": {value}}}'
+    response = httpx.post(f"{server.url}/v1/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
 
 
 def test_server_still_healthy_after_fuzzing(server, client):
