@@ -403,3 +403,35 @@ def test_the_engine_thread_binds_the_device(tiny_qwen2_zse, monkeypatch):
     finally:
         scheduler.stop()
     assert bound == ["zse-engine"]
+
+
+def test_engine_failure_turns_health_503_and_requests_get_clear_errors(tiny_qwen2_zse, monkeypatch):
+    """A step that raises (a lost device, say) fails the requests in flight with an error, and
+    from then on /health is 503 naming the cause, so a load balancer stops routing here."""
+    from fastapi.testclient import TestClient
+
+    from zse_runtime.engine import Engine
+    from zse_runtime.server import create_app
+    from zse_runtime.state import ServerState
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu")
+    state = ServerState(MODEL, None, max_waiting=4)
+    state.attach(engine)
+    try:
+        with TestClient(create_app(state)) as client:
+            assert client.get("/health").status_code == 200
+
+            def lost(*_):
+                raise RuntimeError("device lost")
+
+            monkeypatch.setattr(engine, "forward", lost)
+            failed = client.post("/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                          "max_tokens": 2})
+            assert failed.status_code >= 500 and "device lost" in failed.json()["error"]["message"]
+            health = client.get("/health")
+            assert health.status_code == 503 and "device lost" in health.json()["error"]
+            again = client.post("/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                         "max_tokens": 2})
+            assert again.status_code == 503 and "device lost" in again.json()["error"]["message"]
+    finally:
+        state.scheduler.stop()
