@@ -25,12 +25,14 @@ log = logging.getLogger("zse")
 
 
 def _load(state, path: str, device: str, max_model_len: Optional[int], slots: int,
-          cache_dir: Optional[Path], on_failure) -> None:
+          cache_dir: Optional[Path], on_failure, imported: threading.Event) -> None:
     from .source import redact
 
     try:
-        from .engine import Engine
-
+        try:
+            from .engine import Engine
+        finally:
+            imported.set()
         state.attach(Engine.open(path, device=device, max_model_len=max_model_len, slots=slots,
                                  cache_dir=cache_dir))
         log.info("ready in %.2f s since process start (%s)",
@@ -81,10 +83,15 @@ def main(
             time.sleep(0.01)
         server_box[0].should_exit = True
 
+    engine_imported = threading.Event()
     loader = threading.Thread(target=_load, name="zse-loader", daemon=True,
                               args=(state, file, device, max_model_len, max_num_seqs, cache_dir,
-                                    stop_server))
-    loader.start()  # weights stream while the HTTP stack imports below
+                                    stop_server, engine_imported))
+    loader.start()
+    # Imports hold the GIL: importing the HTTP stack beside the engine's imports would only slow
+    # both. Once the engine's modules are in, its work (context creation, reads, copies) mostly
+    # runs outside the GIL, and the HTTP stack imports while the weights stream.
+    engine_imported.wait(timeout=10)
 
     import uvicorn
 
