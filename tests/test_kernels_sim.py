@@ -11,7 +11,7 @@ import pytest
 from numba import config, cuda
 
 from zse_convert.quantize import quantize_int4
-from zse_runtime.kernels.geometry import GEMV_ROWS, GEMV_TOKEN_TILES
+from zse_runtime.kernels.geometry import GEMV_ROWS
 from zse_runtime.kernels import (activation, attention, embedding, gemm_int4, gemv_fp16, gemv_int4,
                                  rmsnorm, rope_cache, sampling)
 from zse_runtime.sampling import SamplingParams, sample, uniform
