@@ -79,29 +79,28 @@ else:
     _load_u32x4_streaming = _vector_load(types.uint32, ir.IntType(32), "r",
                                          "ld.global.cs.v4.u32")
 
-    @intrinsic
-    def _load_u32_streaming(typingctx, array, row, col):
-        signature = types.uint32(array, row, col)
+    def _scalar_load(instruction=None):
+        """array[row, col] without wraparound: an inline-asm load `instruction` (uint32), or
+        None for a plain load of the array's dtype."""
+        @intrinsic
+        def load(typingctx, array, row, col):
+            signature = (types.uint32 if instruction else array.dtype)(array, row, col)
 
-        def codegen(context, builder, sig, args):
-            pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1:],
-                                       sig.args[1:])
-            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [pointer.type]),
-                               "ld.global.cs.u32 $0, [$1];", "=r,l")
-            return builder.call(asm, [pointer])
+            def codegen(context, builder, sig, args):
+                pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1:],
+                                           sig.args[1:])
+                if instruction is None:
+                    return builder.load(pointer)
+                asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [pointer.type]),
+                                   f"{instruction} $0, [$1];", "=r,l")
+                return builder.call(asm, [pointer])
 
-        return signature, codegen
+            return signature, codegen
 
-    @intrinsic
-    def _load(typingctx, array, row, col):
-        signature = array.dtype(array, row, col)
+        return load
 
-        def codegen(context, builder, sig, args):
-            pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1:],
-                                       sig.args[1:])
-            return builder.load(pointer)
-
-        return signature, codegen
+    _load_u32_streaming = _scalar_load("ld.global.cs.u32")
+    _load = _scalar_load()
 
     @intrinsic
     def _bits_as_float(typingctx, bits):
