@@ -275,26 +275,23 @@ class GpuOps:
 
     def _matmul(self, x: DeviceArray, w, out: DeviceArray, bias: DeviceArray | None) -> None:
         T = x.shape[0]
-        # decode (and an fp16 lm_head, which only ever sees the logit rows): one pass over the
-        # weights per token tile; prefill: the tiled GEMM
-        if T <= geo.GEMV_MAX_TOKENS or not isinstance(w, Int4Device):
-            if isinstance(w, Int4Device):
-                kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, w.qweight.shape[1], T)
-                self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)),
-                             threads, x, w.qweight, w.scales, w.zeros, np.int32(w.group_size),
-                             bias if bias is not None else self._no_bias,
-                             np.int32(bias is not None), out)
-            else:  # fp16, read as pairs of halves
-                tile = gemv_token_tile(T)
-                words = DeviceArray(w.pointer, (w.shape[0], w.shape[1] // 2), np.dtype(np.uint32))
-                self._launch(f"fp16_matmul_t{tile}",
-                             (math.ceil(w.shape[0] / geo.GEMV_ROWS), math.ceil(T / tile)),
-                             geo.FP16_GEMV_THREADS, x, words, out)
+        if not isinstance(w, Int4Device):  # an fp16 lm_head (logit rows only), as pairs of halves
+            tile = gemv_token_tile(T)
+            words = DeviceArray(w.pointer, (w.shape[0], w.shape[1] // 2), np.dtype(np.uint32))
+            self._launch(f"fp16_matmul_t{tile}",
+                         (math.ceil(w.shape[0] / geo.GEMV_ROWS), math.ceil(T / tile)),
+                         geo.FP16_GEMV_THREADS, x, words, out)
             return
-        grid = (math.ceil(w.rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
-        self._launch("int4_gemm", grid, geo.GEMM_THREADS, x, w.qweight, w.scales, w.zeros,
-                     np.int32(w.group_size), bias if bias is not None else self._no_bias,
-                     np.int32(bias is not None), out)
+        weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
+                  bias if bias is not None else self._no_bias, np.int32(bias is not None))
+        if T <= geo.GEMV_MAX_TOKENS:  # decode: one pass over the weights per token tile
+            kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, w.qweight.shape[1], T)
+            self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
+                         x, *weight, out)
+        else:  # prefill
+            self._launch("int4_gemm", (math.ceil(w.rows / geo.GEMM_TILE_N),
+                                       math.ceil(T / geo.GEMM_TILE_T)),
+                         geo.GEMM_THREADS, x, *weight, out)
 
     def rope_and_cache(self, qkv: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
         T, q = qkv.shape[0], self.buffers["q"].rows(qkv.shape[0])
