@@ -196,6 +196,57 @@ def test_sampling_matches_the_reference():
     assert out[0] == 17
 
 
+def _sample_on_device(logits, params, steps, threads):
+    out = np.full(len(params), -1, np.int32)
+    jit(sampling, "sample_tokens")[len(params), threads](
+        logits.copy(), np.array([p.temperature for p in params], np.float32),
+        np.array([p.top_k for p in params], np.int32), np.array([p.top_p for p in params], np.float32),
+        np.array([p.seed for p in params], np.uint64), np.asarray(steps, np.uint64), out)
+    return out
+
+
+def test_sampling_cutoffs_match_the_reference_across_shapes():
+    """Radix selection finds the same top-k and top-p thresholds as the sorted reference: peaked
+    and flat rows, ties at the k-th value, k at and past the vocabulary, top_p so small that one
+    token stays, and a vocabulary that is not a multiple of the block."""
+    vocab = 517
+    logits = (rng.standard_normal((8, vocab)) * np.array([[0.3], [3], [8], [1], [2], [5], [1], [0.01]])
+              ).astype(np.float32)
+    logits[3, ::7] = logits[3].max()  # 74 tied maxima
+    logits[4, 100:140] = 1.5  # ties straddling the k-th value
+    params = [SamplingParams(1.0, seed=1), SamplingParams(0.7, top_p=0.9, seed=2),
+              SamplingParams(1.5, top_k=1, seed=3), SamplingParams(1.0, top_k=10, seed=4),
+              SamplingParams(1.0, top_k=vocab - 60, top_p=0.97, seed=5),
+              SamplingParams(0.5, top_k=vocab, top_p=1e-6, seed=6),
+              SamplingParams(2.0, top_k=vocab + 5, top_p=0.3, seed=7),
+              SamplingParams(1.0, top_p=0.5, seed=8)]
+    steps = list(range(8))
+    expected = [sample(logits[i], params[i], steps[i]) for i in range(8)]
+    assert _sample_on_device(logits, params, steps, 64).tolist() == expected
+
+
+def test_sampled_token_does_not_depend_on_the_block_size():
+    """Masses are summed as integers: the same seed draws the same token at any thread count."""
+    logits = (rng.standard_normal((4, 600)) * 2).astype(np.float32)
+    params = [SamplingParams(0.8, top_p=0.9, seed=s) for s in (11, 12)] + [
+        SamplingParams(1.0, top_k=50, seed=13), SamplingParams(1.1, seed=14)]
+    steps = [5, 6, 7, 8]
+    draws = {threads: _sample_on_device(logits, params, steps, threads).tolist()
+             for threads in (32, 128)}
+    assert draws[32] == draws[128]
+
+
+def test_sampling_survives_nan_and_underflow():
+    """NaN logits are never drawn; a row whose probabilities all underflow falls back to argmax."""
+    logits = np.zeros((2, 300), np.float32)
+    logits[0] = np.nan
+    logits[0, 77] = 1.0
+    logits[1] = -1e30
+    logits[1, 5] = 0.0
+    params = [SamplingParams(1.0, seed=3), SamplingParams(1e-30, top_p=0.5, seed=4)]
+    assert _sample_on_device(logits, params, [1, 2], 64).tolist() == [77, 5]
+
+
 def test_device_uniform_matches_host():
     @cuda.jit
     def draw(seeds, steps, out):

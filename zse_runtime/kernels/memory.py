@@ -38,6 +38,10 @@ if config.ENABLE_CUDASIM:
         return np.uint32(bits).view(np.float32)
 
     @cuda.jit(device=True, inline="always")
+    def float_bits(value):
+        return np.float32(value).view(np.uint32)
+
+    @cuda.jit(device=True, inline="always")
     def halves_as_floats(bits):
         pair = np.array([bits], np.uint32).view(np.float16)
         return np.float32(pair[0]), np.float32(pair[1])
@@ -113,6 +117,16 @@ else:
         return signature, codegen
 
     @intrinsic
+    def _float_bits(typingctx, value):
+        signature = types.uint32(value)
+
+        def codegen(context, builder, sig, args):
+            single = context.cast(builder, args[0], sig.args[0], types.float32)
+            return builder.bitcast(single, ir.IntType(32))
+
+        return signature, codegen
+
+    @intrinsic
     def _halves_as_floats(typingctx, bits):
         signature = types.UniTuple(types.float32, 2)(bits)
 
@@ -132,4 +146,5 @@ else:
     load_u32_streaming = _load_u32_streaming  # array[row, col], uint32, evict-first
     load = _load  # array[row, col] without numba's negative-index wraparound
     bits_as_float = _bits_as_float  # the float32 whose bit pattern is a uint32
+    float_bits = _float_bits  # the bit pattern of a float32, as a uint32
     halves_as_floats = _halves_as_floats  # the two float16 halves of a uint32, low first

@@ -1,19 +1,33 @@
 """Token sampling on the GPU, one block per sequence; only the chosen ids leave the device.
 
-Implements zse_runtime/sampling.py's semantics without sorting the vocabulary: the logits are
-turned into unnormalised probabilities in place (one exp per token), the top-k and top-p
-cut-offs are thresholds on them found by bisection (each step one block-wide compare-and-add
-pass), and the draw is an inverse-CDF walk in vocabulary order with a counter-based random
-number.
+Implements zse_runtime/sampling.py's semantics without sorting the vocabulary:
+  - the logits become unnormalised probabilities e = exp((x - max) / T) in [0, 1], in place;
+  - every probability carries an integer mass floor(e * 2^40): sums of integers are exact, so
+    they do not depend on the order threads add them in and a seeded draw is reproducible;
+  - the top-k and top-p cut-offs are a threshold on e, found by radix selection over e's bit
+    pattern (for non-negative floats, bit order is value order): a histogram of count and mass
+    per 11-bit digit, the digit holding the k-th token (or the top_p-th unit of mass) chosen by
+    a scan, then the next 10 bits within it, then the last 10. Three passes over the vocabulary
+    find the exact threshold; bisection needed one pass per bit of precision;
+  - the draw is an inverse-CDF walk in vocabulary order: per-thread chunk masses, a block scan,
+    then one block-wide scan over the chunk that holds the drawn unit of mass.
 """
 
 import math
 
-from numba import cuda, float32, int32, uint64
+from numba import cuda, float32, float64, int32, uint32, uint64
 
 from .geometry import SAMPLING_THREADS as THREADS
+from .memory import float_bits
 
-BISECTION_STEPS = 40  # halves the logit range 2^40 times: far below float32 spacing
+MASS_SCALE = float32(2.0 ** 40)  # e <= 1: a vocabulary's total mass stays far below 2^64
+BINS = 2048  # the widest digit: 11 bits
+# A key is e's 31 value bits (the sign is 0): digits of 11, 10 and 10 bits, most significant first.
+DIGIT_BITS = (11, 10, 10)
+DIGIT_SHIFTS = (20, 10, 0)
+PREFIX_SHIFTS = (31, 20, 10)  # key >> PREFIX_SHIFTS[level]: the digits chosen before `level`
+# Passes over the vocabulary read 4 values per iteration, independent loads in flight together.
+UNROLL = 4
 
 
 @cuda.jit(device=True, inline="always")
@@ -32,77 +46,131 @@ def uniform(seed, step):
 
 
 @cuda.jit(device=True, inline="always")
-def _block_reduce_sum(value, scratch):
-    tid = cuda.threadIdx.x
-    scratch[tid] = value
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if tid < stride:
-            scratch[tid] += scratch[tid + stride]
-        cuda.syncthreads()
-        stride //= 2
-    total = scratch[0]
-    cuda.syncthreads()
-    return total
-
-
-# Passes over the vocabulary read 4 values per iteration, independent loads in flight together:
-# one block walks 152064 values ~80 times per sampled token, and one load at a time left each
-# pass waiting on memory latency (H200: 2.4 ms for 4 rows).
-UNROLL = 4
-
-
-@cuda.jit(device=True, inline="always")
 def _value(probs, b, i):
     return probs[b, i] if i < probs.shape[1] else float32(0.0)
 
 
 @cuda.jit(device=True, inline="always")
-def _mass_above(probs, b, threshold, scratch):
-    """Sum of the unnormalised probabilities >= threshold (all > 0, so padding 0s never count)."""
-    partial = float32(0.0)
-    step = cuda.blockDim.x
-    for i in range(cuda.threadIdx.x, probs.shape[1], step * UNROLL):
-        e0 = _value(probs, b, i)
-        e1 = _value(probs, b, i + step)
-        e2 = _value(probs, b, i + 2 * step)
-        e3 = _value(probs, b, i + 3 * step)
-        partial += ((e0 if e0 >= threshold else float32(0.0))
-                    + (e1 if e1 >= threshold else float32(0.0))
-                    + (e2 if e2 >= threshold else float32(0.0))
-                    + (e3 if e3 >= threshold else float32(0.0)))
-    return _block_reduce_sum(partial, scratch)
+def _mass(e):
+    return uint64(e * MASS_SCALE)
 
 
 @cuda.jit(device=True, inline="always")
-def _count_above(probs, b, threshold, scratch):
-    """How many unnormalised probabilities are >= threshold (> 0, so padding never counts)."""
-    partial = float32(0.0)
+def _exclusive_scan(value, scan):
+    """(sum of `value` over the threads before this one, sum over all threads); `scan` is a
+    uint64 shared array of blockDim.x entries. Hillis-Steele in shared memory: the simulator,
+    which runs every kernel in the tests, has no warp shuffles."""
+    tid = cuda.threadIdx.x
+    scan[tid] = value
+    cuda.syncthreads()
+    offset = 1
+    while offset < cuda.blockDim.x:
+        add = scan[tid - offset] if tid >= offset else uint64(0)
+        cuda.syncthreads()
+        scan[tid] += add
+        cuda.syncthreads()
+        offset *= 2
+    inclusive = scan[tid]
+    total = scan[cuda.blockDim.x - 1]
+    cuda.syncthreads()
+    return inclusive - value, total
+
+
+@cuda.jit(device=True, inline="always")
+def _histogram(probs, b, level, prefix, counts, masses):
+    """Count and mass per digit `level` of the keys whose earlier digits are `prefix`."""
+    for j in range(cuda.threadIdx.x, BINS, cuda.blockDim.x):
+        counts[j] = 0
+        masses[j] = 0
+    cuda.syncthreads()
     step = cuda.blockDim.x
+    prefix_shift = PREFIX_SHIFTS[level]
+    digit_shift = DIGIT_SHIFTS[level]
+    digit_mask = (1 << DIGIT_BITS[level]) - 1
     for i in range(cuda.threadIdx.x, probs.shape[1], step * UNROLL):
-        e0 = _value(probs, b, i)
-        e1 = _value(probs, b, i + step)
-        e2 = _value(probs, b, i + 2 * step)
-        e3 = _value(probs, b, i + 3 * step)
-        partial += ((float32(1.0) if e0 >= threshold else float32(0.0))
-                    + (float32(1.0) if e1 >= threshold else float32(0.0))
-                    + (float32(1.0) if e2 >= threshold else float32(0.0))
-                    + (float32(1.0) if e3 >= threshold else float32(0.0)))
-    return _block_reduce_sum(partial, scratch)
+        values = (_value(probs, b, i), _value(probs, b, i + step),
+                  _value(probs, b, i + 2 * step), _value(probs, b, i + 3 * step))
+        for u in range(UNROLL):
+            key = float_bits(values[u])
+            if i + u * step < probs.shape[1] and (key >> prefix_shift) == prefix:
+                digit = (key >> digit_shift) & digit_mask
+                cuda.atomic.add(counts, digit, 1)
+                cuda.atomic.add(masses, digit, _mass(values[u]))
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline="always")
+def _select_digit(counts, masses, by_count, target, scan, result):
+    """The largest digit d with (amount in digits > d) < target <= (amount in digits >= d), the
+    amount being the count or the mass. Returns (d, count above d, mass above d, total mass)."""
+    tid = cuda.threadIdx.x
+    per_thread = BINS // cuda.blockDim.x
+    first = BINS - 1 - tid * per_thread  # each thread owns a run of digits, highest first
+    count = uint64(0)
+    mass = uint64(0)
+    for q in range(per_thread):
+        count += uint64(counts[first - q])
+        mass += masses[first - q]
+    count_above, _ = _exclusive_scan(count, scan)
+    mass_above, total_mass = _exclusive_scan(mass, scan)
+    if tid == 0:
+        result[0] = 0
+        result[1] = 0
+        result[2] = 0
+    cuda.syncthreads()
+    for q in range(per_thread):
+        digit = first - q
+        above = count_above if by_count else mass_above
+        amount = uint64(counts[digit]) if by_count else masses[digit]
+        if above < target and target <= above + amount:
+            result[0] = digit
+            result[1] = count_above
+            result[2] = mass_above
+        count_above += uint64(counts[digit])
+        mass_above += masses[digit]
+    cuda.syncthreads()
+    chosen = result[0], result[1], result[2], total_mass
+    cuda.syncthreads()
+    return chosen
+
+
+@cuda.jit(device=True, inline="always")
+def _radix_select(probs, b, by_count, target, histogram_ready, counts, masses, scan, result):
+    """The largest key K whose keys >= K reach `target` (a count or a mass), and the mass of
+    the keys >= K. The first digit's histogram is built unless ready. A top-p search after a
+    top-k cut needs no floor: its target is at most the mass above the top-k threshold, so the
+    key it finds is at or above that threshold."""
+    prefix = uint32(0)
+    mass_above = uint64(0)
+    digit_mass = uint64(0)
+    for level in range(3):
+        if level > 0 or not histogram_ready:
+            _histogram(probs, b, level, prefix, counts, masses)
+        digit, count_above, level_mass_above, _ = _select_digit(counts, masses, by_count, target,
+                                                                scan, result)
+        target -= count_above if by_count else level_mass_above
+        mass_above += level_mass_above
+        digit_mass = masses[digit]
+        prefix = (prefix << uint32(DIGIT_BITS[level])) | uint32(digit)
+        cuda.syncthreads()
+    return prefix, mass_above + digit_mass  # the last digit holds one key: all of it is kept
 
 
 def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
     """logits [B, V] f32; temperature, top_p [B] f32; top_k [B] i32; seeds, steps [B] u64;
-    out [B] i32. Grid B, block THREADS (a power of two)."""
+    out [B] i32. Grid B, block THREADS (a power of two, at most BINS)."""
     b = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     vocab = logits.shape[1]
-    scratch = cuda.shared.array(THREADS, float32)
-    index_scratch = cuda.shared.array(THREADS, int32)
-    # arg max, lowest index on ties
+    best_values = cuda.shared.array(THREADS, float32)
+    best_indices = cuda.shared.array(THREADS, int32)
+    counts = cuda.shared.array(BINS, int32)
+    masses = cuda.shared.array(BINS, uint64)
+    scan = cuda.shared.array(THREADS, uint64)
+    result = cuda.shared.array(3, uint64)
+    # arg max, lowest index on ties (NaN never compares greater, so it is never chosen)
     best = float32(-math.inf)
-    best_index = vocab
+    best_index = 0  # as numpy's argmax when no value exceeds -inf
     step = cuda.blockDim.x
     for i in range(tid, vocab, step * UNROLL):
         values = (_value(logits, b, i), _value(logits, b, i + step),
@@ -111,100 +179,102 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
             if values[u] > best and i + u * step < vocab:
                 best = values[u]
                 best_index = i + u * step
-    scratch[tid] = best
-    index_scratch[tid] = best_index
+    best_values[tid] = best
+    best_indices[tid] = best_index
     cuda.syncthreads()
     stride = cuda.blockDim.x // 2
     while stride > 0:
         if tid < stride:
-            other = scratch[tid + stride]
-            other_index = index_scratch[tid + stride]
-            if other > scratch[tid] or (other == scratch[tid] and other_index < index_scratch[tid]):
-                scratch[tid] = other
-                index_scratch[tid] = other_index
+            other = best_values[tid + stride]
+            other_index = best_indices[tid + stride]
+            if other > best_values[tid] or (other == best_values[tid]
+                                            and other_index < best_indices[tid]):
+                best_values[tid] = other
+                best_indices[tid] = other_index
         cuda.syncthreads()
         stride //= 2
-    best = scratch[0]
-    best_index = index_scratch[0]
+    best = best_values[0]
+    best_index = best_indices[0]
     cuda.syncthreads()
     if temperature[b] == 0.0:
         if tid == 0:
             out[b] = best_index
         return
     inv_temperature = float32(1.0) / temperature[b]
-    # Replace each logit by its unnormalised probability e = exp((x - max) / T), in place (the
-    # logits are consumed here): every later pass is then a compare and an add, not an exp.
-    # The map is monotone, so thresholds on e select the same tokens as thresholds on x; the
-    # largest e is exactly 1.
+    # Logits become e = exp((x - max) / T) in place (they are consumed here), so later passes
+    # compare and add; the map is monotone, so thresholds on e select the same tokens as
+    # thresholds on x. NaN becomes 0. The first digit's histogram comes with this pass.
+    for j in range(tid, BINS, cuda.blockDim.x):
+        counts[j] = 0
+        masses[j] = 0
+    cuda.syncthreads()
     for i in range(tid, vocab, step * UNROLL):
         values = (_value(logits, b, i), _value(logits, b, i + step),
                   _value(logits, b, i + 2 * step), _value(logits, b, i + 3 * step))
         for u in range(UNROLL):
             if i + u * step < vocab:
-                logits[b, i + u * step] = math.exp((values[u] - best) * inv_temperature)
+                e = math.exp((values[u] - best) * inv_temperature)
+                e = e if e >= float32(0.0) else float32(0.0)
+                logits[b, i + u * step] = e
+                digit = float_bits(e) >> DIGIT_SHIFTS[0]  # e <= 1: below 2^11
+                cuda.atomic.add(counts, digit, 1)
+                cuda.atomic.add(masses, digit, _mass(e))
     cuda.syncthreads()
-    # top-k: the largest threshold that still keeps k tokens
-    floor = float32(0.0)
+    floor = uint32(0)
     k = top_k[b]
     if k > 0 and k < vocab:
-        lo = float32(0.0)
-        hi = float32(1.0)
-        for _ in range(BISECTION_STEPS):
-            mid = lo + (hi - lo) * float32(0.5)
-            if _count_above(logits, b, mid, scratch) >= float32(k):
-                lo = mid
-            else:
-                hi = mid
-        floor = lo
-    # top-p: the largest threshold whose kept mass still reaches top_p of the total
-    total = _mass_above(logits, b, floor, scratch)
+        floor, kept_mass = _radix_select(logits, b, True, uint64(k), True, counts, masses, scan,
+                                         result)
+        histogram_ready = False
+    else:
+        _, _, _, kept_mass = _select_digit(counts, masses, False, uint64(0), scan, result)
+        histogram_ready = True
     if top_p[b] < float32(1.0):
-        lo = floor
-        hi = float32(1.0)
-        target_mass = top_p[b] * total
-        for _ in range(BISECTION_STEPS):
-            mid = lo + (hi - lo) * float32(0.5)
-            if _mass_above(logits, b, mid, scratch) >= target_mass:
-                lo = mid
-            else:
-                hi = mid
-        floor = lo
-        total = _mass_above(logits, b, floor, scratch)
-    target = uniform(seeds[b], steps[b]) * total
-    # inverse CDF in vocabulary order: contiguous chunks, a scan of chunk masses, one walk
+        target = uint64(math.ceil(float64(top_p[b]) * float64(kept_mass)))
+        floor, kept_mass = _radix_select(logits, b, False, max(target, uint64(1)),
+                                         histogram_ready, counts, masses, scan, result)
+    if kept_mass == 0:  # every probability underflowed: nothing to draw from
+        if tid == 0:
+            out[b] = best_index
+        return
+    # the first index whose running kept mass exceeds u * kept mass
+    target = uint64(float64(uniform(seeds[b], steps[b])) * float64(kept_mass))
     chunk = (vocab + cuda.blockDim.x - 1) // cuda.blockDim.x
     begin = tid * chunk
     end = min(vocab, begin + chunk)
-    mass = float32(0.0)
-    for i in range(begin, end, UNROLL):  # loads in flight together, sums in index order as
-        values = (_value(logits, b, i), _value(logits, b, i + 1),  # the walk below adds them
+    mass = uint64(0)
+    for i in range(begin, end, UNROLL):
+        values = (_value(logits, b, i), _value(logits, b, i + 1),
                   _value(logits, b, i + 2), _value(logits, b, i + 3))
         for u in range(UNROLL):
-            if i + u < end and values[u] >= floor:
-                mass += values[u]
-    scratch[tid] = mass
-    index_scratch[tid] = -1
+            if i + u < end and float_bits(values[u]) >= floor:
+                mass += _mass(values[u])
+    mass_before, _ = _exclusive_scan(mass, scan)
+    if tid == 0:
+        result[0] = 0
+        result[1] = 0
+        result[2] = uint64(best_index)  # only if rounding left the target past the end
+    cuda.syncthreads()
+    if mass_before <= target and target < mass_before + mass:
+        result[0] = uint64(begin)
+        result[1] = mass_before
+    cuda.syncthreads()
+    begin = int32(result[0])
+    running = result[1]
+    end = min(vocab, begin + chunk)
+    cuda.syncthreads()
+    # the block walks the chosen chunk, blockDim.x indices per round, with a scan per round
+    for start in range(begin, end, cuda.blockDim.x):
+        i = start + tid
+        e = logits[b, i] if i < end else float32(0.0)
+        mass = _mass(e) if float_bits(e) >= floor else uint64(0)
+        before, round_mass = _exclusive_scan(mass, scan)
+        if running + before <= target and target < running + before + mass:
+            result[2] = uint64(i)
+        running += round_mass
     cuda.syncthreads()
     if tid == 0:
-        running = float32(0.0)
-        for i in range(cuda.blockDim.x):
-            here = scratch[i]
-            scratch[i] = running  # exclusive prefix
-            running += here
-    cuda.syncthreads()
-    running = scratch[tid]
-    if running <= target and running + mass > target:
-        for i in range(begin, end):
-            e = logits[b, i]
-            if e >= floor:
-                running += e
-                if running > target:
-                    index_scratch[0] = i
-                    break
-    cuda.syncthreads()
-    if tid == 0:
-        chosen = index_scratch[0]
-        out[b] = chosen if chosen >= 0 else best_index  # rounding left target past the end
+        out[b] = int32(result[2])
 
 
 KERNELS = {
