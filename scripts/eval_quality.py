@@ -1,9 +1,10 @@
 """Quantization quality on real weights: perplexity, top-1 agreement and KL divergence against
-the unquantized model, for ZSE's INT4 at group 32/64/128 (with and without the clipping search)
-and llama.cpp's Q4_0 / Q4_1.
+the unquantized model, for ZSE's INT4 at group 32/64/128 (with and without the clipping search,
+and with GPTQ against calibration text) and llama.cpp's Q4_0 / Q4_1.
 
     python scripts/eval_quality.py HF_FOLDER [--text FILE ...] [--tokens 4096] [--window 512]
-                                   [--json-out F] [--plot F.png]
+                                   [--variants zse-g128,gptq-g64,...] [--calibration-tokens N]
+                                   [--update JSON] [--json-out F]
 
 Text defaults to CPython's LICENSE.txt and pydoc_data.topics (both ship with the interpreter).
 The text is cut into non-overlapping windows; each window is a fresh sequence.
@@ -11,6 +12,8 @@ The text is cut into non-overlapping windows; each window is a fresh sequence.
 How each variant runs:
   fp16 (reference)  transformers, float32 on the CPU, on the checkpoint as it is;
   zse gN / rtn gN   converted with zse-convert and run through ZSE's own CPU backend;
+  gptq gN           the same, converted with --gptq (calibration text: the converter's default,
+                    Python standard-library source, disjoint from the text scored here);
   gguf q4_0 / q4_1  the same tensors quantized by the gguf package's reference quantizers,
                     dequantized, and run through transformers (ZSE cannot execute GGUF blocks).
 Quantized in every variant: the q/k/v, o, gate/up, down projections and lm_head; the embedding
@@ -124,7 +127,7 @@ def text_windows(folder: Path, text: str, tokens: int, window: int) -> list[list
 
 
 def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_head: str = "float16",
-             log=print) -> dict:
+             log=print, gptq_options: dict | None = None) -> dict:
     """{variant: {perplexity, top1_agreement, kl_mean, kl_p99, bits_per_weight}}, fp16 first."""
     from zse_convert.convert import ConvertOptions, convert
     from zse_runtime.engine import Engine
@@ -145,10 +148,11 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
             started = time.perf_counter()
             scores = Scores()
             kind, spec = variant.split("-")
-            if kind in ("zse", "rtn"):
+            if kind in ("zse", "rtn", "gptq"):
                 out = Path(tmp) / f"{variant}.zse"
-                convert(str(folder), out, ConvertOptions(group_size=int(spec[1:]),
-                                                         clip_search=kind == "zse", lm_head=lm_head))
+                extra = dict(gptq=True, **(gptq_options or {})) if kind == "gptq" else {}
+                summary = convert(str(folder), out, ConvertOptions(
+                    group_size=int(spec[1:]), clip_search=kind != "rtn", lm_head=lm_head, **extra))
                 with ZseFile(out) as zse:
                     int4 = [t for t in zse.tensors.values() if t.group_size]
                     bits = sum(t.nbytes for t in int4) * 8 / sum(t.numel for t in int4)
@@ -165,6 +169,9 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
                     scores.add(hf_logprobs(model, w), ref, w)
                 del model
             results[variant] = {**scores.summary(), "bits_per_weight": round(bits, 3)}
+            if kind == "gptq":
+                results[variant]["gptq"] = summary["gptq"]
+                results[variant]["convert_seconds"] = summary["seconds"]
             log(f"  {variant}: ppl {results[variant]['perplexity']:.4f}, {bits:.2f} bits "
                 f"({time.perf_counter() - started:.0f} s)")
     return results
@@ -177,21 +184,38 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text to score")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--variants", default="zse-g128,zse-g64,zse-g32,rtn-g128,rtn-g64,rtn-g32,"
-                                               "gguf-q4_0,gguf-q4_1")
+                                               "gptq-g128,gptq-g64,gguf-q4_0,gguf-q4_1")
     parser.add_argument("--lm-head", choices=["int4", "float16"], default="float16",
                         help="lm_head precision in every quantized variant")
+    parser.add_argument("--calibration-tokens", type=int, help="for the gptq variants "
+                        "(default: the converter's)")
     parser.add_argument("--json-out", type=Path, default=Path("eval_quality.json"))
+    parser.add_argument("--update", type=Path, help="an earlier --json-out of the same model, "
+                        "text, tokens and window: keep its rows, add or replace the ones run now")
     args = parser.parse_args()
 
     text = "\n\n".join(p.read_text() for p in args.text) if args.text else default_text()
     windows = text_windows(args.folder, text, args.tokens, args.window)
     scored = sum(len(w) - 1 for w in windows)
     print(f"{args.folder.name}: {scored} scored tokens in {len(windows)} windows", flush=True)
+    gptq_options = ({"calibration_tokens": args.calibration_tokens}
+                    if args.calibration_tokens else {})
     results = evaluate(args.folder, windows, args.variants.split(","), args.lm_head,
-                       log=lambda line: print(line, flush=True))
-    base = results["fp16"]["perplexity"]
+                       log=lambda line: print(line, flush=True), gptq_options=gptq_options)
     report = {"model": args.folder.name, "tokens": scored, "window": args.window,
               "lm_head": args.lm_head, "results": results}
+    if args.update:
+        earlier = json.loads(args.update.read_text())
+        same = {k: earlier[k] for k in ("model", "tokens", "window", "lm_head")}
+        if same != {k: report[k] for k in same}:
+            parser.error(f"--update {args.update} was measured on {same}, not on "
+                         f"{ {k: report[k] for k in same} }")
+        ppl = (earlier["results"]["fp16"]["perplexity"], results["fp16"]["perplexity"])
+        if abs(ppl[0] - ppl[1]) > 1e-6 * ppl[0]:
+            parser.error(f"--update {args.update}: its fp16 perplexity {ppl[0]} differs from "
+                         f"this run's {ppl[1]}; the rows would not be comparable")
+        results = report["results"] = {**earlier["results"], **results}
+    base = results["fp16"]["perplexity"]
     args.json_out.write_text(json.dumps(report, indent=2))
     print(f"\n{'variant':<10} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} {'KL p99':>8}")
     for name, r in results.items():

@@ -64,6 +64,28 @@ def test_default_command_and_human_summary(tiny_qwen2, tmp_path):
     assert "bits per weight" in result.stdout and "group size fallback" in result.stdout
 
 
+def test_gptq_with_a_calibration_file(tiny_qwen2, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text((REPO / "formats" / "zse-v1.md").read_text() * 3)
+    out = tmp_path / "gptq.zse"
+    result = run_cli(str(tiny_qwen2), "--out", str(out), "--gptq", "--calibration", str(text),
+                     "--calibration-tokens", "1024")
+    assert result.returncode == 0, result.stderr
+    assert "GPTQ on 1024 tokens of calib.txt" in result.stdout
+    inspected = json.loads(run_cli("inspect", str(out), "--json").stdout)
+    record = inspected["manifest"]["quantization"]["gptq"]
+    assert record["calibration"] == "calib.txt" and record["tokens"] == 1024
+    assert record["calibration_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+
+    text.write_text("")
+    empty = run_cli(str(tiny_qwen2), "--out", str(tmp_path / "empty.zse"), "--gptq",
+                    "--calibration", str(text))
+    assert empty.returncode == 1 and "holds 0 tokens" in empty.stderr
+    assert "Traceback" not in empty.stderr and not (tmp_path / "empty.zse").exists()
+    stray = run_cli(str(tiny_qwen2), "--out", str(tmp_path / "s.zse"), "--calibration", str(text))
+    assert stray.returncode == 1 and "apply only with --gptq" in stray.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["inspect", "missing.zse"], "No such file"),
     (["verify", "pyproject.toml"], "bad magic"),

@@ -211,7 +211,12 @@ def test_manifest_key_tables():
     assert set(idents("Top-level keys")) == set(zf.TOP_LEVEL_KEYS)
     assert tuple(idents("`model`")) == zf.MODEL_KEYS
     assert tuple(idents("`tensors` entries")) == (*zf.TENSOR_KEYS, "group_size")
-    assert set(keyed("`quantization` (informative)")) == set(SCHEMA["$defs"]["quantization"]["required"])
+    quantization = keyed("`quantization` (informative)")
+    assert set(quantization) == set(SCHEMA["$defs"]["quantization"]["properties"])
+    # keys added by a minor version are optional: files of the earlier minor version lack them
+    added = {key for key, row in quantization.items() if row[2].startswith("Since 1.")}
+    assert added == {"gptq"}
+    assert set(SCHEMA["$defs"]["quantization"]["required"]) == set(quantization) - added
     assert set(idents("`tokenizer`")) == set(SCHEMA["$defs"]["tokenizer"]["required"])
 
 
@@ -465,6 +470,12 @@ INVALID = {
     "negative eos id": _set(["tokenizer", "eos_token_ids"], [-1]),
     "bad commit": _set(["provenance", "commit"], "main"),
     "no tensors": _set(["tensors"], []),
+    "GPTQ record without tokens": _set(["quantization", "gptq"], {
+        "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "window": 512,
+        "damping": 0.01, "act_order": "groups", "inputs": "quantized"}),
+    "GPTQ act order by columns": _set(["quantization", "gptq"], {
+        "calibration": "x.txt", "calibration_sha256": "ab" * 32, "tokens": 512, "window": 512,
+        "damping": 0.01, "act_order": "columns", "inputs": "quantized"}),
 }
 
 VALID_ADDITIONS = {
@@ -475,6 +486,11 @@ VALID_ADDITIONS = {
     "linear rope": _set(["model", "rope_scaling"], {"rope_type": "linear", "factor": 2.0}),
     "hub provenance": _set(["provenance", "commit"], "0123456789abcdef0123456789abcdef01234567"),
     "minor version 3": _set(["format_version"], [1, 3]),
+    "a 1.0 manifest, before quantization.gptq": lambda m: (
+        _delete(["quantization", "gptq"])(m), _set(["format_version"], [1, 0])(m)),
+    "a GPTQ record": _set(["quantization", "gptq"], {
+        "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "tokens": 8192,
+        "window": 512, "damping": 0.01, "act_order": "groups", "inputs": "quantized"}),
 }
 
 

@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 from zse_runtime import __version__
 from zse_runtime.zsefile import ZseFile, ZseFormatError
 
+from .calibration import DEFAULT_TOKENS, WINDOW
 from .convert import ConvertOptions, Progress as ConvertProgress, convert as run_convert
 from .source import SourceError
 from .writer import TensorSpec
@@ -128,11 +129,24 @@ def convert_command(
     clip_search: bool = typer.Option(True, "--clip-search/--no-clip-search",
                                      help="Search per-group clipping (default) or plain min/max "
                                           "round-to-nearest."),
+    gptq: bool = typer.Option(False, "--gptq/--no-gptq",
+                              help="Quantize the decoder layers with GPTQ against calibration "
+                                   "text (lower output error; slower: see docs/quality.md)."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="UTF-8 text file for --gptq (default: source code of Python "
+                                    "standard-library modules, read from this interpreter)."),
+    calibration_tokens: int = typer.Option(DEFAULT_TOKENS, "--calibration-tokens",
+                                           help="Calibration tokens for --gptq, in sequences of "
+                                                f"{WINDOW}."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Convert a checkpoint into one .zse file (the default command)."""
+    if not gptq and (calibration is not None or calibration_tokens != DEFAULT_TOKENS):
+        _fail("--calibration and --calibration-tokens apply only with --gptq")
     options = ConvertOptions(group_size=group_size, clip_search=clip_search, lm_head=lm_head,
-                             embedding=embedding, revision=revision)
+                             embedding=embedding, revision=revision, gptq=gptq,
+                             calibration=str(calibration) if calibration else None,
+                             calibration_tokens=calibration_tokens)
     progress = _RichProgress()
     for signum in (signal.SIGINT, signal.SIGTERM):  # clean up the temp file on `kill` too
         signal.signal(signum, _stop_handler(progress))
@@ -156,6 +170,9 @@ def convert_command(
         ("bits per weight", f"{summary['bits_per_weight']:.2f} overall, "
                             f"{summary['int4_bits_per_weight']:.2f} in INT4 tensors"),
         ("group size", str(summary["group_size"])),
+        ("method", "clipping search" if summary["clip_search"] else "round-to-nearest")
+        if not summary["gptq"] else
+        ("method", f"GPTQ on {summary['gptq']['tokens']} tokens of {summary['gptq']['calibration']}"),
         ("weighted error vs RTN", str(summary["error_vs_round_to_nearest"])),
         ("time", f"{summary['seconds']:.1f} s ({summary['params_per_second'] / 1e6:.1f} M params/s)"),
     ]

@@ -20,9 +20,11 @@ from zse_runtime import __version__
 from zse_runtime.zsefile import (DTYPE_INT4, EMBED, FORMAT_NAME, FORMAT_VERSION_MAJOR,
                                  FORMAT_VERSION_MINOR, INT4_GROUP_SIZES, INT4_SCALE_DTYPE,
                                  INT4_ZERO_DTYPE, LAYOUT_DENSE, LAYOUT_INT4_ROWS, LM_HEAD,
-                                 expected_tensor_shapes, int4_section_sizes)
+                                 Int4Weight, expected_tensor_shapes, int4_section_sizes)
 
 from .architectures import canonical_config, source_names
+from .calibration import DEFAULT_TOKENS, WINDOW, LayerCalibrator, load_text, token_windows
+from .gptq import ACT_ORDERS, DAMPING, GptqOptions
 from .quantize import QuantStats, quantize_int4
 from .source import Checkpoint, ResolvedSource, SourceError, resolve_source
 from .tokenizer_meta import tokenizer_section
@@ -42,10 +44,25 @@ class ConvertOptions:
     # layer together at group 32 (scripts/eval_quality.py, README "Known gaps").
     lm_head: str = "float16"
     embedding: str = "float16"
+    # GPTQ against calibration inputs (gptq.py, calibration.py) instead of the weight-only search
+    gptq: bool = False
+    calibration: str | None = None  # a UTF-8 text file; None: the Python standard library's source
+    calibration_tokens: int = DEFAULT_TOKENS
+    gptq_damping: float = DAMPING
+    gptq_act_order: str = "groups"
+    gptq_propagate_quantized: bool = True  # later layers see quantized outputs (else fp weights)
     revision: str | None = None
     token: str | None = None
 
     def validate(self) -> None:
+        if self.gptq and not self.clip_search:
+            raise SourceError("--gptq chooses each group's scale and zero with the clipping search; "
+                              "it cannot be combined with --no-clip-search")
+        if self.gptq_act_order not in ACT_ORDERS:
+            raise SourceError(f"GPTQ act order must be one of {list(ACT_ORDERS)}, got "
+                              f"{self.gptq_act_order!r}")
+        if not 0 < self.gptq_damping < 1:
+            raise SourceError(f"GPTQ damping must be in (0, 1), got {self.gptq_damping}")
         if self.group_size not in INT4_GROUP_SIZES:
             raise SourceError(f"--group-size must be one of {list(INT4_GROUP_SIZES)}, got "
                               f"{self.group_size}")
@@ -119,6 +136,22 @@ def _row_chunks(rows: int, cols: int):
         yield start, min(rows, start + step)
 
 
+def _int4_views(blob: np.ndarray, spec: TensorSpec) -> Int4Weight:
+    rows, cols = spec.shape
+    packed, scale_bytes, _ = int4_section_sizes(rows, cols, spec.group_size)
+    return Int4Weight(blob[:packed].view("<u4").reshape(rows, cols // 8),
+                      blob[packed:packed + scale_bytes].view("<f2").reshape(rows, -1),
+                      blob[packed + scale_bytes:].view("<f2").reshape(rows, -1), spec.group_size)
+
+
+def int4_blob(spec: TensorSpec, weight: Int4Weight) -> np.ndarray:
+    """The on-disk bytes of an already quantized tensor."""
+    blob = np.empty(spec.nbytes, np.uint8)
+    target = _int4_views(blob, spec)
+    target.qweight[:], target.scales[:], target.zeros[:] = weight.qweight, weight.scales, weight.zeros
+    return blob
+
+
 def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_search: bool,
                  on_rows: Callable[[int], None] = lambda n: None,
                  stop_requested: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, QuantStats]:
@@ -129,11 +162,7 @@ def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_se
     if spec.layout == LAYOUT_DENSE:
         target = blob.view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
     else:
-        rows = spec.shape[0]
-        packed, scale_bytes, _ = int4_section_sizes(rows, cols, spec.group_size)
-        qweight = blob[:packed].view("<u4").reshape(rows, cols // 8)
-        scales = blob[packed:packed + scale_bytes].view("<f2").reshape(rows, -1)
-        zeros = blob[packed + scale_bytes:].view("<f2").reshape(rows, -1)
+        qweight, scales, zeros, _ = _int4_views(blob, spec)
     row = 0
     for source in sources:
         src_rows = ckpt.tensors[source].shape[0]
@@ -163,6 +192,10 @@ def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_se
     return blob, stats
 
 
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("layers.") else None
+
+
 def _source_param_count(ckpt: Checkpoint) -> int:
     return sum(int(np.prod(t.shape, dtype=np.int64)) for t in ckpt.tensors.values())
 
@@ -190,6 +223,23 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         tokenizer, generation = tokenizer_section(ckpt, model["vocab_size"])
         specs = plan_tensors(model, options)
         sources = _check_sources(ckpt, model, specs)
+        calibrator, gptq_record = None, None
+        if options.gptq:  # tokenize (and fail on bad text) before any output exists
+            text = load_text(options.calibration)
+            ids = token_windows(tokenizer["tokenizer_json"], text, options.calibration_tokens)
+            calibrator = LayerCalibrator(
+                ckpt, model, sources, {s.name: s.group_size for s in specs if s.group_size},
+                ids, GptqOptions(options.gptq_damping, options.gptq_act_order, options.clip_search),
+                options.gptq_propagate_quantized)
+            gptq_record = {
+                "calibration": text.source,
+                "calibration_sha256": text.sha256,
+                "tokens": int(ids.size),
+                "window": WINDOW,
+                "damping": options.gptq_damping,
+                "act_order": options.gptq_act_order,
+                "inputs": "quantized" if options.gptq_propagate_quantized else "float",
+            }
         manifest = {
             "format": FORMAT_NAME,
             "format_version": [FORMAT_VERSION_MAJOR, FORMAT_VERSION_MINOR],
@@ -201,6 +251,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                 "scale_dtype": INT4_SCALE_DTYPE,
                 "zero_dtype": INT4_ZERO_DTYPE,
                 "clip_search": options.clip_search,
+                "gptq": gptq_record,
                 "embedding": options.embedding,
                 "lm_head": options.lm_head,
                 "norms_and_biases": HIGH_PRECISION,
@@ -227,12 +278,22 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         with ZseWriter(out, manifest, specs) as writer, ThreadPoolExecutor(1) as io_thread:
             pending = None
             try:
+                calibrated: dict[str, tuple[Int4Weight, QuantStats]] = {}
                 for spec in specs:
                     cols = spec.shape[1] if len(spec.shape) == 2 else 1
-                    blob, stats = build_tensor(
-                        ckpt, spec, sources[spec.name], options.clip_search,
-                        lambda rows, spec=spec, cols=cols: progress.tensor_written(spec, rows * cols),
-                        lambda: progress.stop_requested)
+                    layer = _layer_of(spec.name) if calibrator else None
+                    if layer is not None and spec.layout == LAYOUT_INT4_ROWS:
+                        if spec.name not in calibrated:  # the layer's first projection
+                            calibrated = calibrator.weights(layer, lambda: progress.stop_requested)
+                        weight, stats = calibrated.pop(spec.name)
+                        blob = int4_blob(spec, weight)
+                        progress.tensor_written(spec, int(np.prod(spec.shape)))
+                    else:
+                        blob, stats = build_tensor(
+                            ckpt, spec, sources[spec.name], options.clip_search,
+                            lambda rows, spec=spec, cols=cols: progress.tensor_written(spec,
+                                                                                       rows * cols),
+                            lambda: progress.stop_requested)
                     if pending is not None:
                         pending.result()
                     pending = io_thread.submit(writer.write, spec.name, blob)
@@ -267,6 +328,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         "group_size_fallbacks": {s.name: s.group_size for s in quantized
                                  if s.group_size != options.group_size},
         "clip_search": options.clip_search,
+        "gptq": manifest["quantization"]["gptq"],
         # weighted squared error of the chosen parameters over that of round-to-nearest
         "error_vs_round_to_nearest": round(totals.error / totals.rtn_error, 4)
         if totals.rtn_error else None,

@@ -60,7 +60,7 @@ def _importance_scale(w, r, start, group_size):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _search_groups(w, group_size, numerators):
+def _search_groups(w, group_size, numerators, column_weight):
     """Per group: weighted least-squares (scale, min) of the best searched assignment.
 
     Errors are weighted by v_i = rms(group) + |x_i| (llama.cpp's make_qkx2_quants weighting):
@@ -84,7 +84,7 @@ def _search_groups(w, group_size, numerators):
             sum_vxx = 0.0
             for i in range(group_size):
                 x = np.float64(w[r, start + i])
-                v = floor + abs(x)
+                v = (floor + abs(x)) * column_weight[start + i]
                 xmin = min(xmin, x)
                 xmax = max(xmax, x)
                 sum_v += v
@@ -102,7 +102,7 @@ def _search_groups(w, group_size, numerators):
                     sum_vxl = 0.0
                     for i in range(group_size):
                         x = np.float64(w[r, start + i])
-                        v = floor + abs(x)
+                        v = (floor + abs(x)) * column_weight[start + i]
                         level = np.floor((x - xmin) * inv_scale + 0.5)
                         level = min(max(level, 0.0), np.float64(LEVELS))
                         sum_vl += v * level
@@ -132,7 +132,7 @@ def _search_groups(w, group_size, numerators):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _choose_and_pack(w, group_size, scales, zeros):
+def _choose_and_pack(w, group_size, scales, zeros, column_weight):
     """Assign codes for each fp16-rounded candidate, keep the one with the least weighted error,
     pack nibbles.
 
@@ -163,7 +163,7 @@ def _choose_and_pack(w, group_size, scales, zeros):
                     q = min(max(np.floor(x / scale + zero + np.float32(0.5)), np.float32(0.0)),
                             np.float32(LEVELS))
                     d = np.float64((q - zero) * scale - x)
-                    err += (floor + abs(np.float64(x))) * d * d
+                    err += (floor + abs(np.float64(x))) * column_weight[start + i] * d * d
                 errors[r, g, c] = err
                 if best < 0 or err < errors[r, g, best]:
                     best = c
@@ -206,18 +206,29 @@ def check_quantizable(w: np.ndarray, group_size: int, name: str = "tensor") -> N
 
 
 def quantize_int4(w: np.ndarray, group_size: int, clip_search: bool = True,
-                  name: str = "tensor") -> tuple[Int4Weight, QuantStats]:
-    """float32 [rows, cols] -> int4.rows.v1 arrays (qweight, fp16 scales, fp16 zeros)."""
+                  name: str = "tensor", column_weight: np.ndarray | None = None
+                  ) -> tuple[Int4Weight, QuantStats]:
+    """float32 [rows, cols] -> int4.rows.v1 arrays (qweight, fp16 scales, fp16 zeros).
+
+    column_weight: float64 [cols] multiplying every error weight of that input column (GPTQ
+    passes its calibration inputs' mean square there); None means ones, bit for bit the
+    calibration-free search.
+    """
     w = np.ascontiguousarray(w)
     check_quantizable(w, group_size, name)
+    if column_weight is None:
+        column_weight = np.ones(w.shape[1])
+    column_weight = np.ascontiguousarray(column_weight, np.float64)
+    if column_weight.shape != (w.shape[1],) or not (column_weight > 0).all():
+        raise ValueError(f"{name}: column weights must be {w.shape[1]} positive values")
     numerators = SEARCH_NUMERATORS if clip_search else SEARCH_NUMERATORS[:0]
-    scales, mins = _search_groups(w, group_size, numerators)
+    scales, mins = _search_groups(w, group_size, numerators, column_weight)
     scales16, zeros16 = fp16_candidates(scales, mins)
     if not clip_search:  # the round-to-nearest ablation: symmetric only where RTN overflows fp16
         scales16[..., _CANDIDATE_SEARCH] = np.inf
         rtn_usable = np.isfinite(scales16[..., _CANDIDATE_RTN]) & np.isfinite(zeros16[..., _CANDIDATE_RTN])
         scales16[..., _CANDIDATE_SYMMETRIC][rtn_usable] = np.inf
-    qweight, choice, errors = _choose_and_pack(w, group_size, scales16, zeros16)
+    qweight, choice, errors = _choose_and_pack(w, group_size, scales16, zeros16, column_weight)
     picked = np.take_along_axis(np.stack([scales16, zeros16]), choice[None, ..., None].astype(np.intp),
                                 axis=3)[..., 0]
     stats = QuantStats(

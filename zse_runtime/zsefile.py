@@ -29,7 +29,7 @@ import xxhash
 
 MAGIC = b"\x89ZSE\r\n\x1a\n"  # PNG-style: catches text-mode transfers and truncation at byte 0
 FORMAT_VERSION_MAJOR = 1  # bumped only for changes an old reader would misread
-FORMAT_VERSION_MINOR = 0  # bumped for additions an old reader may ignore
+FORMAT_VERSION_MINOR = 1  # bumped for additions an old reader may ignore (1.1: quantization.gptq)
 ALIGNMENT = 4096  # every tensor and the data section start on a multiple of this
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 # Bytes a remote open reads first: header and manifest in one request for most models (the

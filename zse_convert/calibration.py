@@ -1,0 +1,257 @@
+"""Calibration for GPTQ: text -> token windows -> each linear layer's inputs, one layer at a time.
+
+The text is a user file (`--calibration FILE`) or, by default, the source of a fixed list of
+pure-Python standard-library modules read from the running interpreter (code, docstrings and
+comments; nothing ships with ZSE). It is disjoint from the evaluation text of
+scripts/eval_quality.py (CPython's LICENSE.txt and pydoc_data.topics): those files, and the
+modules that print or hold them (pydoc, site, _sitebuiltins), are not in the list.
+
+The forward pass is numpy float32 and follows formats/zse-v1.md §4 for every architecture the
+converter accepts (llama, mistral with its sliding window, qwen2 with q/k/v biases; RoPE with
+linear and llama3 scaling through the runtime's own tables). It keeps one residual stream
+[tokens, hidden] and one layer's weights at a time, so memory does not grow with depth. Each
+projection is quantized as soon as its Hessian H = XᵀX is known, and the rest of the layer (and
+the next layer) sees the *quantized* projection's output, as the GPTQ reference does: later
+weights then compensate earlier ones' errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from zse_runtime.config import ModelConfig, rope_tables
+from zse_runtime.zsefile import EMBED, Int4Weight, dequantize_int4, layer_tensor_name
+
+from .gptq import GptqOptions, gptq_quantize
+from .quantize import QuantStats
+from .source import Checkpoint, SourceError
+
+WINDOW = 512  # tokens per calibration sequence
+MIN_TOKENS = WINDOW  # fewer gives a Hessian too poor to be worth the time
+DEFAULT_TOKENS = 8192
+TOKEN_CHUNK = 2048  # tokens per matmul in the MLP, bounding the [tokens, intermediate] buffers
+
+# Pure-Python modules present in CPython 3.10-3.13, in the order their text is joined.
+STDLIB_MODULES = (
+    "argparse", "textwrap", "string", "difflib", "fractions", "heapq", "bisect", "calendar", "csv",
+    "dataclasses", "enum", "functools", "gettext", "inspect", "logging", "pprint", "random",
+    "shutil", "statistics", "subprocess", "tarfile", "email.message", "http.client",
+    "json.decoder", "json.encoder", "unittest.case", "urllib.parse", "collections", "contextlib",
+    "typing", "ast", "tokenize", "pickle", "threading", "queue", "sched", "smtplib", "ftplib",
+    "imaplib", "mailbox", "configparser", "optparse", "getopt", "locale", "codecs", "abc",
+    "numbers", "operator", "copy", "weakref", "types", "glob", "fnmatch", "tempfile", "uuid",
+    "base64", "hmac", "secrets", "ipaddress", "socket", "selectors", "ssl", "asyncio.base_events",
+    "concurrent.futures._base", "multiprocessing.pool", "xml.dom.minidom", "html.parser", "wave",
+    "doctest", "zipfile", "gzip", "datetime", "traceback", "warnings", "netrc", "shlex", "cmd",
+)
+STDLIB_SOURCE = "python-stdlib"
+
+
+@dataclass
+class CalibrationText:
+    text: str
+    source: str  # STDLIB_SOURCE or the file's name
+    sha256: str
+
+
+def stdlib_text() -> CalibrationText:
+    parts = []
+    for module in STDLIB_MODULES:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            parts.append(Path(spec.origin).read_text(encoding="utf-8"))
+    text = "\n\n".join(parts)
+    return CalibrationText(text, STDLIB_SOURCE, hashlib.sha256(text.encode()).hexdigest())
+
+
+def load_text(path: str | None) -> CalibrationText:
+    """The calibration text: the file at `path` (UTF-8), or the stdlib text when None."""
+    if path is None:
+        return stdlib_text()
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SourceError(f"--calibration {path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"--calibration {path}: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
+    return CalibrationText(text, file.name, hashlib.sha256(text.encode()).hexdigest())
+
+
+def token_windows(tokenizer_json: str, text: CalibrationText, tokens: int) -> np.ndarray:
+    """int32 [tokens // WINDOW, WINDOW]: non-overlapping windows spread evenly over the text."""
+    from tokenizers import Tokenizer
+
+    if tokens < MIN_TOKENS:
+        raise SourceError(f"--calibration-tokens must be at least {MIN_TOKENS}, got {tokens}")
+    ids = np.asarray(Tokenizer.from_str(tokenizer_json).encode(
+        text.text, add_special_tokens=False).ids, np.int32)
+    count = tokens // WINDOW
+    if ids.size < count * WINDOW:
+        raise SourceError(f"calibration text {text.source} holds {ids.size} tokens; "
+                          f"{count * WINDOW} are needed (--calibration-tokens {tokens}): give a "
+                          "longer file or ask for fewer tokens")
+    starts = np.linspace(0, ids.size - WINDOW, count).astype(np.int64)
+    return np.stack([ids[s:s + WINDOW] for s in starts])
+
+
+def _read_matrix(ckpt: Checkpoint, names: list[str], rows_per_read: int = 4096) -> np.ndarray:
+    """float32 rows of `names` concatenated (the fused tensor), read in chunks."""
+    shapes = [ckpt.tensors[n].shape for n in names]
+    out = np.empty((sum(s[0] for s in shapes), *shapes[0][1:]), np.float32)
+    row = 0
+    for name, shape in zip(names, shapes):
+        for start in range(0, shape[0], rows_per_read):
+            stop = min(shape[0], start + rows_per_read)
+            out[row + start:row + stop] = ckpt.read_rows(name, start, stop)
+        row += shape[0]
+    return out
+
+
+def _rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x * (1.0 / np.sqrt(variance + np.float32(eps))) * weight).astype(np.float32)
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    """H = XᵀX [K, K] float32, in token chunks (float32 partial sums of TOKEN_CHUNK rows)."""
+    h = np.zeros((x.shape[1], x.shape[1]), np.float32)
+    for start in range(0, x.shape[0], TOKEN_CHUNK):
+        part = x[start:start + TOKEN_CHUNK]
+        h += part.T @ part
+    return h
+
+
+class LayerCalibrator:
+    """Quantizes one decoder layer's four projections at a time with GPTQ.
+
+    `weights(layer)` must be called for layers 0, 1, 2, ... in order: each call advances the
+    residual stream through that layer (with its quantized projections).
+    """
+
+    def __init__(self, ckpt: Checkpoint, model: dict, sources: dict[str, list[str]],
+                 group_sizes: dict[str, int], ids: np.ndarray, options: GptqOptions,
+                 propagate_quantized: bool = True):
+        self.ckpt, self.sources, self.group_sizes = ckpt, sources, group_sizes
+        self.config = ModelConfig.from_manifest(model)
+        self.options = options
+        self.propagate_quantized = propagate_quantized
+        self.sequences, self.window = ids.shape
+        self.ids = ids
+        self.hidden: np.ndarray | None = None  # residual stream [tokens, hidden] float32
+        self.next_layer = 0
+        self.cos, self.sin = rope_tables(self.config, self.window)
+
+    def _embed(self) -> np.ndarray:
+        """Embedding rows of the calibration tokens, read a chunk of the table at a time."""
+        (name,) = self.sources[EMBED]
+        flat = self.ids.reshape(-1)
+        out = np.empty((flat.size, self.config.hidden_size), np.float32)
+        rows = self.ckpt.tensors[name].shape[0]
+        step = max(1, (1 << 24) // self.config.hidden_size)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            hit = np.nonzero((flat >= start) & (flat < stop))[0]
+            if hit.size:
+                out[hit] = self.ckpt.read_rows(name, start, stop)[flat[hit] - start]
+        return out
+
+    def _vector(self, name: str) -> np.ndarray:
+        """A norm or (fused) bias as float32."""
+        return np.concatenate([self.ckpt.read_rows(n, 0, self.ckpt.tensors[n].shape[0]).copy()
+                               for n in self.sources[name]])
+
+    def _quantize(self, name: str, inputs: np.ndarray, results: dict) -> np.ndarray:
+        """GPTQ on `name` against `inputs`; returns the weight the forward pass should use."""
+        w = _read_matrix(self.ckpt, self.sources[name])
+        weight, stats = gptq_quantize(w, _gram(inputs), self.group_sizes[name], self.options, name)
+        results[name] = (weight, stats)
+        return dequantize_int4(weight) if self.propagate_quantized else w
+
+    def _attention(self, qkv: np.ndarray) -> np.ndarray:
+        """Causal GQA with rotate-half RoPE per sequence; qkv [tokens, q + 2 kv] -> [tokens, q]."""
+        c, length = self.config, self.window
+        out = np.empty((qkv.shape[0], c.q_size), np.float32)
+        half = c.head_dim // 2
+        cos, sin = self.cos[:, None, :], self.sin[:, None, :]
+
+        def rotate(x):  # [L, heads, head_dim]
+            first, second = x[..., :half], x[..., half:]
+            return np.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+
+        position = np.arange(length)
+        allowed = position[None, :] <= position[:, None]
+        if c.sliding_window:
+            allowed &= position[:, None] - position[None, :] < c.sliding_window
+        mask = np.where(allowed, np.float32(0), np.float32(-np.inf))
+        kv_of_head = np.arange(c.num_attention_heads) // c.group_ratio
+        scale = np.float32(1.0 / math.sqrt(c.head_dim))
+        for s in range(self.sequences):
+            rows = slice(s * length, (s + 1) * length)
+            q = rotate(qkv[rows, :c.q_size].reshape(length, -1, c.head_dim)).transpose(1, 0, 2)
+            k = rotate(qkv[rows, c.q_size:c.q_size + c.kv_size].reshape(length, -1, c.head_dim))
+            v = qkv[rows, c.q_size + c.kv_size:].reshape(length, -1, c.head_dim)
+            k, v = k.transpose(1, 0, 2)[kv_of_head], v.transpose(1, 0, 2)[kv_of_head]
+            scores = (q @ k.transpose(0, 2, 1)) * scale + mask  # [heads, L, L]
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            out[rows] = (scores.astype(np.float32) @ v).transpose(1, 0, 2).reshape(length, -1)
+        return out
+
+    def weights(self, layer: int, stop_requested: Callable[[], bool] = lambda: False
+                ) -> dict[str, tuple[Int4Weight, QuantStats]]:
+        """GPTQ-quantized qkv, o_proj, gate_up and down_proj of `layer`, by canonical name."""
+        if layer != self.next_layer:
+            raise RuntimeError(f"layers must be calibrated in order: asked for {layer}, "
+                               f"expected {self.next_layer}")
+        c = self.config
+        name = lambda part: layer_tensor_name(layer, part)
+        if self.hidden is None:
+            self.hidden = self._embed()
+        h, results = self.hidden, {}
+
+        def check_stop():
+            if stop_requested():
+                raise KeyboardInterrupt
+
+        x = _rmsnorm(h, self._vector(name("attn_norm")), c.rms_norm_eps)
+        qkv = x @ self._quantize(name("qkv"), x, results).T
+        if c.qkv_bias:
+            qkv += self._vector(name("qkv_bias"))
+        del x
+        check_stop()
+        attended = self._attention(qkv)
+        del qkv
+        out = attended @ self._quantize(name("o_proj"), attended, results).T
+        if c.o_bias:
+            out += self._vector(name("o_bias"))
+        h += out
+        del attended, out
+        check_stop()
+
+        x = _rmsnorm(h, self._vector(name("mlp_norm")), c.rms_norm_eps)
+        gate_up = self._quantize(name("gate_up"), x, results)
+        check_stop()
+        mixed = np.empty((h.shape[0], c.intermediate_size), np.float32)
+        for start in range(0, h.shape[0], TOKEN_CHUNK):
+            part = x[start:start + TOKEN_CHUNK] @ gate_up.T
+            gate, up = part[:, :c.intermediate_size], part[:, c.intermediate_size:]
+            with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu 0, as it should
+                mixed[start:start + TOKEN_CHUNK] = gate / (1.0 + np.exp(-gate)) * up
+        del x, gate_up
+        down = self._quantize(name("down_proj"), mixed, results)
+        for start in range(0, h.shape[0], TOKEN_CHUNK):
+            h[start:start + TOKEN_CHUNK] += mixed[start:start + TOKEN_CHUNK] @ down.T
+        self.next_layer += 1
+        if self.next_layer == c.num_hidden_layers:
+            self.hidden = None
+        return results
