@@ -158,6 +158,33 @@ def _bandwidth(name: str, weight_bytes: int, ms: float, copy_gbps: float | None,
            us=ms * 1000, gbps=gbps, fraction_of_copy=frac, rel_err=err, **extra)
 
 
+def quantize_on_device(gpu: Gpu, dx: DeviceArray, into=None) -> tuple[DeviceArray, ...]:
+    """x [T, K] on the device -> the INT4 GEMV's integer inputs (xq, xstep, xsum), allocated
+    unless given."""
+    tokens, cols = dx.shape
+    xq, xstep, xsum = into or (gpu.empty((tokens, cols // 2), np.uint32),
+                               gpu.empty((tokens, cols // 32), np.float32),
+                               gpu.empty((tokens, cols // 32), np.float32))
+    gpu.launch("quantize_activations", math.ceil(tokens * cols // 32 / geo.ELEMENTWISE_THREADS),
+               geo.ELEMENTWISE_THREADS, dx, xq, xstep, xsum)
+    return xq, xstep, xsum
+
+
+def _rows_of(array: DeviceArray, rows: int) -> DeviceArray:
+    return DeviceArray(array.pointer, (rows, array.shape[1]), array.dtype)
+
+
+def _digit_arrays(gpu: Gpu, tokens: int, cols: int) -> tuple[DeviceArray, ...]:
+    return (gpu.empty((tokens, cols // 2), np.uint32), gpu.empty((tokens, cols // 32), np.float32),
+            gpu.empty((tokens, cols // 32), np.float32))
+
+
+def _digits_match(gpu: Gpu, x: DeviceArray, fused: tuple) -> bool:
+    """The digits a producer kernel wrote equal the standalone quantizer's for its output x."""
+    alone = quantize_on_device(gpu, x)
+    return all(np.array_equal(gpu.get(a), gpu.get(b)) for a, b in zip(fused, alone))
+
+
 @check("int4_gemv")
 def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
     from zse_runtime.gpu.backend import int4_gemv_plan
@@ -172,10 +199,10 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
         devices = [(gpu.put(weight.qweight), gpu.put(weight.scales), gpu.put(weight.zeros))
                    for _ in range(copies)]
         dx, dbias = gpu.put(x), gpu.put(bias)
+        activations = quantize_on_device(gpu, dx)
         out = gpu.empty((BATCHES[-1], rows), np.float32)
-        args = lambda i, T: (DeviceArray(dx.pointer, (T, cols), dx.dtype), *devices[i % copies],
-                             np.int32(128), dbias, np.int32(1),
-                             DeviceArray(out.pointer, (T, rows), out.dtype))
+        args = lambda i, T: (*(_rows_of(a, T) for a in activations), *devices[i % copies],
+                             np.int32(128), dbias, np.int32(1), _rows_of(out, T))
 
         def timed(kernel, grid, block, T):
             gpu.launch(kernel, grid, block, *args(0, T))
@@ -186,21 +213,48 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
 
         solo = None
         for T in BATCHES:
-            kernel, block_rows, tile, threads = int4_gemv_plan(rows, cols // 8, T)
-            got, ms = timed(kernel, (math.ceil(rows / block_rows), math.ceil(T / tile)), threads, T)
+            kernel, block_rows, tile, threads = int4_gemv_plan(rows, T)
+            grid = (math.ceil(rows / block_rows), math.ceil(T / tile))
+            got, ms = timed(kernel, grid, threads, T)
             err = rel_error(got, expected[:T])
             solo = got[0] if solo is None else solo
             same = bool(np.array_equal(got[0], solo))  # token 0 as in the T=1 launch, bit for bit
             _bandwidth(f"{kernel} {name} {rows}x{cols} T={T} ({threads} thr)", weight_bytes, ms,
                        copy_gbps, err, err < 1e-4 and same, kernel=kernel, shape=name, tokens=T,
                        threads=threads, equals_solo=same)
+            if T in (1, 8):  # the other block sizes, for the plan's choice
+                for other in (64, 128, 256, 512):
+                    if other != threads:
+                        try:
+                            got, ms = timed(kernel, grid, other, T)
+                        except driver.CudaError as exc:  # e.g. too many registers for the block
+                            print(f"  sweep {kernel} {name} T={T} ({other} thr): {exc}")
+                            continue
+                        err = rel_error(got, expected[:T])
+                        _bandwidth(f"  sweep {kernel} {name} T={T} ({other} thr)", weight_bytes,
+                                   ms, copy_gbps, err, err < 1e-4, kernel=kernel, shape=name,
+                                   tokens=T, threads=other, sweep=True)
         for T in (16, 32):
             grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
-            got, ms = timed("int4_gemm", grid, geo.GEMM_THREADS, T)
-            err = rel_error(got, expected[:T])
+            gemm_args = lambda i, T: (_rows_of(dx, T), *devices[i % copies], np.int32(128),
+                                      dbias, np.int32(1), _rows_of(out, T))
+            gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, *gemm_args(0, T))
+            err = rel_error(gpu.get(out)[:T], expected[:T])
+            counter = iter(range(10**9))
+            ms = gpu.time_ms(lambda: gpu.launch("int4_gemm", grid, geo.GEMM_THREADS,
+                                                *gemm_args(next(counter), T)), 30)
             _bandwidth(f"int4_gemm {name} {rows}x{cols} T={T}", weight_bytes, ms, copy_gbps, err,
                        err < 1e-4, kernel="int4_gemm", shape=name, tokens=T)
         gpu.free_all()
+    # the quantizer's own cost, per GEMV input width
+    for cols in (3584, 18944):
+        for T in (1, 8, 32):
+            dx = gpu.put(rng.standard_normal((T, cols)).astype(np.float32))
+            outputs = quantize_on_device(gpu, dx)
+            ms = gpu.time_ms(lambda: quantize_on_device(gpu, dx, outputs), 30)
+            record(f"quantize_activations T={T} K={cols}", True, f"{ms * 1000:.1f} us",
+                   us=ms * 1000, tokens=T, cols=cols)
+            gpu.free_all()
 
 
 @check("fp16_matmul")
@@ -272,11 +326,13 @@ def attention(gpu: Gpu, rng) -> None:
         dpos, dslots = gpu.put(pos), gpu.put(slots)
         pmax, psum = gpu.empty((items, parts), np.float32), gpu.empty((items, parts), np.float32)
         pacc, out = gpu.empty((items, parts, dim), np.float32), gpu.empty((tokens, heads * dim), np.float32)
+        digits = _digit_arrays(gpu, tokens, heads * dim)
 
         def run():
             gpu.launch("attention_partial", (items, parts), geo.ATTENTION_THREADS, dq, dk, dv,
                        dpos, dslots, np.int32(0), np.int32(partition), pmax, psum, pacc)
-            gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum, pacc, out)
+            gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum, pacc, out,
+                       np.int32(1), *digits)
         run()
         got = gpu.get(out)
         err = 0.0
@@ -288,8 +344,10 @@ def attention(gpu: Gpu, rng) -> None:
                 ref = w @ v[1, h // 7, :pos[t] + 1].astype(np.float32) / w.sum()
                 err = max(err, rel_error(got[t, h * dim:(h + 1) * dim], ref))
         ms = gpu.time_ms(run, 20)
-        record(f"attention T={tokens} positions {positions}", err < 1e-4,
-               f"rel err {err:.1e}; {ms * 1000:.0f} us", us=ms * 1000)
+        fused_ok = _digits_match(gpu, out, digits)
+        record(f"attention T={tokens} positions {positions}", err < 1e-4 and fused_ok,
+               f"rel err {err:.1e}; digits {'equal' if fused_ok else 'DIFFER from'} the "
+               f"standalone quantizer's; {ms * 1000:.0f} us", us=ms * 1000)
         gpu.free_all()
 
 
@@ -300,24 +358,34 @@ def small_kernels(gpu: Gpu, rng) -> None:
     residual = rng.standard_normal((tokens, hidden)).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
     dd, dr, dw, out = gpu.put(delta), gpu.put(residual), gpu.put(weight), gpu.empty((tokens, hidden), np.float32)
-    gpu.launch("add_rmsnorm", tokens, geo.ROW_THREADS, dd, dr, dw, np.float32(1e-6), np.int32(1), out)
+    digits = _digit_arrays(gpu, tokens, hidden)
+    gpu.launch("add_rmsnorm", tokens, geo.ROW_THREADS, dd, dr, dw, np.float32(1e-6), np.int32(1), out,
+               np.int32(1), *digits)
     summed = delta + residual
     ref = summed / np.sqrt((summed ** 2).mean(1, keepdims=True) + 1e-6) * weight
     err = rel_error(gpu.get(out), ref)
     residual_ok = rel_error(gpu.get(dr), summed) < 1e-6
+    fused_ok = _digits_match(gpu, out, digits)
     ms = gpu.time_ms(lambda: gpu.launch("add_rmsnorm", 1, geo.ROW_THREADS, dd.rows(1), dr.rows(1),
-                                        dw, np.float32(1e-6), np.int32(1), out.rows(1)))
-    record("add_rmsnorm 5x3584", err < 1e-5 and residual_ok,
-           f"rel err {err:.1e}; {ms * 1000:.1f} us for one token", us=ms * 1000)
+                                        dw, np.float32(1e-6), np.int32(1), out.rows(1),
+                                        np.int32(1), *(_rows_of(a, 1) for a in digits)))
+    record("add_rmsnorm 5x3584", err < 1e-5 and residual_ok and fused_ok,
+           f"rel err {err:.1e}; digits {'equal' if fused_ok else 'DIFFER from'} the standalone "
+           f"quantizer's; {ms * 1000:.1f} us for one token", us=ms * 1000)
     gate_up = rng.standard_normal((tokens, 2 * 18944)).astype(np.float32)
     dg, act = gpu.put(gate_up), gpu.empty((tokens, 18944), np.float32)
-    gpu.launch("silu_mul", 256, geo.ELEMENTWISE_THREADS, dg, act)
+    digits = _digit_arrays(gpu, tokens, 18944)
+    blocks = math.ceil(tokens * 18944 // 32 / geo.ELEMENTWISE_THREADS)
+    gpu.launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, dg, act, np.int32(1), *digits)
     g, u = gate_up[:, :18944], gate_up[:, 18944:]
     err = rel_error(gpu.get(act), g / (1 + np.exp(-g)) * u)
-    ms = gpu.time_ms(lambda: gpu.launch("silu_mul", 75, geo.ELEMENTWISE_THREADS, dg.rows(1),
-                                        act.rows(1)))
-    record("silu_mul 5x18944", err < 1e-5, f"rel err {err:.1e}; {ms * 1000:.1f} us for one token",
-           us=ms * 1000)
+    fused_ok = _digits_match(gpu, act, digits)
+    ms = gpu.time_ms(lambda: gpu.launch("silu_mul", math.ceil(592 / geo.ELEMENTWISE_THREADS),
+                                        geo.ELEMENTWISE_THREADS, dg.rows(1), act.rows(1),
+                                        np.int32(1), *(_rows_of(a, 1) for a in digits)))
+    record("silu_mul 5x18944", err < 1e-5 and fused_ok,
+           f"rel err {err:.1e}; digits {'equal' if fused_ok else 'DIFFER from'} the standalone "
+           f"quantizer's; {ms * 1000:.1f} us for one token", us=ms * 1000)
     table = rng.standard_normal((152064, hidden)).astype(np.float16)
     ids = np.array([0, 152063, 17, 17, 99999], np.int32)
     dt, di, emb = gpu.put(table), gpu.put(ids), gpu.empty((tokens, hidden), np.float32)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import SHAPES_7B, Gpu, random_int4  # noqa: E402
+from gpu_check import SHAPES_7B, Gpu, quantize_on_device, random_int4  # noqa: E402
 
 from zse_runtime.gpu.backend import int4_gemv_plan  # noqa: E402
 from zse_runtime.gpu.kernels import DeviceArray  # noqa: E402
@@ -25,14 +25,17 @@ def main() -> None:
     for name, (rows, cols) in SHAPES_7B.items():
         weight = random_int4(rng, rows, cols)
         q, s, z = gpu.put(weight.qweight), gpu.put(weight.scales), gpu.put(weight.zeros)
-        x = gpu.put(rng.standard_normal((8, cols)).astype(np.float32))
+        xq, xstep, xsum = quantize_on_device(
+            gpu, gpu.put(rng.standard_normal((8, cols)).astype(np.float32)))
         bias = gpu.put(np.zeros(rows, np.float32))
         out = gpu.empty((8, rows), np.float32)
         for tokens in (1, 8):
-            kernel, block_rows, tile, threads = int4_gemv_plan(rows, cols // 8, tokens)
+            kernel, block_rows, tile, threads = int4_gemv_plan(rows, tokens)
             gpu.launch(kernel, (math.ceil(rows / block_rows), 1), threads,
-                       DeviceArray(x.pointer, (tokens, cols), x.dtype), q, s, z, np.int32(128),
-                       bias, np.int32(0), DeviceArray(out.pointer, (tokens, rows), out.dtype))
+                       *(DeviceArray(a.pointer, (tokens, a.shape[1]), a.dtype)
+                         for a in (xq, xstep, xsum)),
+                       q, s, z, np.int32(128), bias, np.int32(0),
+                       DeviceArray(out.pointer, (tokens, rows), out.dtype))
         gpu.stream.synchronize()
         print(name, "launched", flush=True)
         gpu.free_all()

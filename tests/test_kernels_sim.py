@@ -13,7 +13,7 @@ from numba import config, cuda
 from zse_convert.quantize import quantize_int4
 from zse_runtime.kernels.geometry import GEMV_ROWS
 from zse_runtime.kernels import (activation, attention, embedding, gemm_int4, gemv_fp16, gemv_int4,
-                                 rmsnorm, rope_cache, sampling)
+                                 quantize_activations, rmsnorm, rope_cache, sampling)
 from zse_runtime.sampling import SamplingParams, sample, uniform
 from zse_runtime.zsefile import dequantize_int4
 
@@ -51,41 +51,99 @@ def test_add_rmsnorm(accumulate):
     expected_residual = delta + residual if accumulate else delta.copy()
     rms = np.sqrt(np.mean(expected_residual ** 2, axis=1, keepdims=True) + 1e-5)
     out = np.full((3, 96), np.nan, np.float32)
-    jit(rmsnorm, "add_rmsnorm")[3, 64](delta, residual, weight, np.float32(1e-5), accumulate, out)
+    digits = _empty_digits(3, 96)
+    jit(rmsnorm, "add_rmsnorm")[3, 64](delta, residual, weight, np.float32(1e-5), accumulate, out,
+                                       1, *digits)
     np.testing.assert_allclose(residual, expected_residual, rtol=1e-6)
     np.testing.assert_allclose(out, expected_residual / rms * weight, rtol=1e-5, atol=1e-6)
+    _assert_digits_of(out, digits)
+
+
+def _empty_digits(tokens, cols):
+    return (np.zeros((tokens, cols // 2), np.uint32), np.full((tokens, cols // 32), np.nan, np.float32),
+            np.full((tokens, cols // 32), np.nan, np.float32))
+
+
+def _assert_digits_of(x, digits):
+    """A producer's fused quantization equals the standalone quantizer's, bit for bit."""
+    standalone, _, _, _ = _quantize_activations(x)
+    for fused, alone in zip(digits, standalone):
+        np.testing.assert_array_equal(fused, alone)
+
+
+def _quantize_activations(x):
+    """The device's integer form of x (quantize_activations kernel) and the values it stands for."""
+    tokens, cols = x.shape
+    xq = np.zeros((tokens, cols // 2), np.uint32)
+    xstep = np.full((tokens, cols // 32), np.nan, np.float32)
+    xsum = np.full_like(xstep, np.nan)
+    items = tokens * cols // 32
+    jit(quantize_activations, "quantize_activations")[-(-items // 64), 64](x, xq, xstep, xsum)
+    digits = xq.reshape(tokens, cols // 8, 4).view(np.int8).reshape(tokens, cols // 8, 4, 4)
+    # [t, word, (hi even, hi odd, lo even, lo odd), byte]: input 8w + 2 * byte + parity
+    hi = np.stack([digits[:, :, 0], digits[:, :, 1]], -1).reshape(tokens, cols).astype(np.int64)
+    lo = np.stack([digits[:, :, 2], digits[:, :, 3]], -1).reshape(tokens, cols).astype(np.int64)
+    step = np.repeat(xstep, 32, axis=1).astype(np.float64)
+    return (xq, xstep, xsum), step * (254 * hi + lo), hi, lo
+
+
+def test_quantize_activations_error_bound_and_layout():
+    """Two int8 digits per value: the reconstruction error is at most step / 2 = max|x| / 64516
+    per block of 32, at any magnitude (outliers of 1e4 beside values of 1e-3), and xsum is the
+    sum of the reconstructed block."""
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x[0, 5] = 1e4
+    x[1, 32:64] *= 1e-3
+    x[2, 64:96] = 0.0  # an all-zero block
+    (xq, xstep, xsum), restored, hi, lo = _quantize_activations(x)
+    assert np.abs(hi).max() <= 127 and np.abs(lo).max() <= 127
+    blocks = np.abs(x.reshape(3, 8, 32)).max(-1)
+    np.testing.assert_allclose(xstep, blocks / 127 / 254, rtol=1e-6)
+    error = np.abs(restored - x).reshape(3, 8, 32).max(-1)
+    assert np.all(error <= xstep * 0.5001 + 1e-30)
+    assert np.all(restored[2, 64:96] == 0) and np.all(xsum[2, 2] == 0)
+    np.testing.assert_allclose(xsum, restored.reshape(3, 8, 32).sum(-1), rtol=1e-6, atol=1e-6)
+
+
+def _int4_gemv_launch(kernel, block_rows, threads, activations, weight, group, bias, has_bias,
+                      tokens, rows):
+    out = np.full((tokens, rows), np.nan, np.float32)
+    tile = int(kernel.split("_t")[1].split("_")[0])
+    grid = (-(-rows // block_rows), -(-tokens // tile))
+    jit(gemv_int4, kernel)[grid, threads](*activations, weight.qweight, weight.scales,
+                                          weight.zeros, group, bias, has_bias, out)
+    return out
 
 
 @pytest.mark.parametrize("kernel,block_rows,tokens,group,has_bias", [
     ("int4_gemv_t1_r4", 4, 1, 32, 1), ("int4_gemv_t1_r8", 8, 1, 128, 0),
     ("int4_gemv_t4_r4", 4, 5, 64, 1), ("int4_gemv_t8_r4", 4, 3, 128, 0)])
 def test_int4_gemv(kernel, block_rows, tokens, group, has_bias):
-    """Partial row blocks (13 rows), partial token tiles, and K = 384 (48 words) over 2 warps: one
-    full and one partial slice of K."""
-    weight, dense = _int4(13, 384, group)
-    x = rng.standard_normal((tokens, 384)).astype(np.float32)
+    """Partial row blocks (13 rows), partial token tiles, and K = 2304 (72 blocks of 32) over 2
+    warps: one full and one partial slice of K. Exact against the integer inputs it was given;
+    within 1e-4 of the float32 product (the inputs' rounding: at most max|x| / 64516 a value)."""
+    weight, dense = _int4(13, 2304, group)
+    x = rng.standard_normal((tokens, 2304)).astype(np.float32)
     bias = rng.standard_normal(13).astype(np.float32)
-    out = np.full((tokens, 13), np.nan, np.float32)
-    tile = int(kernel.split("_t")[1].split("_")[0])
-    grid = (-(-13 // block_rows), -(-tokens // tile))
-    jit(gemv_int4, kernel)[grid, 64](x, weight.qweight, weight.scales, weight.zeros, group, bias,
-                                     has_bias, out)
-    np.testing.assert_allclose(out, x @ dense.T + (bias if has_bias else 0), rtol=1e-5, atol=1e-5)
+    activations, restored, _, _ = _quantize_activations(x)
+    out = _int4_gemv_launch(kernel, block_rows, 64, activations, weight, group, bias, has_bias,
+                            tokens, 13)
+    expected = restored @ dense.astype(np.float64).T + (bias if has_bias else 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    exact = x.astype(np.float64) @ dense.astype(np.float64).T + (bias if has_bias else 0)
+    assert np.abs(out - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
 def test_int4_gemv_tiles_agree_bit_for_bit():
     """A token's result does not depend on the tile or block rows it was computed with (a batched
     decode must equal solo decodes)."""
     weight, _ = _int4(8, 256, 32)
-    x = rng.standard_normal((8, 256)).astype(np.float32)
+    activations, _, _, _ = _quantize_activations(rng.standard_normal((8, 256)).astype(np.float32))
     results = []
     for kernel in gemv_int4.KERNELS:
-        tile = int(kernel.split("_t")[1].split("_")[0])
         block_rows = int(kernel.split("_r")[-1])
-        out = np.zeros((8, 8), np.float32)
-        jit(gemv_int4, kernel)[(-(-8 // block_rows), -(-8 // tile)), 64](
-            x, weight.qweight, weight.scales, weight.zeros, 32, np.zeros(8, np.float32), 0, out)
-        results.append(out)
+        results.append(_int4_gemv_launch(kernel, block_rows, 64, activations, weight, 32,
+                                         np.zeros(8, np.float32), 0, 8, 8))
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
 
@@ -158,7 +216,10 @@ def test_attention_split_over_partitions(window):
     out = np.full((tokens, heads * dim), np.nan, np.float32)
     cuda.jit(attention.attention_partial)[(tokens * heads, parts), attention.THREADS](
         q, k_cache, v_cache, positions, slot_ids, window, 8, part_max, part_sum, part_acc)
-    jit(attention, "attention_combine")[tokens * heads, 64](part_max, part_sum, part_acc, out)
+    digits = _empty_digits(tokens, heads * dim)
+    jit(attention, "attention_combine")[tokens * heads, 64](part_max, part_sum, part_acc, out, 1,
+                                                            *digits)
+    _assert_digits_of(out, digits)
     for t in range(tokens):
         start = max(0, positions[t] - window + 1) if window else 0
         for h in range(heads):
@@ -170,12 +231,17 @@ def test_attention_split_over_partitions(window):
             np.testing.assert_allclose(out[t, h * dim:(h + 1) * dim], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_silu_mul():
-    gate_up = rng.standard_normal((3, 80)).astype(np.float32)
-    out = np.full((3, 40), np.nan, np.float32)
-    jit(activation, "silu_mul")[2, 32](gate_up, out)
-    gate, up = gate_up[:, :40], gate_up[:, 40:]
+@pytest.mark.parametrize("inter,quantize", [(40, 0), (64, 1)])
+def test_silu_mul(inter, quantize):
+    """A ragged last block of 32 (no digits then), and whole blocks with the digits fused."""
+    gate_up = rng.standard_normal((3, 2 * inter)).astype(np.float32)
+    out = np.full((3, inter), np.nan, np.float32)
+    digits = _empty_digits(3, 64)
+    jit(activation, "silu_mul")[2, 2](gate_up, out, quantize, *digits)  # grid-stride: 6 items
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
+    if quantize:
+        _assert_digits_of(out, digits)
 
 
 def test_sampling_matches_the_reference():

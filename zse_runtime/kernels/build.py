@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 PREBUILT = Path(__file__).resolve().parent / "prebuilt"
-MODULES = ("embedding", "gather", "rmsnorm", "gemv_int4", "gemm_int4", "gemv_fp16", "rope_cache",
-           "attention", "activation", "sampling")
+MODULES = ("embedding", "gather", "rmsnorm", "quantize_activations", "gemv_int4", "gemm_int4",
+           "gemv_fp16", "rope_cache", "attention", "activation", "sampling")
 ARCHITECTURES = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 PTX_COMPUTE_CAPABILITY = (7, 5)
 INDEX = "index.json"

@@ -12,11 +12,13 @@ GEMM_THREADS = 256
 # int4_gemv_t*_r*: a block per GEMV_ROWS rows (its warps split K), one kernel per token tile size;
 # at batch 1, matrices of >= GEMV_TALL_MIN_ROWS rows take GEMV_TALL_ROWS rows per block. Threads
 # per block by shape (the same for every token tile, so batched results equal solo ones bit for
-# bit): H200, 2026-11-30, best of 64/128/256 at each 7B shape (docs/kernel-notes.md).
+# bit): H200, 2026-11-30, the best of 64/128/256/512 at the 7B shapes for 1 and 8 tokens
+# (docs/kernel-notes.md, "dp4a").
 GEMV_ROWS = 4
 GEMV_TALL_ROWS = 8
 GEMV_TALL_MIN_ROWS = 16384
-GEMV_LONG_K_WORDS = 2048  # K >= 16384: 256 threads
+GEMV_THREADS = 128
+GEMV_TALL_THREADS = 64
 GEMV_TOKEN_TILES = (1, 4, 8)
 FP16_GEMV_THREADS = 256
 

@@ -26,16 +26,25 @@ if config.ENABLE_CUDASIM:
         return array[row, col], array[row, col + 1], array[row, col + 2], array[row, col + 3]
 
     @cuda.jit(device=True, inline="always")
+    def load_u32x4(array, row, col):
+        return array[row, col], array[row, col + 1], array[row, col + 2], array[row, col + 3]
+
+    @cuda.jit(device=True, inline="always")
+    def dot4_u8s8(unsigned_bytes, signed_bytes, accumulator):
+        total = np.int64(accumulator)
+        for i in range(4):
+            a = (np.uint32(unsigned_bytes) >> np.uint32(8 * i)) & np.uint32(0xFF)
+            b = np.int64((np.uint32(signed_bytes) >> np.uint32(8 * i)) & np.uint32(0xFF))
+            total += np.int64(a) * (b - 256 if b >= 128 else b)
+        return np.int32(total)
+
+    @cuda.jit(device=True, inline="always")
     def load_u32_streaming(array, row, col):
         return array[row, col]
 
     @cuda.jit(device=True, inline="always")
     def load(array, row, col):
         return array[row, col]
-
-    @cuda.jit(device=True, inline="always")
-    def bits_as_float(bits):
-        return np.uint32(bits).view(np.float32)
 
     @cuda.jit(device=True, inline="always")
     def float_bits(value):
@@ -82,6 +91,18 @@ else:
     _load_f32x4 = _vector_load(types.float32, ir.FloatType(), "f", "ld.global.nc.v4.f32")
     _load_u32x4_streaming = _vector_load(types.uint32, ir.IntType(32), "r",
                                          "ld.global.cs.v4.u32")
+    _load_u32x4 = _vector_load(types.uint32, ir.IntType(32), "r", "ld.global.nc.v4.u32")
+
+    @intrinsic
+    def _dot4_u8s8(typingctx, unsigned_bytes, signed_bytes, accumulator):
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.IntType(32)] * 3),
+                               "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r")
+            values = [context.cast(builder, value, ty, want) for value, ty, want
+                      in zip(args, sig.args, (types.uint32, types.uint32, types.int32))]
+            return builder.call(asm, values)
+
+        return types.int32(unsigned_bytes, signed_bytes, accumulator), codegen
 
     def _scalar_load(instruction=None):
         """array[row, col] without wraparound: an inline-asm load `instruction` (uint32), or
@@ -105,16 +126,6 @@ else:
 
     _load_u32_streaming = _scalar_load("ld.global.cs.u32")
     _load = _scalar_load()
-
-    @intrinsic
-    def _bits_as_float(typingctx, bits):
-        signature = types.float32(bits)
-
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(builder.trunc(args[0], ir.IntType(32))
-                                   if args[0].type.width > 32 else args[0], ir.FloatType())
-
-        return signature, codegen
 
     @intrinsic
     def _float_bits(typingctx, value):
@@ -143,8 +154,10 @@ else:
 
     load_f32x4 = _load_f32x4  # array[row, col:col + 4], float32; col * 4 a multiple of 16
     load_u32x4_streaming = _load_u32x4_streaming  # the same for uint32, evict-first
+    load_u32x4 = _load_u32x4  # array[row, col:col + 4], uint32, read-only cache path
+    # accumulator + the dot product of 4 unsigned bytes with 4 signed bytes (dp4a, sm_61+)
+    dot4_u8s8 = _dot4_u8s8
     load_u32_streaming = _load_u32_streaming  # array[row, col], uint32, evict-first
     load = _load  # array[row, col] without numba's negative-index wraparound
-    bits_as_float = _bits_as_float  # the float32 whose bit pattern is a uint32
     float_bits = _float_bits  # the bit pattern of a float32, as a uint32
     halves_as_floats = _halves_as_floats  # the two float16 halves of a uint32, low first

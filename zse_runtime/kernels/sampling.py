@@ -3,14 +3,17 @@
 Implements zse_runtime/sampling.py's semantics without sorting the vocabulary:
   - the logits become unnormalised probabilities e = exp((x - max) / T) in [0, 1], in place;
   - every probability carries an integer mass floor(e * 2^40): sums of integers are exact, so
-    they do not depend on the order threads add them in and a seeded draw is reproducible;
+    they do not depend on the order threads add them in and a seeded draw is reproducible.
+    Histogram bins hold a mass as two uint32 words (shared-memory 64-bit atomics are CAS loops
+    on sm_75-sm_90; 32-bit adds are native), the carry of the low word added to the high one;
   - the top-k and top-p cut-offs are a threshold on e, found by radix selection over e's bit
     pattern (for non-negative floats, bit order is value order): a histogram of count and mass
     per 11-bit digit, the digit holding the k-th token (or the top_p-th unit of mass) chosen by
     a scan, then the next 10 bits within it, then the last 10. Three passes over the vocabulary
     find the exact threshold; bisection needed one pass per bit of precision;
-  - the draw is an inverse-CDF walk in vocabulary order: per-thread chunk masses, a block scan,
-    then one block-wide scan over the chunk that holds the drawn unit of mass.
+  - the draw is an inverse-CDF walk in vocabulary order: each warp sums a contiguous chunk
+    (coalesced), a block scan finds the warp chunk holding the drawn unit of mass, and the block
+    splits that chunk into per-thread runs, scans them and walks the one run that holds it.
 """
 
 import math
@@ -56,6 +59,23 @@ def _mass(e):
 
 
 @cuda.jit(device=True, inline="always")
+def _add_mass(mass_low, mass_high, digit, mass):
+    """Bins' masses are uint64 split into uint32 halves: add `mass` to bin `digit`, exactly."""
+    low = uint32(mass & uint64(0xFFFFFFFF))
+    high = uint32(mass >> uint64(32))
+    old = cuda.atomic.add(mass_low, digit, low)
+    if uint32(old + low) < old:  # the low word wrapped around
+        high += uint32(1)
+    if high != 0:
+        cuda.atomic.add(mass_high, digit, high)
+
+
+@cuda.jit(device=True, inline="always")
+def _bin_mass(mass_low, mass_high, digit):
+    return (uint64(mass_high[digit]) << uint64(32)) + uint64(mass_low[digit])
+
+
+@cuda.jit(device=True, inline="always")
 def _exclusive_scan(value, scan):
     """(sum of `value` over the threads before this one, sum over all threads); `scan` is a
     uint64 shared array of blockDim.x entries. Hillis-Steele in shared memory: the simulator,
@@ -77,12 +97,18 @@ def _exclusive_scan(value, scan):
 
 
 @cuda.jit(device=True, inline="always")
-def _histogram(probs, b, level, prefix, counts, masses):
-    """Count and mass per digit `level` of the keys whose earlier digits are `prefix`."""
+def _clear(counts, mass_low, mass_high):
     for j in range(cuda.threadIdx.x, BINS, cuda.blockDim.x):
         counts[j] = 0
-        masses[j] = 0
+        mass_low[j] = 0
+        mass_high[j] = 0
     cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline="always")
+def _histogram(probs, b, level, prefix, counts, mass_low, mass_high):
+    """Count and mass per digit `level` of the keys whose earlier digits are `prefix`."""
+    _clear(counts, mass_low, mass_high)
     step = cuda.blockDim.x
     prefix_shift = PREFIX_SHIFTS[level]
     digit_shift = DIGIT_SHIFTS[level]
@@ -95,12 +121,12 @@ def _histogram(probs, b, level, prefix, counts, masses):
             if i + u * step < probs.shape[1] and (key >> prefix_shift) == prefix:
                 digit = (key >> digit_shift) & digit_mask
                 cuda.atomic.add(counts, digit, 1)
-                cuda.atomic.add(masses, digit, _mass(values[u]))
+                _add_mass(mass_low, mass_high, digit, _mass(values[u]))
     cuda.syncthreads()
 
 
 @cuda.jit(device=True, inline="always")
-def _select_digit(counts, masses, by_count, target, scan, result):
+def _select_digit(counts, mass_low, mass_high, by_count, target, scan, result):
     """The largest digit d with (amount in digits > d) < target <= (amount in digits >= d), the
     amount being the count or the mass. Returns (d, count above d, mass above d, total mass)."""
     tid = cuda.threadIdx.x
@@ -110,7 +136,7 @@ def _select_digit(counts, masses, by_count, target, scan, result):
     mass = uint64(0)
     for q in range(per_thread):
         count += uint64(counts[first - q])
-        mass += masses[first - q]
+        mass += _bin_mass(mass_low, mass_high, first - q)
     count_above, _ = _exclusive_scan(count, scan)
     mass_above, total_mass = _exclusive_scan(mass, scan)
     if tid == 0:
@@ -120,14 +146,15 @@ def _select_digit(counts, masses, by_count, target, scan, result):
     cuda.syncthreads()
     for q in range(per_thread):
         digit = first - q
+        digit_mass = _bin_mass(mass_low, mass_high, digit)
         above = count_above if by_count else mass_above
-        amount = uint64(counts[digit]) if by_count else masses[digit]
+        amount = uint64(counts[digit]) if by_count else digit_mass
         if above < target and target <= above + amount:
             result[0] = digit
             result[1] = count_above
             result[2] = mass_above
         count_above += uint64(counts[digit])
-        mass_above += masses[digit]
+        mass_above += digit_mass
     cuda.syncthreads()
     chosen = result[0], result[1], result[2], total_mass
     cuda.syncthreads()
@@ -135,7 +162,8 @@ def _select_digit(counts, masses, by_count, target, scan, result):
 
 
 @cuda.jit(device=True, inline="always")
-def _radix_select(probs, b, by_count, target, histogram_ready, counts, masses, scan, result):
+def _radix_select(probs, b, by_count, target, histogram_ready, counts, mass_low, mass_high, scan,
+                  result):
     """The largest key K whose keys >= K reach `target` (a count or a mass), and the mass of
     the keys >= K. The first digit's histogram is built unless ready. A top-p search after a
     top-k cut needs no floor: its target is at most the mass above the top-k threshold, so the
@@ -145,12 +173,12 @@ def _radix_select(probs, b, by_count, target, histogram_ready, counts, masses, s
     digit_mass = uint64(0)
     for level in range(3):
         if level > 0 or not histogram_ready:
-            _histogram(probs, b, level, prefix, counts, masses)
-        digit, count_above, level_mass_above, _ = _select_digit(counts, masses, by_count, target,
-                                                                scan, result)
+            _histogram(probs, b, level, prefix, counts, mass_low, mass_high)
+        digit, count_above, level_mass_above, _ = _select_digit(
+            counts, mass_low, mass_high, by_count, target, scan, result)
         target -= count_above if by_count else level_mass_above
         mass_above += level_mass_above
-        digit_mass = masses[digit]
+        digit_mass = _bin_mass(mass_low, mass_high, digit)
         prefix = (prefix << uint32(DIGIT_BITS[level])) | uint32(digit)
         cuda.syncthreads()
     return prefix, mass_above + digit_mass  # the last digit holds one key: all of it is kept
@@ -164,8 +192,9 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
     vocab = logits.shape[1]
     best_values = cuda.shared.array(THREADS, float32)
     best_indices = cuda.shared.array(THREADS, int32)
-    counts = cuda.shared.array(BINS, int32)
-    masses = cuda.shared.array(BINS, uint64)
+    counts = cuda.shared.array(BINS, uint32)
+    mass_low = cuda.shared.array(BINS, uint32)
+    mass_high = cuda.shared.array(BINS, uint32)
     scan = cuda.shared.array(THREADS, uint64)
     result = cuda.shared.array(3, uint64)
     # arg max, lowest index on ties (NaN never compares greater, so it is never chosen)
@@ -204,10 +233,7 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
     # Logits become e = exp((x - max) / T) in place (they are consumed here), so later passes
     # compare and add; the map is monotone, so thresholds on e select the same tokens as
     # thresholds on x. NaN becomes 0. The first digit's histogram comes with this pass.
-    for j in range(tid, BINS, cuda.blockDim.x):
-        counts[j] = 0
-        masses[j] = 0
-    cuda.syncthreads()
+    _clear(counts, mass_low, mass_high)
     for i in range(tid, vocab, step * UNROLL):
         values = (_value(logits, b, i), _value(logits, b, i + step),
                   _value(logits, b, i + 2 * step), _value(logits, b, i + 3 * step))
@@ -218,60 +244,76 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps, out):
                 logits[b, i + u * step] = e
                 digit = float_bits(e) >> DIGIT_SHIFTS[0]  # e <= 1: below 2^11
                 cuda.atomic.add(counts, digit, 1)
-                cuda.atomic.add(masses, digit, _mass(e))
+                _add_mass(mass_low, mass_high, digit, _mass(e))
     cuda.syncthreads()
     floor = uint32(0)
     k = top_k[b]
     if k > 0 and k < vocab:
-        floor, kept_mass = _radix_select(logits, b, True, uint64(k), True, counts, masses, scan,
-                                         result)
+        floor, kept_mass = _radix_select(logits, b, True, uint64(k), True, counts, mass_low,
+                                         mass_high, scan, result)
         histogram_ready = False
     else:
-        _, _, _, kept_mass = _select_digit(counts, masses, False, uint64(0), scan, result)
+        _, _, _, kept_mass = _select_digit(counts, mass_low, mass_high, False, uint64(0), scan,
+                                           result)
         histogram_ready = True
     if top_p[b] < float32(1.0):
         target = uint64(math.ceil(float64(top_p[b]) * float64(kept_mass)))
         floor, kept_mass = _radix_select(logits, b, False, max(target, uint64(1)),
-                                         histogram_ready, counts, masses, scan, result)
+                                         histogram_ready, counts, mass_low, mass_high, scan,
+                                         result)
     if kept_mass == 0:  # every probability underflowed: nothing to draw from
         if tid == 0:
             out[b] = best_index
         return
     # the first index whose running kept mass exceeds u * kept mass
     target = uint64(float64(uniform(seeds[b], steps[b])) * float64(kept_mass))
-    chunk = (vocab + cuda.blockDim.x - 1) // cuda.blockDim.x
-    begin = tid * chunk
+    lane = tid % 32
+    warp = tid // 32
+    warps = cuda.blockDim.x // 32
+    chunk = (vocab + warps - 1) // warps  # each warp sums a contiguous chunk, coalesced
+    begin = warp * chunk
     end = min(vocab, begin + chunk)
     mass = uint64(0)
-    for i in range(begin, end, UNROLL):
-        values = (_value(logits, b, i), _value(logits, b, i + 1),
-                  _value(logits, b, i + 2), _value(logits, b, i + 3))
+    for i in range(begin + lane, end, 32 * UNROLL):
+        values = (_value(logits, b, i), _value(logits, b, i + 32),
+                  _value(logits, b, i + 64), _value(logits, b, i + 96))
         for u in range(UNROLL):
-            if i + u < end and float_bits(values[u]) >= floor:
+            if i + 32 * u < end and float_bits(values[u]) >= floor:
                 mass += _mass(values[u])
     mass_before, _ = _exclusive_scan(mass, scan)
+    if lane == 0:  # the mass before each warp's chunk: lanes scan in thread order
+        scan[warp] = mass_before
     if tid == 0:
         result[0] = 0
         result[1] = 0
         result[2] = uint64(best_index)  # only if rounding left the target past the end
     cuda.syncthreads()
-    if mass_before <= target and target < mass_before + mass:
-        result[0] = uint64(begin)
-        result[1] = mass_before
+    if tid < warps:
+        after = scan[tid + 1] if tid + 1 < warps else kept_mass
+        if scan[tid] <= target and target < after:
+            result[0] = uint64(tid)
+            result[1] = scan[tid]
     cuda.syncthreads()
-    begin = int32(result[0])
-    running = result[1]
+    begin = int32(result[0]) * chunk  # the warp chunk holding the target, split into runs
     end = min(vocab, begin + chunk)
-    cuda.syncthreads()
-    # the block walks the chosen chunk, blockDim.x indices per round, with a scan per round
-    for start in range(begin, end, cuda.blockDim.x):
-        i = start + tid
-        e = logits[b, i] if i < end else float32(0.0)
-        mass = _mass(e) if float_bits(e) >= floor else uint64(0)
-        before, round_mass = _exclusive_scan(mass, scan)
-        if running + before <= target and target < running + before + mass:
-            result[2] = uint64(i)
-        running += round_mass
+    run = (chunk + cuda.blockDim.x - 1) // cuda.blockDim.x
+    run_begin = min(end, begin + tid * run)
+    run_end = min(end, run_begin + run)
+    mass = uint64(0)
+    for i in range(run_begin, run_end):
+        e = logits[b, i]
+        if float_bits(e) >= floor:
+            mass += _mass(e)
+    before, _ = _exclusive_scan(mass, scan)
+    running = result[1] + before
+    if running <= target and target < running + mass:
+        for i in range(run_begin, run_end):
+            e = logits[b, i]
+            if float_bits(e) >= floor:
+                running += _mass(e)
+                if running > target:
+                    result[2] = uint64(i)
+                    break
     cuda.syncthreads()
     if tid == 0:
         out[b] = int32(result[2])
