@@ -109,7 +109,6 @@ class GpuOps:
         self.buckets = sorted({b for b in DECODE_BUCKETS if b < self.max_batch} | {self.max_batch})
         self.graphs: dict[int, driver.Graph] = {}
         self.capturing = False  # True while decode graphs are captured: no syncs, fixed shapes
-        self._digits_of = None  # (pointer, shape) of the array the GEMV digits hold
         self._plan_memory(zse)  # raises OutOfDeviceMemory before anything is uploaded
         self.weights_pointer = driver.allocate(zse.header.data_length)
         upload_weights(zse, self.weights_pointer, context, startup)
@@ -267,8 +266,7 @@ class GpuOps:
         T = delta.shape[0]
         out, res = self.buffers["normed"].rows(T), self.buffers["residual"].rows(T)
         self._launch("add_rmsnorm", T, geo.ROW_THREADS, delta, res, self.weights[norm],
-                     np.float32(self.config.rms_norm_eps), np.int32(residual is not None), out,
-                     *self._digits_for(out))
+                     np.float32(self.config.rms_norm_eps), np.int32(residual is not None), out)
         return out, res
 
     _OUTPUT = {"qkv": "qkv", "o_proj": "hidden", "gate_up": "gate_up", "down_proj": "hidden"}
@@ -291,12 +289,7 @@ class GpuOps:
         weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                   bias if bias is not None else self._no_bias, np.int32(bias is not None))
         if T <= geo.GEMV_MAX_TOKENS:  # decode: one pass over the weights per token tile
-            activations = self._digit_views(x)
-            if self._digits_of != (x.pointer, x.shape):  # its producer did not write them
-                self._launch("quantize_activations",
-                             math.ceil(T * x.shape[1] // 32 / geo.ELEMENTWISE_THREADS),
-                             geo.ELEMENTWISE_THREADS, x, *activations)
-                self._digits_of = (x.pointer, x.shape)
+            activations = self._quantize_activations(x)
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
                          *activations, *weight, out)
@@ -305,26 +298,16 @@ class GpuOps:
                                        math.ceil(T / geo.GEMM_TILE_T)),
                          geo.GEMM_THREADS, x, *weight, out)
 
-    # An INT4 GEMV reads its input as integer digits (kernels/quantize_activations.py) from one
-    # workspace. The kernels that produce GEMV inputs (RMSNorm, the attention combine, SiLU)
-    # write the digits too when the rows fit, and `_digits_of` names the array they came from,
-    # so the GEMV launches the standalone quantizer only for other inputs.
-
-    def _digit_views(self, x: DeviceArray) -> tuple[DeviceArray, ...]:
-        """The digit arrays for x [T, K]: contiguous prefixes of the workspace."""
+    def _quantize_activations(self, x: DeviceArray) -> tuple[DeviceArray, ...]:
+        """x [T, K] as the INT4 GEMV's integer digits (kernels/quantize_activations.py), in the
+        workspace (contiguous prefixes)."""
         (T, K), f32 = x.shape, np.dtype(np.float32)
-        return (DeviceArray(self.buffers["xq"].pointer, (T, K // 2), np.dtype(np.uint32)),
-                DeviceArray(self.buffers["xstep"].pointer, (T, K // 32), f32),
-                DeviceArray(self.buffers["xsum"].pointer, (T, K // 32), f32))
-
-    def _digits_for(self, out: DeviceArray, whole_blocks: bool = True) -> tuple:
-        """(quantize flag, xq, xstep, xsum) arguments for a kernel producing `out`."""
-        T, K = out.shape
-        if T <= self.buffers["xq"].shape[0] and K % 32 == 0 and whole_blocks:
-            self._digits_of = (out.pointer, out.shape)
-            return (np.int32(1), *self._digit_views(out))
-        self._digits_of = None
-        return (np.int32(0), *self._digit_views(DeviceArray(out.pointer, (1, 32), out.dtype)))
+        digits = (DeviceArray(self.buffers["xq"].pointer, (T, K // 2), np.dtype(np.uint32)),
+                  DeviceArray(self.buffers["xstep"].pointer, (T, K // 32), f32),
+                  DeviceArray(self.buffers["xsum"].pointer, (T, K // 32), f32))
+        self._launch("quantize_activations", math.ceil(T * K // 32 / geo.ELEMENTWISE_THREADS),
+                     geo.ELEMENTWISE_THREADS, x, *digits)
+        return digits
 
     def rope_and_cache(self, qkv: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
         T, q = qkv.shape[0], self.buffers["q"].rows(qkv.shape[0])
@@ -347,7 +330,7 @@ class GpuOps:
                      np.int32(self.window), np.int32(self.partition_length(T)), part_max,
                      part_sum, part_acc)
         self._launch("attention_combine", items, geo.ATTENTION_THREADS, part_max, part_sum,
-                     part_acc, out, *self._digits_for(out, c.head_dim % 32 == 0))
+                     part_acc, out)
         return out
 
     def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
@@ -355,8 +338,7 @@ class GpuOps:
         out = self.buffers["act"].rows(T)
         total = T * self.config.intermediate_size
         blocks = min(math.ceil(total / geo.ELEMENTWISE_THREADS), 65535)
-        self._launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, gate_up, out,
-                     *self._digits_for(out))
+        self._launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, gate_up, out)
         return out
 
     def logits(self, x: DeviceArray, rows) -> DeviceArray:

@@ -16,7 +16,6 @@ from .common import WARP, warp_sum
 
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
-from .quantize_activations import BLOCK, quantize_block
 
 WARPS = THREADS // WARP
 MAX_DIMS_PER_LANE = MAX_DIM // WARP  # head_dim <= 128, a multiple of 32
@@ -98,10 +97,8 @@ def attention_partial(q, k_cache, v_cache, positions, slots, window, partition, 
         part_acc[item, part, d] = value
 
 
-def attention_combine(part_max, part_sum, part_acc, out, quantize, xq, xstep, xsum):
-    """Merge partitions: out [T, H * D] f32. Grid T * H, block THREADS. When quantize (D a
-    multiple of 32), the head's output also goes to xq, xstep, xsum (quantize_activations.py)
-    for the o_proj GEMV."""
+def attention_combine(part_max, part_sum, part_acc, out):
+    """Merge partitions: out [T, H * D] f32. Grid T * H, block THREADS."""
     item = cuda.blockIdx.x
     parts = part_max.shape[1]
     dim = part_acc.shape[2]
@@ -121,14 +118,6 @@ def attention_combine(part_max, part_sum, part_acc, out, quantize, xq, xstep, xs
             if part_max[item, p] > -math.inf:
                 value += part_acc[item, p, d] * math.exp(part_max[item, p] - best)
         out[t, h * dim + d] = value / total
-    if quantize:
-        cuda.syncthreads()
-        values = cuda.local.array(BLOCK, float32)
-        block = cuda.threadIdx.x
-        if block < dim // BLOCK:
-            for i in range(BLOCK):
-                values[i] = out[t, h * dim + block * BLOCK + i]
-            quantize_block(values, xq, xstep, xsum, t, h * (dim // BLOCK) + block)
 
 
 KERNELS = {
@@ -137,6 +126,5 @@ KERNELS = {
                           "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
                           "float32[:, :, ::1])"),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
-                                             "float32[:, :, ::1], float32[:, ::1], int32, "
-                                             "uint32[:, ::1], float32[:, ::1], float32[:, ::1])"),
+                                             "float32[:, :, ::1], float32[:, ::1])"),
 }

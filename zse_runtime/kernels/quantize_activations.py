@@ -34,9 +34,7 @@ def _byte(value, position):
 
 @cuda.jit(device=True, inline="always")
 def quantize_block(values, xq, xstep, xsum, t, block):
-    """Write block `block` of token row t from `values`, a local array of its 32 inputs. Called by
-    the standalone kernel below and by the kernels that produce GEMV inputs (RMSNorm, SiLU, the
-    attention combine), which saves a launch per GEMV."""
+    """Write block `block` of token row t from `values`, a local array of its 32 inputs."""
     largest = float32(0.0)
     for i in range(BLOCK):
         largest = max(largest, abs(values[i]))
@@ -69,17 +67,6 @@ def quantize_block(values, xq, xstep, xsum, t, block):
         xq[t, base + 3] = lo_odd
     xstep[t, block] = step
     xsum[t, block] = step * float32(total)
-
-
-@cuda.jit(device=True, inline="always")
-def quantize_row_blocks(x, xq, xstep, xsum, t):
-    """Every block of row t of x, spread over the calling block's threads, with coherent loads:
-    for producers that wrote x[t] in the same kernel (call after a syncthreads)."""
-    values = cuda.local.array(BLOCK, float32)
-    for block in range(cuda.threadIdx.x, xstep.shape[1], cuda.blockDim.x):
-        for i in range(BLOCK):
-            values[i] = x[t, block * BLOCK + i]
-        quantize_block(values, xq, xstep, xsum, t, block)
 
 
 def quantize_activations(x, xq, xstep, xsum):
