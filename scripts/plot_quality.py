@@ -16,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"zse": ("o", "tab:blue"), "rtn": ("s", "tab:gray"), "gguf": ("^", "tab:red")}
+STYLE = {"zse": ("o", "tab:blue"), "rtn": ("s", "tab:gray"), "gptq": ("D", "tab:green"),
+         "gguf": ("^", "tab:red")}
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ from tests.conftest import REPO
 from zse_convert.calibration import (STDLIB_MODULES, WINDOW, LayerCalibrator, load_text,
                                      stdlib_text, token_windows)
 from zse_convert.convert import ConvertOptions, convert
-from zse_convert.gptq import (GptqOptions, column_order, gptq_quantize, inverse_hessian_factor,
+from zse_convert.gptq import (DAMPING, GptqOptions, column_order, gptq_quantize, inverse_hessian_factor,
                               output_error)
 from zse_convert.quantize import quantize_int4
 from zse_convert.source import Checkpoint, SourceError
@@ -65,7 +65,7 @@ def test_group_act_order_keeps_every_group_contiguous():
 
 
 def reference_gptq(w: np.ndarray, h: np.ndarray, group_size: int, act_order: str,
-                   damping: float = 0.01) -> np.ndarray:
+                   damping: float = DAMPING) -> np.ndarray:
     """Column-by-column GPTQ in float64 with the explicit inverse (the OBS update): after
     quantizing column i, update the remaining columns by err·H⁻¹[i, :]/H⁻¹[i, i], then remove i
     from H⁻¹. Group parameters come from the clipping search on the updated group. Returns the
@@ -107,19 +107,20 @@ def test_matches_the_column_by_column_reference(group_size, act_order):
     theirs = reference_gptq(w, h, group_size, act_order)
     # float32 blocks vs float64 columns: near-ties round differently and a flipped code (or a
     # group's clipping choice) changes the error fed to the rest of its row; measured agreement
-    # 92-99% of values, objective within 0.1%
+    # 97-100% of values, objective within 0.3%
     assert np.mean(ours == theirs.astype(np.float32)) > 0.9
     assert output_error(w, ours, h) == pytest.approx(output_error(w, theirs, h), rel=0.01)
 
 
 # Output error of GPTQ over that of the clipping search on 128 x 1024 Student-t weights with
-# correlated inputs (seeds 0/1), measured 2026-11-30, with and without weighting the group search
-# by diag(H):                   g32    g64    g128
-#   act order by groups         0.307  0.357  0.386   (unweighted 0.409 0.449 0.455)
-#   no act order                0.357  0.385  0.405   (unweighted 0.483 0.485 0.493)
+# correlated inputs (seeds 0/1), default damping 0.1, measured 2026-11-30, with and without
+# weighting the group search by diag(H):
+#                               g32    g64    g128
+#   act order by groups         0.388  0.437  0.469   (unweighted 0.508 0.534 0.547)
+#   no act order                0.423  0.463  0.480   (unweighted 0.558 0.557 0.557)
 EXPECTED_OUTPUT_ERROR_RATIO = {
-    ("groups", True): (0.307, 0.357, 0.386), ("groups", False): (0.409, 0.449, 0.455),
-    ("none", True): (0.357, 0.385, 0.405), ("none", False): (0.483, 0.485, 0.493),
+    ("groups", True): (0.388, 0.437, 0.469), ("groups", False): (0.508, 0.534, 0.547),
+    ("none", True): (0.423, 0.463, 0.480), ("none", False): (0.558, 0.557, 0.557),
 }
 
 
@@ -130,8 +131,8 @@ def test_gptq_lowers_the_output_error_of_the_clipping_search(group_size, act_ord
     x = _correlated_inputs(4096, 1024)
     h = x.T @ x
     w = _weights(128, 1024)
-    weight, stats = gptq_quantize(w, h, group_size, GptqOptions(act_order=act_order,
-                                                                hessian_weighted_search=weighted))
+    weight, stats = gptq_quantize(w, h, group_size, GptqOptions(
+        act_order=act_order, search_weights="hessian" if weighted else "none"))
     searched, _ = quantize_int4(w, group_size)
     ratio = output_error(w, dequantize_int4(weight), h) / output_error(w, dequantize_int4(searched), h)
     expected = EXPECTED_OUTPUT_ERROR_RATIO[act_order, weighted][(32, 64, 128).index(group_size)]
@@ -144,7 +145,7 @@ def test_gptq_lowers_the_output_error_of_the_clipping_search(group_size, act_ord
 
 def test_stdlib_calibration_text_is_disjoint_from_the_evaluation_text():
     calibration = stdlib_text().text
-    assert len(calibration) > 1_000_000  # ~300k tokens: far more than any default needs
+    assert len(calibration) > 500_000  # ~150k tokens: far more than the default 8192
     assert not {"pydoc", "site", "_sitebuiltins", "this"} & set(STDLIB_MODULES)
     evaluation = default_text()
     rng = np.random.default_rng(0)
@@ -252,4 +253,4 @@ def test_converter_with_gptq_beats_the_clipping_search_on_the_model_output(tiny_
         logits = np.asarray(engine.forward(Batch.of(ids, np.arange(n), np.zeros(n), np.arange(n))))
         distance[path.stem] = float(np.sqrt(np.mean((logits - reference) ** 2)))
         del engine
-    assert distance["gptq"] < 0.9 * distance["search"], distance
+    assert distance["gptq"] < 0.9 * distance["search"], distance  # measured 0.039 vs 0.049

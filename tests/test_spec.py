@@ -472,10 +472,10 @@ INVALID = {
     "no tensors": _set(["tensors"], []),
     "GPTQ record without tokens": _set(["quantization", "gptq"], {
         "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "window": 512,
-        "damping": 0.01, "act_order": "groups", "inputs": "quantized"}),
+        "damping": 0.01, "act_order": "groups", "search_weights": "hessian", "inputs": "quantized"}),
     "GPTQ act order by columns": _set(["quantization", "gptq"], {
         "calibration": "x.txt", "calibration_sha256": "ab" * 32, "tokens": 512, "window": 512,
-        "damping": 0.01, "act_order": "columns", "inputs": "quantized"}),
+        "damping": 0.01, "act_order": "columns", "search_weights": "hessian", "inputs": "quantized"}),
 }
 
 VALID_ADDITIONS = {
@@ -490,7 +490,8 @@ VALID_ADDITIONS = {
         _delete(["quantization", "gptq"])(m), _set(["format_version"], [1, 0])(m)),
     "a GPTQ record": _set(["quantization", "gptq"], {
         "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "tokens": 8192,
-        "window": 512, "damping": 0.01, "act_order": "groups", "inputs": "quantized"}),
+        "window": 512, "damping": 0.01, "act_order": "groups", "search_weights": "hessian",
+        "inputs": "quantized"}),
 }
 
 

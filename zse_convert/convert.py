@@ -24,7 +24,7 @@ from zse_runtime.zsefile import (DTYPE_INT4, EMBED, FORMAT_NAME, FORMAT_VERSION_
 
 from .architectures import canonical_config, source_names
 from .calibration import DEFAULT_TOKENS, WINDOW, LayerCalibrator, load_text, token_windows
-from .gptq import ACT_ORDERS, DAMPING, GptqOptions
+from .gptq import ACT_ORDERS, DAMPING, SEARCH_WEIGHTS, GptqOptions
 from .quantize import QuantStats, quantize_int4
 from .source import Checkpoint, ResolvedSource, SourceError, resolve_source
 from .tokenizer_meta import tokenizer_section
@@ -50,6 +50,7 @@ class ConvertOptions:
     calibration_tokens: int = DEFAULT_TOKENS
     gptq_damping: float = DAMPING
     gptq_act_order: str = "groups"
+    gptq_search_weights: str = "hessian"
     gptq_propagate_quantized: bool = True  # later layers see quantized outputs (else fp weights)
     revision: str | None = None
     token: str | None = None
@@ -61,6 +62,9 @@ class ConvertOptions:
         if self.gptq_act_order not in ACT_ORDERS:
             raise SourceError(f"GPTQ act order must be one of {list(ACT_ORDERS)}, got "
                               f"{self.gptq_act_order!r}")
+        if self.gptq_search_weights not in SEARCH_WEIGHTS:
+            raise SourceError(f"GPTQ search weights must be one of {list(SEARCH_WEIGHTS)}, got "
+                              f"{self.gptq_search_weights!r}")
         if not 0 < self.gptq_damping < 1:
             raise SourceError(f"GPTQ damping must be in (0, 1), got {self.gptq_damping}")
         if self.group_size not in INT4_GROUP_SIZES:
@@ -229,7 +233,8 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
             ids = token_windows(tokenizer["tokenizer_json"], text, options.calibration_tokens)
             calibrator = LayerCalibrator(
                 ckpt, model, sources, {s.name: s.group_size for s in specs if s.group_size},
-                ids, GptqOptions(options.gptq_damping, options.gptq_act_order, options.clip_search),
+                ids, GptqOptions(options.gptq_damping, options.gptq_act_order, options.clip_search,
+                                 options.gptq_search_weights),
                 options.gptq_propagate_quantized)
             gptq_record = {
                 "calibration": text.source,
@@ -238,6 +243,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                 "window": WINDOW,
                 "damping": options.gptq_damping,
                 "act_order": options.gptq_act_order,
+                "search_weights": options.gptq_search_weights,
                 "inputs": "quantized" if options.gptq_propagate_quantized else "float",
             }
         manifest = {

@@ -29,10 +29,15 @@ from zse_runtime.zsefile import Int4Weight
 
 from .quantize import LEVELS, QuantStats, check_quantizable, quantize_int4
 
-DAMPING = 0.01  # fraction of mean(diag(H)) added to the diagonal, as in the GPTQ reference
+# Fraction of mean(diag(H)) added to H's diagonal. The GPTQ reference uses 0.01; with 8192
+# calibration tokens that overfits the calibration text: on Qwen2.5-Coder-0.5B (layers 0-2) the
+# output error on held-out text relative to the clipping search's fell from 0.571 to 0.506 at
+# 0.1, and 0.3 was no better.
+DAMPING = 0.1
 BLOCK_COLUMNS = 128  # lazy-update block; a multiple of every group size
 FLOAT64_MAX_COLUMNS = 8192  # a float64 18944² inverse alone would take 2.9 GB
 ACT_ORDERS = ("groups", "none")
+SEARCH_WEIGHTS = ("hessian", "sqrt", "none")
 
 
 @dataclass
@@ -41,8 +46,8 @@ class GptqOptions:
     act_order: str = "groups"
     clip_search: bool = True
     # weight each column's error in the group search by its input energy diag(H) (llama.cpp's
-    # imatrix idea) rather than only by rms(group) + |w|
-    hessian_weighted_search: bool = True
+    # imatrix idea) rather than only by rms(group) + |w|: "hessian", "sqrt" (of it) or "none"
+    search_weights: str = "hessian"
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -139,8 +144,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int,
         raise ValueError(f"{name}: Hessian {hessian.shape} does not match {cols} input columns")
     order = column_order(np.diag(hessian).astype(np.float64), group_size, options.act_order)
     diag = np.diag(hessian).astype(np.float64)[order]
-    column_weight = (diag + options.damping * diag.mean() + 1e-30
-                     if options.hessian_weighted_search else np.ones(cols))
+    damped = diag + options.damping * diag.mean() + 1e-30
+    column_weight = {"hessian": damped, "sqrt": np.sqrt(damped),
+                     "none": np.ones(cols)}[options.search_weights]
     upper = inverse_hessian_factor(hessian[np.ix_(order, order)], options.damping)
     work = np.ascontiguousarray(w[:, order])
     codes = np.empty((rows, cols), np.uint8)
