@@ -170,6 +170,17 @@ def quantize_on_device(gpu: Gpu, dx: DeviceArray, into=None) -> tuple[DeviceArra
     return xq, xstep, xsum
 
 
+def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[DeviceArray, ...]:
+    """x [T, K] on the device -> the prefill GEMM's inputs (hi, lo, group sums, unscale)."""
+    tokens, cols = dx.shape
+    split = into or (gpu.empty((tokens, cols // 2), np.uint32), gpu.empty((tokens, cols // 2), np.uint32),
+                     gpu.empty((tokens, cols // group), np.float32),
+                     gpu.empty((tokens, cols // group), np.float32))
+    gpu.launch("split_activations", math.ceil(tokens * cols // group / geo.ELEMENTWISE_THREADS),
+               geo.ELEMENTWISE_THREADS, dx, np.int32(group), *split)
+    return split
+
+
 def _rows_of(array: DeviceArray, rows: int) -> DeviceArray:
     return DeviceArray(array.pointer, (rows, array.shape[1]), array.dtype)
 
@@ -225,7 +236,8 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
                                    tokens=T, threads=other, sweep=True)
         for T in (16, 32):
             grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
-            gemm_args = lambda i, T: (_rows_of(dx, T), *devices[i % copies], np.int32(128),
+            split = split_on_device(gpu, _rows_of(dx, T), 128)
+            gemm_args = lambda i, T: (*split, *devices[i % copies], np.int32(128),
                                       dbias, np.int32(1), _rows_of(out, T))
             gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, *gemm_args(0, T))
             err = rel_error(gpu.get(out)[:T], expected[:T])
@@ -276,7 +288,8 @@ def fp16_lm_head(gpu: Gpu, copy_gbps: float | None, rng) -> None:
 
 @check("int4_gemm")
 def gemm(gpu: Gpu, rng) -> None:
-    for tokens, (rows, cols) in ((512, SHAPES_7B["gate_up"]), (4, SHAPES_7B["qkv"]),
+    for tokens, (rows, cols) in ((512, SHAPES_7B["gate_up"]), (512, SHAPES_7B["down_proj"]),
+                                 (512, SHAPES_7B["qkv"]), (4, SHAPES_7B["qkv"]),
                                  (37, SHAPES_7B["down_proj"])):
         weight = random_int4(rng, rows, cols)
         x = rng.standard_normal((tokens, cols)).astype(np.float32)
@@ -284,7 +297,8 @@ def gemm(gpu: Gpu, rng) -> None:
         dx, out = gpu.put(x), gpu.empty((tokens, rows), np.float32)
         nobias = gpu.put(np.zeros(1, np.float32))
         grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(tokens / geo.GEMM_TILE_T))
-        run = lambda: gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, dx, dq, ds, dz,
+        split = split_on_device(gpu, dx, 128)
+        run = lambda: gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, *split, dq, ds, dz,
                                  np.int32(128), nobias, np.int32(0), out)
         run()
         got = gpu.get(out)
@@ -293,9 +307,11 @@ def gemm(gpu: Gpu, rng) -> None:
                                            weight.zeros[sample_rows], 128))
         err = rel_error(got[:, sample_rows], x @ dense.T)
         ms = gpu.time_ms(run, 10)
+        split_ms = gpu.time_ms(lambda: split_on_device(gpu, dx, 128, split), 10)
         tflops = 2 * tokens * rows * cols / ms / 1e9
         record(f"int4_gemm T={tokens} {rows}x{cols}", err < 1e-4,
-               f"rel err {err:.1e}; {ms:.2f} ms, {tflops:.1f} TFLOP/s", ms=ms, tflops=tflops)
+               f"rel err {err:.1e}; {ms:.2f} ms, {tflops:.1f} TFLOP/s; split_activations "
+               f"{split_ms * 1000:.0f} us", ms=ms, tflops=tflops, split_us=split_ms * 1000)
         gpu.free_all()
 
 

@@ -11,7 +11,7 @@ import pytest
 from numba import config, cuda
 
 from zse_convert.quantize import quantize_int4
-from zse_runtime.kernels.geometry import GEMV_ROWS
+from zse_runtime.kernels.geometry import GEMM_TILE_N, GEMM_TILE_T, GEMV_ROWS
 from zse_runtime.kernels import (activation, attention, embedding, gemm_int4, gemv_fp16, gemv_int4,
                                  quantize_activations, rmsnorm, rope_cache, sampling)
 from zse_runtime.sampling import SamplingParams, sample, uniform
@@ -133,17 +133,51 @@ def test_int4_gemv_tiles_agree_bit_for_bit():
         np.testing.assert_array_equal(other, results[0])
 
 
+def _split_activations(x, group):
+    tokens, cols = x.shape
+    hi, lo = np.zeros((tokens, cols // 2), np.uint32), np.zeros((tokens, cols // 2), np.uint32)
+    xsum = np.full((tokens, cols // group), np.nan, np.float32)
+    unscale = np.full_like(xsum, np.nan)
+    items = tokens * cols // group
+    jit(gemm_int4, "split_activations")[-(-items // 32), 32](x, group, hi, lo, xsum, unscale)
+    return hi, lo, xsum, unscale
+
+
+def test_split_activations_is_exact_to_22_bits():
+    """hi + lo, scaled back, restores x to ~2^-22 relative in every group, whatever its
+    magnitude (1e6 would overflow float16 unscaled; 1e-6 would lose its bits in subnormals),
+    in the GEMM's order (k = j with k = j + 4 in each chunk of 8; 4 chunks' pairs adjacent)."""
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    x[0, :64] *= 1e6
+    x[1, 64:] *= 1e-6
+    x[1, :64] = 0.0
+    hi, lo, xsum, unscale = _split_activations(x, 64)
+    def halves(words):  # [t, quad, j, chunk % 4, (k = j, k = j + 4)] -> [t, chunk, half, j]
+        pairs = words.view(np.float16).astype(np.float64).reshape(2, 4, 4, 4, 2)
+        return pairs.transpose(0, 1, 3, 4, 2).reshape(2, 16, 2, 4)
+    restored = (halves(hi) + halves(lo)).reshape(2, 128)
+    restored *= np.repeat(unscale, 64, axis=1)
+    np.testing.assert_allclose(restored, x, rtol=2**-21, atol=0)
+    np.testing.assert_allclose(xsum, x.reshape(2, 2, 64).sum(-1), rtol=1e-5)
+    assert unscale[1, 0] == 1.0  # an all-zero group is left as it is
+
+
 def test_int4_gemm_ragged_tiles():
-    tokens, rows, cols = 35, 70, 96  # partial tiles in both directions; 3 K steps
-    weight, dense = _int4(rows, cols, 32)
+    """Tensor-core GEMM (its mma emulated): partial tiles in both directions, two groups, bias,
+    against float64."""
+    tokens, rows, cols, group = 40, 70, 64, 32
+    weight, dense = _int4(rows, cols, group)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    x[3] *= 1e4  # one token with large activations
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((tokens, rows), np.nan, np.float32)
-    grid = ((rows + gemm_int4.TILE_N - 1) // gemm_int4.TILE_N,
-            (tokens + gemm_int4.TILE_T - 1) // gemm_int4.TILE_T)
-    jit(gemm_int4, "int4_gemm")[grid, gemm_int4.THREADS](x, weight.qweight, weight.scales,
-                                                         weight.zeros, 32, bias, 1, out)
-    np.testing.assert_allclose(out, x @ dense.T + bias, rtol=1e-4, atol=1e-4)
+    grid = (-(-rows // GEMM_TILE_N), -(-tokens // GEMM_TILE_T))
+    jit(gemm_int4, "int4_gemm")[grid, gemm_int4.THREADS](
+        *_split_activations(x, group), weight.qweight, weight.scales, weight.zeros, group, bias, 1,
+        out)
+    expected = x.astype(np.float64) @ dense.astype(np.float64).T + bias
+    error = np.abs(out - expected).max(1) / np.abs(expected).max(1)  # per token: its own scale
+    assert error.max() < 1e-5, error
 
 
 @pytest.mark.parametrize("tile,tokens", [(1, 1), (4, 5), (8, 3)])

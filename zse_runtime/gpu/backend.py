@@ -148,6 +148,11 @@ class GpuOps:
         arena.add("xq", (gemv_tokens, widest // 2), np.uint32)
         arena.add("xstep", (gemv_tokens, widest // 32), np.float32)
         arena.add("xsum", (gemv_tokens, widest // 32), np.float32)
+        # prefill GEMM inputs as float16 pairs (kernels/gemm_int4.py); groups hold >= 32 inputs
+        arena.add("x_hi", (T, widest // 2), np.uint32)
+        arena.add("x_lo", (T, widest // 2), np.uint32)
+        arena.add("group_sum", (T, widest // 32), np.float32)
+        arena.add("group_unscale", (T, widest // 32), np.float32)
         arena.add("part_max", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_sum", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_acc", (partial_rows * c.num_attention_heads, c.head_dim), np.float32)
@@ -293,10 +298,11 @@ class GpuOps:
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
                          *activations, *weight, out)
-        else:  # prefill
+        else:  # prefill: tensor cores
+            split = self._split_activations(x, w.group_size)
             self._launch("int4_gemm", (math.ceil(w.rows / geo.GEMM_TILE_N),
                                        math.ceil(T / geo.GEMM_TILE_T)),
-                         geo.GEMM_THREADS, x, *weight, out)
+                         geo.GEMM_THREADS, *split, *weight, out)
 
     def _quantize_activations(self, x: DeviceArray) -> tuple[DeviceArray, ...]:
         """x [T, K] as the INT4 GEMV's integer digits (kernels/quantize_activations.py), in the
@@ -308,6 +314,18 @@ class GpuOps:
         self._launch("quantize_activations", math.ceil(T * K // 32 / geo.ELEMENTWISE_THREADS),
                      geo.ELEMENTWISE_THREADS, x, *digits)
         return digits
+
+    def _split_activations(self, x: DeviceArray, group_size: int) -> tuple[DeviceArray, ...]:
+        """x [T, K] as the prefill GEMM's float16 pairs, group sums and group scales, in the
+        workspace (contiguous prefixes)."""
+        (T, K), u32, f32 = x.shape, np.dtype(np.uint32), np.dtype(np.float32)
+        split = (DeviceArray(self.buffers["x_hi"].pointer, (T, K // 2), u32),
+                 DeviceArray(self.buffers["x_lo"].pointer, (T, K // 2), u32),
+                 DeviceArray(self.buffers["group_sum"].pointer, (T, K // group_size), f32),
+                 DeviceArray(self.buffers["group_unscale"].pointer, (T, K // group_size), f32))
+        self._launch("split_activations", math.ceil(T * K // group_size / geo.ELEMENTWISE_THREADS),
+                     geo.ELEMENTWISE_THREADS, x, np.int32(group_size), *split)
+        return split
 
     def rope_and_cache(self, qkv: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
         T, q = qkv.shape[0], self.buffers["q"].rows(qkv.shape[0])

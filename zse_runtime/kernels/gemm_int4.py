@@ -1,82 +1,157 @@
-"""INT4 GEMM for prefill and batched decode: out[T, N] = x[T, K] @ dequant(W[N, K]).T (+ bias).
+"""INT4 GEMM for prefill on tensor cores: out[T, N] = x[T, K] @ dequant(W[N, K]).T (+ bias).
 
-A block computes a TILE_T x TILE_N tile of the output. Per K step it stages TILE_T x TILE_K
-activations and TILE_N x TILE_K *dequantized* weights in shared memory (each weight word is
-read from global memory once per block), then each thread accumulates a 4 x 2 micro-tile.
-TILE_K = 32 never crosses a quantization group (group sizes are multiples of 32).
+The products go through `mma.sync.m16n8k8` (fp16 inputs, fp32 accumulators; sm_75+) without
+losing float32 accuracy:
+  - weights enter as their 4-bit codes q, which float16 holds exactly; the scale and zero point
+    are applied per quantization group in float32: sum_k (q - z) s x = s (sum_k q x - z sum_k x);
+  - activations enter as two float16 terms, x * 2^e = hi + lo (hi = fp16(x 2^e), lo = fp16 of the
+    rest), so each tile is two products and x keeps ~22 significant bits; 2^e is chosen per token
+    and group so that no value overflows float16 (split_activations below).
+
+Layout. K runs in chunks of 8 (one weight word). Within a chunk the products pair k = j with
+k = j + 4 (j < 4): a weight word's nibbles j and j + 4 then form one fp16x2 register with two
+bit operations, and split_activations writes x's pairs in the same order. A lane's pairs for 4
+consecutive chunks are adjacent (pair j of chunk c at 16 (c // 4) + 4 j + c % 4), so a lane
+reads 4 chunks of activations, like 4 weight words, with one 16-byte load. A warp computes 32
+rows x 32 tokens as 2 x 4 tiles of 16 x 8, reading its fragments straight from global memory
+(through L1); a block of 4 warps covers 64 rows x 64 tokens.
 """
 
-from numba import cuda, float32
+from numba import cuda, float32, uint32
 
-from .common import int4_value
+from .geometry import GEMM_TILE_N, GEMM_TILE_T, WARP
+from .memory import (bits_as_float, codes_as_halves, float_bits, floats_as_halves,
+                     halves_as_floats, load, load_u32x4, mma_m16n8k8)
 
-from .geometry import GEMM_THREADS as THREADS
-from .geometry import GEMM_TILE_K as TILE_K
-from .geometry import GEMM_TILE_N as TILE_N
-from .geometry import GEMM_TILE_T as TILE_T
+WARP_ROWS = 32  # 2 tiles of 16 rows
+WARP_TOKENS = 32  # 4 tiles of 8 tokens
+M_TILES = WARP_ROWS // 16
+N_TILES = WARP_TOKENS // 8
+A_REGISTERS = 2 * M_TILES  # rows group and group + 8 of each row tile
+THREADS = (GEMM_TILE_N // WARP_ROWS) * (GEMM_TILE_T // WARP_TOKENS) * WARP
+SCALE_BITS = 141  # x 2^(141 - exponent of max|x|): max|x| lands in [2^14, 2^15), below fp16's 2^16
 
-MICRO_T = 4  # tokens per thread: (THREADS // 32) * MICRO_T == TILE_T
-MICRO_N = 2  # rows per thread: 32 * MICRO_N == TILE_N
-TILE_K_PADDED = TILE_K + 1  # one spare column: column reads then hit distinct banks
+
+def split_activations(x, group_size, hi, lo, xsum, unscale):
+    """x [T, K] f32 -> hi, lo [T, K/2] u32 (fp16 pairs in the GEMM's order), xsum [T, K/group]
+    f32 (sum of the group's x), unscale [T, K/group] f32 (2^-e, the inverse of the group's
+    factor).
+    One thread per (token, group); 1-D grid over T * K/group."""
+    groups = xsum.shape[1]
+    item = cuda.grid(1)
+    if item >= x.shape[0] * groups:
+        return
+    t = item // groups
+    first = (item % groups) * group_size
+    largest = float32(0.0)
+    total = float32(0.0)
+    for k in range(first, first + group_size):
+        largest = max(largest, abs(x[t, k]))
+        total += x[t, k]
+    factor = float32(1.0)
+    inverse = float32(1.0)
+    if largest > float32(0.0):  # 2^(SCALE_BITS - exponent) and its inverse, from bit patterns
+        biased = min(max(SCALE_BITS + 127 - int(float_bits(largest) >> uint32(23)), 1), 253)
+        factor = bits_as_float(uint32(biased) << uint32(23))
+        inverse = bits_as_float(uint32(254 - biased) << uint32(23))
+    for chunk in range(first // 8, (first + group_size) // 8):
+        for j in range(4):
+            a = x[t, 8 * chunk + j] * factor
+            b = x[t, 8 * chunk + j + 4] * factor
+            pair = floats_as_halves(a, b)
+            a_hi, b_hi = halves_as_floats(pair)
+            word = 16 * (chunk // 4) + 4 * j + chunk % 4
+            hi[t, word] = pair
+            lo[t, word] = floats_as_halves(a - a_hi, b - b_hi)
+    xsum[t, item % groups] = total
+    unscale[t, item % groups] = inverse
 
 
-def int4_gemm(x, qweight, scales, zeros, group_size, bias, has_bias, out):
-    """x [T, K] f32; qweight [N, K/8] u32; scales, zeros [N, K/group] f16; bias [N] f32;
-    out [T, N] f32. Grid (ceil(N / TILE_N), ceil(T / TILE_T)), block THREADS."""
-    xs = cuda.shared.array((TILE_T, TILE_K_PADDED), float32)
-    ws = cuda.shared.array((TILE_N, TILE_K_PADDED), float32)
-    tid = cuda.threadIdx.x
-    tokens = x.shape[0]
-    cols = x.shape[1]
+def int4_gemm(hi, lo, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):
+    """out [T, N] f32 from split_activations' hi, lo, xsum, unscale [T, ...] and qweight [N, K/8]
+    u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias). Grid
+    (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T)), block THREADS."""
+    lane = cuda.threadIdx.x % WARP
+    warp = cuda.threadIdx.x // WARP
+    group = lane // 4  # a fragment's row (A) or token (B) within its tile
+    pair = lane % 4  # which k pair of the chunk; D's token columns 2 pair, 2 pair + 1
     rows = qweight.shape[0]
-    row0 = cuda.blockIdx.x * TILE_N
-    tok0 = cuda.blockIdx.y * TILE_T
-    ty = (tid // 32) * MICRO_T  # first token of this thread's micro-tile
-    tx = (tid % 32) * MICRO_N  # first row of this thread's micro-tile
-    acc = cuda.local.array((MICRO_T, MICRO_N), float32)
-    for i in range(MICRO_T):
-        for j in range(MICRO_N):
-            acc[i, j] = 0.0
-    for k0 in range(0, cols, TILE_K):
-        # activations: TILE_T * TILE_K = 1024 values, 4 per thread
-        for e in range(tid, TILE_T * TILE_K, THREADS):
-            t = e // TILE_K
-            k = e % TILE_K
-            xs[t, k] = x[tok0 + t, k0 + k] if tok0 + t < tokens else float32(0.0)
-        # weights: TILE_N rows x TILE_K / 8 words = 256 words, one per thread
-        r = tid // (TILE_K // 8)
-        w = tid % (TILE_K // 8)
-        n = row0 + r
-        if n < rows:
-            word = qweight[n, k0 // 8 + w]
-            g = k0 // group_size
-            scale = float32(scales[n, g])
-            zero = float32(zeros[n, g])
-            for j in range(8):
-                ws[r, w * 8 + j] = int4_value(word, j, scale, zero)
-        else:
-            for j in range(8):
-                ws[r, w * 8 + j] = 0.0
-        cuda.syncthreads()
-        for k in range(TILE_K):
-            for i in range(MICRO_T):
-                a = xs[ty + i, k]
-                for j in range(MICRO_N):
-                    acc[i, j] += a * ws[tx + j, k]
-        cuda.syncthreads()
-    for i in range(MICRO_T):
-        t = tok0 + ty + i
-        if t < tokens:
-            for j in range(MICRO_N):
-                n = row0 + tx + j
-                if n < rows:
-                    value = acc[i, j]
-                    if has_bias:
-                        value += bias[n]
-                    out[t, n] = value
+    tokens = hi.shape[0]
+    row0 = cuda.blockIdx.x * GEMM_TILE_N + (warp // (GEMM_TILE_T // WARP_TOKENS)) * WARP_ROWS
+    tok0 = cuda.blockIdx.y * GEMM_TILE_T + (warp % (GEMM_TILE_T // WARP_TOKENS)) * WARP_TOKENS
+    words_per_group = group_size // 8
+    a_rows = cuda.local.array(A_REGISTERS, uint32)
+    b_tokens = cuda.local.array(N_TILES, uint32)
+    for i in range(A_REGISTERS):
+        a_rows[i] = min(row0 + 16 * (i // 2) + 8 * (i % 2) + group, rows - 1)
+    for j in range(N_TILES):
+        b_tokens[j] = min(tok0 + 8 * j + group, tokens - 1)
+    partial = cuda.local.array((M_TILES, N_TILES, 4), float32)  # this group's sum q x 2^e
+    acc = cuda.local.array((M_TILES, N_TILES, 4), float32)
+    a_words = cuda.local.array((A_REGISTERS, 4), uint32)  # 4 chunks of each fragment row
+    hi_words = cuda.local.array((N_TILES, 4), uint32)
+    lo_words = cuda.local.array((N_TILES, 4), uint32)
+    a = cuda.local.array(A_REGISTERS, uint32)
+    for i in range(M_TILES):
+        for j in range(N_TILES):
+            for e in range(4):
+                partial[i, j, e] = float32(0.0)
+                acc[i, j, e] = float32(0.0)
+    for g in range(qweight.shape[1] // words_per_group):
+        for quad in range(g * words_per_group // 4, (g + 1) * words_per_group // 4):
+            for i in range(A_REGISTERS):
+                (a_words[i, 0], a_words[i, 1], a_words[i, 2],
+                 a_words[i, 3]) = load_u32x4(qweight, a_rows[i], 4 * quad)
+            for j in range(N_TILES):
+                (hi_words[j, 0], hi_words[j, 1], hi_words[j, 2],
+                 hi_words[j, 3]) = load_u32x4(hi, b_tokens[j], 16 * quad + 4 * pair)
+                (lo_words[j, 0], lo_words[j, 1], lo_words[j, 2],
+                 lo_words[j, 3]) = load_u32x4(lo, b_tokens[j], 16 * quad + 4 * pair)
+            for chunk in range(4):
+                for i in range(A_REGISTERS):
+                    a[i] = codes_as_halves(a_words[i, chunk], pair)
+                for i in range(M_TILES):
+                    for j in range(N_TILES):
+                        d0, d1, d2, d3 = mma_m16n8k8(a[2 * i], a[2 * i + 1], hi_words[j, chunk],
+                                                     partial[i, j, 0], partial[i, j, 1],
+                                                     partial[i, j, 2], partial[i, j, 3])
+                        d0, d1, d2, d3 = mma_m16n8k8(a[2 * i], a[2 * i + 1], lo_words[j, chunk],
+                                                     d0, d1, d2, d3)
+                        partial[i, j, 0] = d0
+                        partial[i, j, 1] = d1
+                        partial[i, j, 2] = d2
+                        partial[i, j, 3] = d3
+        # the group ends: apply its scales and zero points in float32
+        for i in range(M_TILES):
+            for half in range(2):
+                n = a_rows[2 * i + half]
+                s = float32(load(scales, n, g))
+                z = float32(load(zeros, n, g))
+                for j in range(N_TILES):
+                    for c in range(2):
+                        t = min(tok0 + 8 * j + 2 * pair + c, tokens - 1)
+                        e = 2 * half + c
+                        acc[i, j, e] += s * (partial[i, j, e] * load(unscale, t, g)
+                                             - z * load(xsum, t, g))
+                        partial[i, j, e] = float32(0.0)
+    for i in range(M_TILES):
+        for half in range(2):
+            n = row0 + 16 * i + 8 * half + group
+            if n < rows:
+                for j in range(N_TILES):
+                    for c in range(2):
+                        t = tok0 + 8 * j + 2 * pair + c
+                        if t < tokens:
+                            value = acc[i, j, 2 * half + c]
+                            if has_bias:
+                                value += bias[n]
+                            out[t, n] = value
 
 
 KERNELS = {
-    "int4_gemm": (int4_gemm, "void(float32[:, ::1], uint32[:, ::1], float16[:, ::1], "
-                             "float16[:, ::1], int32, float32[::1], int32, float32[:, ::1])"),
+    "split_activations": (split_activations, "void(float32[:, ::1], int32, uint32[:, ::1], "
+                                             "uint32[:, ::1], float32[:, ::1], float32[:, ::1])"),
+    "int4_gemm": (int4_gemm, "void(uint32[:, ::1], uint32[:, ::1], float32[:, ::1], "
+                             "float32[:, ::1], uint32[:, ::1], float16[:, ::1], float16[:, ::1], "
+                             "int32, float32[::1], int32, float32[:, ::1])"),
 }

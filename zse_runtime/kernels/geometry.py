@@ -3,11 +3,11 @@ numba). Part of the prebuilt digest: changing a value rebuilds the binaries."""
 
 WARP = 32
 
-# int4_gemm: a block computes TILE_T tokens x TILE_N rows, stepping TILE_K along K.
-GEMM_TILE_T = 32
+# int4_gemm (tensor cores): a block computes GEMM_TILE_T tokens x GEMM_TILE_N rows with 4 warps
+# of 32 x 32; split_activations runs one thread per (token, quantization group).
+GEMM_TILE_T = 64
 GEMM_TILE_N = 64
-GEMM_TILE_K = 32
-GEMM_THREADS = 256
+GEMM_THREADS = 128
 
 # int4_gemv_t*_r*: a block per GEMV_ROWS rows (its warps split K), one kernel per token tile size;
 # at batch 1, matrices of >= GEMV_TALL_MIN_ROWS rows take GEMV_TALL_ROWS rows per block. Threads
@@ -35,7 +35,7 @@ ATTENTION_PREFILL_PARTITION = 1024
 ATTENTION_MAX_HEAD_DIM = 128
 
 # sample_tokens: a block per sequence; a power of two.
-SAMPLING_THREADS = 512
+SAMPLING_THREADS = 1024
 
 # row-parallel kernels (embedding, norm, rope, gather, combine)
 ROW_THREADS = 256

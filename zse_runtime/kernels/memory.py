@@ -47,8 +47,46 @@ if config.ENABLE_CUDASIM:
         return array[row, col]
 
     @cuda.jit(device=True, inline="always")
+    def bits_as_float(bits):
+        return np.uint32(bits).view(np.float32)
+
+    @cuda.jit(device=True, inline="always")
     def float_bits(value):
         return np.float32(value).view(np.uint32)
+
+    @cuda.jit(device=True, inline="always")
+    def floats_as_halves(low, high):
+        return np.array([low, high], np.float32).astype(np.float16).view(np.uint32)[0]
+
+    @cuda.jit(device=True, inline="always")
+    def codes_as_halves(word, j):
+        codes = np.array([(word >> (4 * j)) & 0xF, (word >> (4 * j + 16)) & 0xF], np.float16)
+        return codes.view(np.uint32)[0]
+
+    @cuda.jit(device=True, inline="always")
+    def mma_m16n8k8(a0, a1, b0, c0, c1, c2, c3):
+        # The warp-wide tensor-core product emulated through shared memory: every lane publishes
+        # its fragments, then computes the four results it owns (PTX ISA, "mma.m16n8k8" with
+        # .f16 inputs and .f32 accumulators). All threads of the block must call it together.
+        fragments = cuda.shared.array((32, 32, 3), np.uint32)
+        warp = cuda.threadIdx.x // 32
+        lane = cuda.threadIdx.x % 32
+        fragments[warp, lane, 0] = a0
+        fragments[warp, lane, 1] = a1
+        fragments[warp, lane, 2] = b0
+        cuda.syncthreads()
+        halves = np.array(fragments[warp]).view(np.float16).astype(np.float32)  # [lane, 6]
+        a = np.concatenate([halves[:, 0:2].reshape(8, 8), halves[:, 2:4].reshape(8, 8)])  # [16, 8]
+        b = halves[:, 4:6].reshape(8, 8)  # [token, k]
+        group = lane // 4
+        pair = lane % 4
+        results = [c0, c1, c2, c3]
+        for index in range(4):
+            row = group + 8 * (index // 2)
+            col = 2 * pair + index % 2
+            results[index] = np.float32(results[index]) + np.float32(np.dot(a[row], b[col]))
+        cuda.syncthreads()
+        return results[0], results[1], results[2], results[3]
 
     @cuda.jit(device=True, inline="always")
     def halves_as_floats(bits):
@@ -128,6 +166,14 @@ else:
     _load = _scalar_load()
 
     @intrinsic
+    def _bits_as_float(typingctx, bits):
+        def codegen(context, builder, sig, args):
+            word = context.cast(builder, args[0], sig.args[0], types.uint32)
+            return builder.bitcast(word, ir.FloatType())
+
+        return types.float32(bits), codegen
+
+    @intrinsic
     def _float_bits(typingctx, value):
         signature = types.uint32(value)
 
@@ -136,6 +182,51 @@ else:
             return builder.bitcast(single, ir.IntType(32))
 
         return signature, codegen
+
+    @intrinsic
+    def _floats_as_halves(typingctx, low, high):
+        def codegen(context, builder, sig, args):
+            values = [context.cast(builder, v, t, types.float32) for v, t in zip(args, sig.args)]
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.FloatType()] * 2),
+                               "{ .reg .b16 lo, hi; cvt.rn.f16.f32 lo, $1; cvt.rn.f16.f32 hi, $2; "
+                               "mov.b32 $0, {lo, hi}; }", "=r,f,f")
+            return builder.call(asm, values)
+
+        return types.uint32(low, high), codegen
+
+    @intrinsic
+    def _codes_as_halves(typingctx, word, j):
+        def codegen(context, builder, sig, args):
+            word = context.cast(builder, args[0], sig.args[0], types.uint32)
+            shift = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64),
+                                  ir.IntType(32))
+            shifted = builder.lshr(word, builder.mul(shift, ir.Constant(ir.IntType(32), 4)))
+            # nibbles j and j + 4 in the low and high halves, as the fp16 numbers 1024 + q ...
+            biased = builder.or_(builder.and_(shifted, ir.Constant(ir.IntType(32), 0x000F000F)),
+                                 ir.Constant(ir.IntType(32), 0x64006400))
+            # ... minus 1024 in both halves: q exactly
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [ir.IntType(32)] * 2),
+                               "sub.f16x2 $0, $1, $2;", "=r,r,r")
+            return builder.call(asm, [biased, ir.Constant(ir.IntType(32), 0x64006400)])
+
+        return types.uint32(word, j), codegen
+
+    @intrinsic
+    def _mma_m16n8k8(typingctx, a0, a1, b0, c0, c1, c2, c3):
+        def codegen(context, builder, sig, args):
+            wants = (types.uint32,) * 3 + (types.float32,) * 4
+            values = [context.cast(builder, v, t, w) for v, t, w in zip(args, sig.args, wants)]
+            result = ir.LiteralStructType([ir.FloatType()] * 4)
+            asm = ir.InlineAsm(
+                ir.FunctionType(result, [ir.IntType(32)] * 3 + [ir.FloatType()] * 4),
+                "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
+                "{$0, $1, $2, $3}, {$4, $5}, {$6}, {$7, $8, $9, $10};",
+                "=f,=f,=f,=f,r,r,r,f,f,f,f")
+            out = builder.call(asm, values)
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_value(out, i) for i in range(4)])
+
+        return types.UniTuple(types.float32, 4)(a0, a1, b0, c0, c1, c2, c3), codegen
 
     @intrinsic
     def _halves_as_floats(typingctx, bits):
@@ -160,4 +251,11 @@ else:
     load_u32_streaming = _load_u32_streaming  # array[row, col], uint32, evict-first
     load = _load  # array[row, col] without numba's negative-index wraparound
     float_bits = _float_bits  # the bit pattern of a float32, as a uint32
+    bits_as_float = _bits_as_float  # the float32 with this bit pattern
     halves_as_floats = _halves_as_floats  # the two float16 halves of a uint32, low first
+    floats_as_halves = _floats_as_halves  # two float32 rounded to float16, packed low first
+    # nibbles j and j + 4 of a weight word as two exact float16 numbers (low, high)
+    codes_as_halves = _codes_as_halves
+    # D = A B + C on tensor cores, one m16n8k8 tile per warp (fp16 inputs, fp32 accumulators;
+    # fragment layouts in the PTX ISA; sm_75+). Every lane of the warp must call it together.
+    mma_m16n8k8 = _mma_m16n8k8
