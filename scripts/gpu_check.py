@@ -181,6 +181,12 @@ def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[D
     return split
 
 
+def _words(cache: DeviceArray) -> DeviceArray:
+    """A float16 KV cache [S, KVH, L, D] as attention_partial reads it: [S * KVH * L, D / 2] u32."""
+    slots, heads, length, dim = cache.shape
+    return DeviceArray(cache.pointer, (slots * heads * length, dim // 2), np.dtype(np.uint32))
+
+
 def _rows_of(array: DeviceArray, rows: int) -> DeviceArray:
     return DeviceArray(array.pointer, (rows, array.shape[1]), array.dtype)
 
@@ -333,8 +339,8 @@ def attention(gpu: Gpu, rng) -> None:
         pacc, out = gpu.empty((items, parts, dim), np.float32), gpu.empty((tokens, heads * dim), np.float32)
 
         def run():
-            gpu.launch("attention_partial", (items, parts), geo.ATTENTION_THREADS, dq, dk, dv,
-                       dpos, dslots, np.int32(0), np.int32(partition), pmax, psum, pacc)
+            gpu.launch("attention_partial", (items, parts), geo.ATTENTION_THREADS, dq,
+                       _words(dk), _words(dv), np.int32(kv_heads), np.int32(length), dpos, dslots, np.int32(0), np.int32(partition), pmax, psum, pacc)
             gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum, pacc, out)
         run()
         got = gpu.get(out)

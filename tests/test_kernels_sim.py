@@ -219,22 +219,27 @@ def test_rope_and_cache():
         np.testing.assert_array_equal(v_cache[slot_ids[t], :, positions[t]], v.astype(np.float16))
 
 
-@pytest.mark.parametrize("window", [0, 7])
-def test_attention_split_over_partitions(window):
-    heads, kv_heads, dim, slots, length = 4, 2, 64, 2, 40
+@pytest.mark.parametrize("window,partition,length", [(0, 8, 40), (7, 8, 40), (0, 150, 300),
+                                                     (100, 150, 300)])
+def test_attention_split_over_partitions(window, partition, length):
+    """Short partitions (a batch of keys smaller than a warp) and long ones (several warps, two
+    batches of 128 keys, a ragged last one), with and without a sliding window."""
+    heads, kv_heads, dim, slots = 4, 2, 64, 2
     k_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
     v_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
-    positions = np.array([0, 21, 39], np.int32)
+    positions = np.array([0, length // 2 + 1, length - 1], np.int32)
     slot_ids = np.array([1, 0, 1], np.int32)
     tokens = positions.size
     q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
-    parts = (length + 7) // 8
+    parts = (length + partition - 1) // partition
     part_max = np.full((tokens * heads, parts), np.nan, np.float32)
     part_sum = np.full_like(part_max, np.nan)
     part_acc = np.full((tokens * heads, parts, dim), np.nan, np.float32)
     out = np.full((tokens, heads * dim), np.nan, np.float32)
+    words = lambda cache: cache.view(np.uint32).reshape(-1, dim // 2)
     cuda.jit(attention.attention_partial)[(tokens * heads, parts), attention.THREADS](
-        q, k_cache, v_cache, positions, slot_ids, window, 8, part_max, part_sum, part_acc)
+        q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids, window,
+        partition, part_max, part_sum, part_acc)
     jit(attention, "attention_combine")[tokens * heads, 64](part_max, part_sum, part_acc, out)
     for t in range(tokens):
         start = max(0, positions[t] - window + 1) if window else 0

@@ -218,6 +218,13 @@ class GpuOps:
         size = int(np.prod(shape)) * 2
         return DeviceArray(cache.pointer + (layer * 2 + which) * size, shape, np.dtype(np.float16))
 
+    def kv_words(self, layer: int, which: int) -> DeviceArray:
+        """The cache as attention_partial reads it: [slots * kv heads * max_len, head_dim / 2]
+        pairs of halves."""
+        slots, heads, length, dim = self.kv(layer, which).shape
+        return DeviceArray(self.kv(layer, which).pointer, (slots * heads * length, dim // 2),
+                           np.dtype(np.uint32))
+
     def partition_length(self, tokens: int) -> int:
         """Keys per attention partition: short for decode steps, long for prefill chunks."""
         return geo.ATTENTION_DECODE_PARTITION if tokens <= self.max_batch \
@@ -343,8 +350,10 @@ class GpuOps:
         part_sum = DeviceArray(self.buffers["part_sum"].pointer, (items, P), f32)
         part_acc = DeviceArray(self.buffers["part_acc"].pointer, (items, P, c.head_dim), f32)
         out = self.buffers["attended"].rows(T)
-        self._launch("attention_partial", (items, P), geo.ATTENTION_THREADS, q, self.kv(layer, 0),
-                     self.kv(layer, 1), self._meta("positions", T), self._meta("slots", T),
+        self._launch("attention_partial", (items, P), geo.ATTENTION_THREADS, q,
+                     self.kv_words(layer, 0), self.kv_words(layer, 1),
+                     np.int32(c.num_key_value_heads), np.int32(self.max_len),
+                     self._meta("positions", T), self._meta("slots", T),
                      np.int32(self.window), np.int32(self.partition_length(T)), part_max,
                      part_sum, part_acc)
         self._launch("attention_combine", items, geo.ATTENTION_THREADS, part_max, part_sum,

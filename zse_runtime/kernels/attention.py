@@ -1,9 +1,12 @@
 """Grouped-query attention over the KV cache, split along the keys (flash-decoding).
 
 attention_partial: block (token x head, partition) runs an online softmax over one partition of
-the token's keys (causal, optionally a sliding window); each of its warps takes every
-WARPS-th key, lanes split the head dimension, and the warps merge through shared memory. The
-partition's (max, sum, unnormalised output) goes to a workspace.
+the token's keys (causal, optionally a sliding window) and writes the partition's (max, sum,
+unnormalised output) to a workspace. Each warp takes 32 keys at a time, a key per lane: a lane
+reads its key's row with 16-byte loads and computes the score against q (in shared memory), the
+batch's softmax weights go through shared memory, then every lane accumulates its slice of the
+head dimension over the 32 value rows. All loads of a batch are independent, so a warp waits
+for memory once per 32 keys, not once per key.
 attention_combine: merges a token-head's partitions into the output.
 Splitting keeps all SMs busy for long contexts, where one block per head would use 28 of 132.
 """
@@ -12,62 +15,89 @@ import math
 
 from numba import cuda, float32
 
-from .common import WARP, warp_sum
-
+from .common import WARP
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
+from .memory import halves_as_floats, load, load_u32x4
 
 WARPS = THREADS // WARP
-MAX_DIMS_PER_LANE = MAX_DIM // WARP  # head_dim <= 128, a multiple of 32
+MAX_WORDS_PER_LANE = MAX_DIM // 2 // WARP  # a lane's value words (head_dim <= 128, a multiple of 8)
+MAX_DIMS_PER_LANE = 2 * MAX_WORDS_PER_LANE
 
 
-def attention_partial(q, k_cache, v_cache, positions, slots, window, partition, part_max,
-                      part_sum, part_acc):
-    """q [T, H * D] f32 (rotated); k_cache, v_cache [S, KVH, L, D] f16; positions, slots [T] i32;
-    window: 0, or attend to keys > position - window; partition: keys per partition;
-    part_max, part_sum [T * H, P] f32;
-    part_acc [T * H, P, D] f32. Grid (T * H, P), block THREADS."""
+def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
+                      part_max, part_sum, part_acc):
+    """q [T, H * D] f32 (rotated); k_words, v_words [S * KVH * L, D / 2] u32: the f16 caches
+    [S, KVH, L, D] as pairs of halves, with kv_heads = KVH and length = L; positions, slots [T]
+    i32; window: 0, or attend to keys > position - window; partition: keys per partition;
+    part_max, part_sum [T * H, P] f32; part_acc [T * H, P, D] f32. Grid (T * H, P), block
+    THREADS."""
     item = cuda.blockIdx.x
     part = cuda.blockIdx.y
     heads = part_max.shape[0] // q.shape[0]
-    dim = k_cache.shape[3]
+    words = k_words.shape[1]
+    dim = 2 * words
     t = item // heads
     h = item % heads
-    kv = h // (heads // k_cache.shape[1])
+    kv = h // (heads // kv_heads)
     position = positions[t]
-    slot = slots[t]
     start = max(0, position - window + 1) if window > 0 else 0
     lo = start + part * partition
     hi = min(position + 1, lo + partition)
     lane = cuda.threadIdx.x % WARP
     warp = cuda.threadIdx.x // WARP
+    cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
+    q_scaled = cuda.shared.array(MAX_DIM, float32)
+    weights = cuda.shared.array((WARPS, WARP), float32)
     scale = float32(1.0) / math.sqrt(float32(dim))
-    dims = dim // WARP
-    q_reg = cuda.local.array(MAX_DIMS_PER_LANE, float32)
-    acc = cuda.local.array(MAX_DIMS_PER_LANE, float32)
+    for d in range(cuda.threadIdx.x, dim, THREADS):
+        q_scaled[d] = q[t, h * dim + d] * scale
+    cuda.syncthreads()
+    acc = cuda.local.array(MAX_DIMS_PER_LANE, float32)  # dims 2 (lane + 32 i) + {0, 1}
     for i in range(MAX_DIMS_PER_LANE):
-        q_reg[i] = q[t, h * dim + lane + WARP * i] * scale if i < dims else float32(0.0)
-        acc[i] = 0.0
+        acc[i] = float32(0.0)
     best = float32(-math.inf)
     total = float32(0.0)
-    for j0 in range(lo, hi, WARPS):  # same trip count in every warp: warp_sum stays uniform
-        j = j0 + warp
-        dot = float32(0.0)
-        if j < hi:
-            for i in range(MAX_DIMS_PER_LANE):  # constant trip count: q_reg and acc stay in registers
-                if i < dims:
-                    dot += q_reg[i] * float32(k_cache[slot, kv, j, lane + WARP * i])
-        score = warp_sum(dot)
-        if j < hi:
-            new_best = max(best, score)
-            correction = math.exp(best - new_best)
-            weight = math.exp(score - new_best)
-            total = total * correction + weight
+    for first in range(lo, hi, WARPS * WARP):  # same trip count in every warp: barriers stay uniform
+        batch = first + warp * WARP
+        score = float32(-math.inf)
+        if batch + lane < hi:
+            dot = float32(0.0)
+            for w in range(0, words, 4):
+                k0, k1, k2, k3 = load_u32x4(k_words, cache_row + batch + lane, w)
+                a, b = halves_as_floats(k0)
+                dot += a * q_scaled[2 * w] + b * q_scaled[2 * w + 1]
+                a, b = halves_as_floats(k1)
+                dot += a * q_scaled[2 * w + 2] + b * q_scaled[2 * w + 3]
+                a, b = halves_as_floats(k2)
+                dot += a * q_scaled[2 * w + 4] + b * q_scaled[2 * w + 5]
+                a, b = halves_as_floats(k3)
+                dot += a * q_scaled[2 * w + 6] + b * q_scaled[2 * w + 7]
+            score = dot
+        weights[warp, lane] = score
+        cuda.syncthreads()
+        new_best = best
+        for k in range(WARP):
+            new_best = max(new_best, weights[warp, k])
+        cuda.syncthreads()
+        weights[warp, lane] = (math.exp(score - new_best) if score > -math.inf
+                               else float32(0.0))
+        cuda.syncthreads()
+        if new_best > -math.inf:  # this warp has seen a key
+            correction = math.exp(best - new_best) if best > -math.inf else float32(0.0)
+            total *= correction
             for i in range(MAX_DIMS_PER_LANE):
-                if i < dims:
-                    acc[i] = acc[i] * correction + weight * float32(
-                        v_cache[slot, kv, j, lane + WARP * i])
+                acc[i] *= correction
+            for k in range(min(WARP, hi - batch)):
+                weight = weights[warp, k]
+                total += weight
+                for i in range(MAX_WORDS_PER_LANE):
+                    if lane + WARP * i < words:
+                        a, b = halves_as_floats(load(v_words, cache_row + batch + k, lane + WARP * i))
+                        acc[2 * i] += weight * a
+                        acc[2 * i + 1] += weight * b
             best = new_best
+        cuda.syncthreads()
     # merge the warps
     warp_best = cuda.shared.array(WARPS, float32)
     warp_total = cuda.shared.array(WARPS, float32)
@@ -75,9 +105,10 @@ def attention_partial(q, k_cache, v_cache, positions, slots, window, partition, 
     if lane == 0:
         warp_best[warp] = best
         warp_total[warp] = total
-    for i in range(MAX_DIMS_PER_LANE):
-        if i < dims:
-            warp_acc[warp, lane + WARP * i] = acc[i]
+    for i in range(MAX_WORDS_PER_LANE):
+        if lane + WARP * i < words:
+            warp_acc[warp, 2 * (lane + WARP * i)] = acc[2 * i]
+            warp_acc[warp, 2 * (lane + WARP * i) + 1] = acc[2 * i + 1]
     cuda.syncthreads()
     merged = float32(-math.inf)
     for w in range(WARPS):
@@ -122,7 +153,7 @@ def attention_combine(part_max, part_sum, part_acc, out):
 
 KERNELS = {
     "attention_partial": (attention_partial,
-                          "void(float32[:, ::1], float16[:, :, :, ::1], float16[:, :, :, ::1], "
+                          "void(float32[:, ::1], uint32[:, ::1], uint32[:, ::1], int32, int32, "
                           "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
                           "float32[:, :, ::1])"),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
