@@ -80,7 +80,7 @@ def test_quantize_activations_error_bound_and_layout():
     x[0, 5] = 1e4
     x[1, 32:64] *= 1e-3
     x[2, 64:96] = 0.0  # an all-zero block
-    (xq, xstep, xsum), restored, hi, lo = _quantize_activations(x)
+    (_, xstep, xsum), restored, hi, lo = _quantize_activations(x)
     assert np.abs(hi).max() <= 127 and np.abs(lo).max() <= 127
     blocks = np.abs(x.reshape(3, 8, 32)).max(-1)
     np.testing.assert_allclose(xstep, blocks / 127 / 254, rtol=1e-6)

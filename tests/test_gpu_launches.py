@@ -1,0 +1,149 @@
+"""The GPU backend's launches, recorded without a GPU: every argument list matches the kernel's
+compiled signature (count, array dtypes and ranks, scalar types), the integer and split
+activations it hands the GEMV and the tensor-core GEMM have the shapes those kernels index, and
+1-D grids cover the items a kernel expects. A mistake here would otherwise first show on a
+device, as a crash or as wrong numbers."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from zse_runtime.config import ModelConfig
+from zse_runtime.gpu.backend import GpuOps, Int4Device
+from zse_runtime.gpu.kernels import DeviceArray
+from zse_runtime.kernels import build
+from zse_runtime.kernels import geometry as geo
+from zse_runtime.model import Batch, Decoder
+from zse_runtime.sampling import SamplingParams
+from zse_runtime.zsefile import ZseFile
+
+sys.path.insert(0, str(REPO / "scripts"))
+from make_synthetic_zse import write_random_zse  # noqa: E402
+
+TINY = dict(architecture="qwen2", vocab_size=512, hidden_size=256, intermediate_size=640,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None, max_position_embeddings=4096,
+            tie_word_embeddings=False, qkv_bias=True, o_bias=False, sliding_window=None,
+            source_dtype="synthetic")
+
+
+def _signature(name):
+    """[(dtype, ndim) for arrays, dtype for scalars] of a kernel's numba signature."""
+    text = build.kernel_table()[name][1]
+    inner = text[text.index("(") + 1:text.rindex(")")]
+    parts = re.findall(r"\w+(?:\[[^\]]*\])?", inner)
+    return [(np.dtype(p.split("[")[0]), p.count(",") + 1) if "[" in p else np.dtype(p)
+            for p in parts]
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, grid, block, *args):
+        expected = _signature(name)
+        assert len(args) == len(expected), (name, len(args), len(expected))
+        for position, (arg, want) in enumerate(zip(args, expected)):
+            if isinstance(want, tuple):
+                assert isinstance(arg, DeviceArray), (name, position, arg)
+                assert (arg.dtype, len(arg.shape)) == want, (name, position, arg, want)
+                assert all(extent > 0 for extent in arg.shape), (name, position, arg)
+            else:
+                assert np.asarray(arg).dtype == want, (name, position, arg, want)
+        grid = (grid, 1, 1) if isinstance(grid, int) else (*grid, *(1,) * (3 - len(grid)))
+        assert all(g >= 1 for g in grid) and block % 32 == 0 and block <= 1024, (name, grid, block)
+        self.calls.append((name, grid, block, args))
+
+    def named(self, name):
+        return [call for call in self.calls if call[0] == name]
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    path = write_random_zse(tmp_path_factory.mktemp("tiny") / "tiny.zse", dict(TINY), 64)
+    zse = ZseFile(path)
+    ops = object.__new__(GpuOps)
+    ops.config, ops.slots, ops.max_len = ModelConfig.from_manifest(zse.model_config), 4, 256
+    ops.window, ops.max_batch, ops.max_tokens, ops.capturing = 0, 4, 512, False
+    ops.context = SimpleNamespace(memory_info=lambda: (1 << 40, 1 << 40))
+    ops._plan_memory(zse)
+    pointer, ops.buffers = 1 << 32, {}
+    for name, shape, dtype in ops.arena.sizes:  # disjoint fake addresses, 256-byte aligned
+        ops.buffers[name] = DeviceArray(pointer, shape, dtype)
+        pointer += ops.arena.nbytes_of(shape, dtype)
+    ops.weights_pointer = 1 << 36
+    ops.weights = {name: ops._tensor(zse, name) for name in zse.tensors}
+    ops._no_bias = ops.buffers["no_bias"]
+    ops.meta_host = SimpleNamespace(array=np.zeros(ops.meta_bytes, np.uint8), pointer=0)
+    ops.meta = ops._meta_views()
+    ops.stream = SimpleNamespace(copy_to_device=lambda *a: None, copy_to_host=lambda *a: None,
+                                 synchronize=lambda: None)
+    return ops
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40, 512])
+def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
+    """Decode-sized batches go through the integer-activation GEMVs, larger ones through the
+    tensor-core GEMM; either way each launch matches its kernel."""
+    ops._launch = recorder = Recorder()
+    batch = Batch.of(np.arange(tokens) % 512, np.arange(tokens), np.zeros(tokens, np.int32),
+                     [tokens - 1])
+    Decoder(ops.config, ops).forward(batch)
+    c = ops.config
+    linears = 4 * c.num_hidden_layers  # qkv, o_proj, gate_up, down_proj (the lm_head is fp16)
+    if tokens <= geo.GEMV_MAX_TOKENS:
+        quantized = recorder.named("quantize_activations")
+        assert len(quantized) == linears
+        for name, grid, block, (x, xq, xstep, xsum) in quantized:
+            t, k = x.shape
+            assert (xq.shape, xstep.shape, xsum.shape) == ((t, k // 2), (t, k // 32), (t, k // 32))
+            assert grid[0] * block >= t * k // 32  # a thread per block of 32 inputs
+        gemvs = [call for call in recorder.calls if call[0].startswith("int4_gemv_t")]
+        assert len(gemvs) == linears
+        for name, grid, block, args in gemvs:
+            xq, qweight, out = args[0], args[3], args[-1]
+            assert xq.shape == (tokens, qweight.shape[1] * 4) and out.shape[0] == tokens
+    else:
+        splits = recorder.named("split_activations")
+        assert len(splits) == linears
+        for name, grid, block, (x, group, hi, lo, xsum, unscale) in splits:
+            t, k = x.shape
+            assert hi.shape == lo.shape == (t, k // 2)
+            assert xsum.shape == unscale.shape == (t, k // int(group))
+            assert grid[0] * block >= t * k // int(group)  # a thread per (token, group)
+        gemms = recorder.named("int4_gemm")
+        for name, grid, block, args in gemms:
+            hi, qweight, group, out = args[0], args[4], int(args[7]), args[-1]
+            assert hi.shape == (tokens, qweight.shape[1] * 4) and out.shape == (tokens, qweight.shape[0])
+            assert args[2].shape == (tokens, qweight.shape[1] * 8 // group)
+            assert grid[:2] == (math.ceil(out.shape[1] / geo.GEMM_TILE_N),
+                                math.ceil(tokens / geo.GEMM_TILE_T))
+            assert block == geo.GEMM_THREADS
+        assert len(gemms) == linears
+    for name, grid, block, args in recorder.named("attention_partial"):
+        k_words, kv_heads, length = args[1], int(args[3]), int(args[4])
+        assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
+
+
+def test_sampling_launch_matches_its_kernel(ops):
+    ops._launch = recorder = Recorder()
+    ops.prepare(Batch.of([5], [0], [0], [0]))
+    ops.sample(ops.buffers["logits"].rows(1), [SamplingParams(0.7, top_p=0.9, seed=1)], [0])
+    (name, grid, block, args), = recorder.named("sample_tokens")
+    assert block == geo.SAMPLING_THREADS and grid[0] == 1 and args[0].shape == (1, 512)
+
+
+def test_weights_are_views_of_the_file_layout(ops):
+    """Every INT4 weight's three arrays lie inside the one weight allocation, in file order."""
+    for name, weight in ops.weights.items():
+        if isinstance(weight, Int4Device):
+            assert weight.qweight.pointer < weight.scales.pointer < weight.zeros.pointer
+            assert weight.scales.shape == weight.zeros.shape
+            assert weight.qweight.shape[1] * 8 // weight.group_size == weight.scales.shape[1]
