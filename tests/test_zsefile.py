@@ -103,7 +103,7 @@ def test_bad_magic(tiny_qwen2_zse, tmp_path):
 
 def test_unknown_major_version(tiny_qwen2_zse, tmp_path):
     def bump(fields):
-        fields[1] = 2
+        fields[1], fields[2] = 2, 0
     path = _rewrite(tiny_qwen2_zse, tmp_path / "v2.zse", mutate_header=bump)
     _expect_error(path, "format version 2.0 is not supported")
 
