@@ -17,7 +17,7 @@ from tests.conftest import REPO
 from zse_convert.calibration import (STDLIB_MODULES, WINDOW, LayerCalibrator, load_text,
                                      stdlib_text, token_windows)
 from zse_convert.convert import ConvertOptions, convert
-from zse_convert.gptq import (DAMPING, GptqOptions, column_order, gptq_quantize, inverse_hessian_factor,
+from zse_convert.gptq import (DAMPING, GptqOptions, blocked_cholesky, column_order, gptq_quantize, inverse_hessian_factor,
                               output_error)
 from zse_convert.quantize import quantize_int4
 from zse_convert.source import Checkpoint, SourceError
@@ -50,6 +50,18 @@ def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse():
     expected = np.linalg.cholesky(np.linalg.inv(damped)).T
     assert np.array_equal(upper, np.triu(upper))
     np.testing.assert_allclose(upper, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocked_cholesky_matches_lapack(dtype):
+    x = _correlated_inputs(1500, 1000).astype(dtype)
+    h = x.T @ x
+    h += DAMPING * np.mean(np.diag(h)) * np.eye(1000, dtype=dtype)  # damped, as GPTQ factors it
+    expected = np.linalg.cholesky(h.astype(np.float64))
+    lower = blocked_cholesky(h.copy(), block=256)  # 4 blocks, the last one partial
+    assert np.array_equal(lower, np.tril(lower))
+    tolerance = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(lower, expected, rtol=0, atol=tolerance * np.abs(expected).max())
 
 
 def test_group_act_order_keeps_every_group_contiguous():

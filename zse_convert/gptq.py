@@ -12,10 +12,11 @@ Act-order (columns with the largest H diagonal first) would scatter a group's co
 whole row. We order *groups* by their summed H diagonal and columns by H diagonal within each
 group instead, so a group is still contiguous when its parameters are chosen.
 
-Cost per matrix [N, K]: one K x K inverse and Cholesky factor (float64 below
-FLOAT64_MAX_COLUMNS inputs, float32 above, to bound memory at 7B's 18944-wide down_proj), and
-~2·N·K² multiply-adds of lazy block updates (BLAS); the column-by-column inner loop is numba,
-parallel over rows (rows are independent once the group's parameters are fixed).
+Cost per matrix [N, K]: one Cholesky factorization and one triangular inverse of K x K
+(~K³/3 multiply-adds each; float64 up to FLOAT64_MAX_COLUMNS inputs, float32 above, to bound
+memory at 7B's 18944-wide down_proj), and ~N·K²/2 multiply-adds of lazy block updates (BLAS);
+the column-by-column inner loop is numba, parallel over rows (rows are independent once the
+group's parameters are fixed), and the clipping search runs once per group.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .quantize import LEVELS, QuantStats, check_quantizable, quantize_int4
 DAMPING = 0.1
 BLOCK_COLUMNS = 128  # lazy-update block; a multiple of every group size
 FLOAT64_MAX_COLUMNS = 8192  # a float64 18944² inverse alone would take 2.9 GB
+CHOLESKY_BLOCK = 4096
 ACT_ORDERS = ("groups", "none")
 SEARCH_WEIGHTS = ("hessian", "sqrt", "none")
 
@@ -104,12 +106,35 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float) -> np.ndarray:
     diag[diag <= 0] = 1.0
     diag += damping * float(diag.mean())
     try:
-        lower = np.linalg.cholesky(h)
+        lower = blocked_cholesky(h)
     except np.linalg.LinAlgError:
         raise ValueError("the calibration Hessian is not positive definite even after damping "
                          f"{damping}; use more calibration tokens or more damping") from None
     del h
     return np.ascontiguousarray(lower_triangular_inverse(lower)[::-1, ::-1], np.float32)
+
+
+def blocked_cholesky(a: np.ndarray, block: int = CHOLESKY_BLOCK) -> np.ndarray:
+    """Lower Cholesky factor of the symmetric positive definite `a`, computed in place (a is
+    overwritten and returned). Right-looking, by diagonal blocks: numpy's cholesky (LAPACK potrf)
+    crashed the process (SIGSEGV) on a float32 18944 x 18944 matrix (7B down_proj) on this box,
+    while blocks of 4096 factor fine; the off-diagonal work is matrix products."""
+    n = a.shape[0]
+    if n <= block:
+        return np.linalg.cholesky(a)
+    for k0 in range(0, n, block):
+        k1 = min(n, k0 + block)
+        l11 = np.linalg.cholesky(a[k0:k1, k0:k1])
+        a[k0:k1, k0:k1] = l11
+        if k1 == n:
+            break
+        a[k0:k1, k1:] = 0
+        l21 = a[k1:, k0:k1] @ lower_triangular_inverse(l11).T  # L21 = A21·L11⁻ᵀ
+        a[k1:, k0:k1] = l21
+        for j0 in range(k1, n, block):  # A22 -= L21·L21ᵀ, lower block columns only
+            j1 = min(n, j0 + block)
+            a[j0:, j0:j1] -= l21[j0 - k1:] @ l21[j0 - k1:j1 - k1].T
+    return a
 
 
 def lower_triangular_inverse(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
