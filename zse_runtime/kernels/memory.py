@@ -39,10 +39,6 @@ if config.ENABLE_CUDASIM:
         return np.int32(total)
 
     @cuda.jit(device=True, inline="always")
-    def load_u32_streaming(array, row, col):
-        return array[row, col]
-
-    @cuda.jit(device=True, inline="always")
     def load(array, row, col):
         return array[row, col]
 
@@ -142,28 +138,13 @@ else:
 
         return types.int32(unsigned_bytes, signed_bytes, accumulator), codegen
 
-    def _scalar_load(instruction=None):
-        """array[row, col] without wraparound: an inline-asm load `instruction` (uint32), or
-        None for a plain load of the array's dtype."""
-        @intrinsic
-        def load(typingctx, array, row, col):
-            signature = (types.uint32 if instruction else array.dtype)(array, row, col)
+    @intrinsic
+    def _load(typingctx, array, row, col):
+        def codegen(context, builder, sig, args):
+            return builder.load(_element_pointer(context, builder, sig.args[0], args[0], args[1:],
+                                                 sig.args[1:]))
 
-            def codegen(context, builder, sig, args):
-                pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1:],
-                                           sig.args[1:])
-                if instruction is None:
-                    return builder.load(pointer)
-                asm = ir.InlineAsm(ir.FunctionType(ir.IntType(32), [pointer.type]),
-                                   f"{instruction} $0, [$1];", "=r,l")
-                return builder.call(asm, [pointer])
-
-            return signature, codegen
-
-        return load
-
-    _load_u32_streaming = _scalar_load("ld.global.cs.u32")
-    _load = _scalar_load()
+        return array.dtype(array, row, col), codegen
 
     @intrinsic
     def _bits_as_float(typingctx, bits):
@@ -248,7 +229,6 @@ else:
     load_u32x4 = _load_u32x4  # array[row, col:col + 4], uint32, read-only cache path
     # accumulator + the dot product of 4 unsigned bytes with 4 signed bytes (dp4a, sm_61+)
     dot4_u8s8 = _dot4_u8s8
-    load_u32_streaming = _load_u32_streaming  # array[row, col], uint32, evict-first
     load = _load  # array[row, col] without numba's negative-index wraparound
     float_bits = _float_bits  # the bit pattern of a float32, as a uint32
     bits_as_float = _bits_as_float  # the float32 with this bit pattern
