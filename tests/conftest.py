@@ -12,10 +12,12 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import pytest  # noqa: E402
 
+from tests import simulator_scheduler  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
 from zse_convert.convert import ConvertOptions, convert
 
 REPO = Path(__file__).resolve().parent.parent
+simulator_scheduler.install()
 
 
 @pytest.fixture(scope="session")
