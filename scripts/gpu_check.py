@@ -165,9 +165,21 @@ def quantize_on_device(gpu: Gpu, dx: DeviceArray, into=None) -> tuple[DeviceArra
     xq, xstep, xsum = into or (gpu.empty((tokens, cols // 2), np.uint32),
                                gpu.empty((tokens, cols // 32), np.float32),
                                gpu.empty((tokens, cols // 32), np.float32))
-    gpu.launch("quantize_activations", math.ceil(tokens * cols // 32 / geo.ELEMENTWISE_THREADS),
+    gpu.launch("quantize_activations", math.ceil(tokens * cols / geo.ELEMENTWISE_THREADS),
                geo.ELEMENTWISE_THREADS, dx, xq, xstep, xsum)
     return xq, xstep, xsum
+
+
+def empty_digits(gpu: Gpu, tokens: int, cols: int) -> tuple[DeviceArray, ...]:
+    return (gpu.empty((tokens, cols // 2), np.uint32), gpu.empty((tokens, cols // 32), np.float32),
+            gpu.empty((tokens, cols // 32), np.float32))
+
+
+def fused_digits_exact(gpu: Gpu, out: DeviceArray, digits) -> bool:
+    """A producer's fused digits equal the standalone quantizer's on its output, bit for bit."""
+    expected = quantize_on_device(gpu, out)
+    return all(np.array_equal(gpu.get(a).view(np.uint32), gpu.get(b).view(np.uint32))
+               for a, b in zip(digits, expected))
 
 
 def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[DeviceArray, ...]:
@@ -324,7 +336,7 @@ def gemm(gpu: Gpu, rng) -> None:
 @check("attention")
 def attention(gpu: Gpu, rng) -> None:
     heads, kv_heads, dim, length = 28, 4, 128, 4096
-    for tokens, positions in ((1, [4095]), (1, [255]), (3, [0, 700, 2047])):
+    for tokens, positions in ((1, [4095]), (1, [255]), (1, [127]), (3, [0, 700, 2047])):
         k = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         v = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
@@ -337,13 +349,17 @@ def attention(gpu: Gpu, rng) -> None:
         dpos, dslots = gpu.put(pos), gpu.put(slots)
         pmax, psum = gpu.empty((items, parts), np.float32), gpu.empty((items, parts), np.float32)
         pacc, out = gpu.empty((items, parts, dim), np.float32), gpu.empty((tokens, heads * dim), np.float32)
-
-        def run():
-            gpu.launch("attention_partial", (items, parts), geo.ATTENTION_THREADS, dq,
-                       _words(dk), _words(dv), np.int32(kv_heads), np.int32(length), dpos, dslots, np.int32(0), np.int32(partition), pmax, psum, pacc)
-            gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum, pacc, out)
+        digits = empty_digits(gpu, tokens, heads * dim)
+        partial = lambda: gpu.launch(
+            "attention_partial", (items, parts), geo.ATTENTION_THREADS, dq, _words(dk), _words(dv),
+            np.int32(kv_heads), np.int32(length), dpos, dslots, np.int32(0), np.int32(partition),
+            pmax, psum, pacc)
+        combine = lambda: gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum,
+                                     pacc, out, np.int32(1), *digits)
+        run = lambda: (partial(), combine())
         run()
         got = gpu.get(out)
+        digits_ok = fused_digits_exact(gpu, out, digits)
         err = 0.0
         for t in range(tokens):
             for h in range(heads):
@@ -352,9 +368,11 @@ def attention(gpu: Gpu, rng) -> None:
                 w = np.exp(scores - scores.max())
                 ref = w @ v[1, h // 7, :pos[t] + 1].astype(np.float32) / w.sum()
                 err = max(err, rel_error(got[t, h * dim:(h + 1) * dim], ref))
-        ms = gpu.time_ms(run, 20)
-        record(f"attention T={tokens} positions {positions}", err < 1e-4,
-               f"rel err {err:.1e}; {ms * 1000:.0f} us", us=ms * 1000)
+        ms, partial_ms = gpu.time_ms(run, 20), gpu.time_ms(partial, 20)
+        record(f"attention T={tokens} positions {positions}", err < 1e-4 and digits_ok,
+               f"rel err {err:.1e}; {ms * 1000:.1f} us (partial {partial_ms * 1000:.1f}); fused "
+               f"digits {'exact' if digits_ok else 'DIFFER'}", us=ms * 1000,
+               partial_us=partial_ms * 1000, digits_exact=digits_ok)
         gpu.free_all()
 
 
@@ -365,29 +383,65 @@ def small_kernels(gpu: Gpu, rng) -> None:
     residual = rng.standard_normal((tokens, hidden)).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
     dd, dr, dw, out = gpu.put(delta), gpu.put(residual), gpu.put(weight), gpu.empty((tokens, hidden), np.float32)
-    gpu.launch("add_rmsnorm", tokens, geo.ROW_THREADS, dd, dr, dw, np.float32(1e-6), np.int32(1), out)
+    digits = empty_digits(gpu, tokens, hidden)
+    gpu.launch("add_rmsnorm", tokens, geo.NORM_THREADS, dd, dr, dw, np.float32(1e-6), np.int32(1),
+               out, np.int32(1), *digits)
     summed = delta + residual
     ref = summed / np.sqrt((summed ** 2).mean(1, keepdims=True) + 1e-6) * weight
     err = rel_error(gpu.get(out), ref)
     residual_ok = rel_error(gpu.get(dr), summed) < 1e-6
-    ms = gpu.time_ms(lambda: gpu.launch("add_rmsnorm", 1, geo.ROW_THREADS, dd.rows(1), dr.rows(1),
-                                        dw, np.float32(1e-6), np.int32(1), out.rows(1)))
-    record("add_rmsnorm 5x3584", err < 1e-5 and residual_ok,
-           f"rel err {err:.1e}; {ms * 1000:.1f} us for one token", us=ms * 1000)
-    gate_up = rng.standard_normal((tokens, 2 * 18944)).astype(np.float32)
-    dg, act = gpu.put(gate_up), gpu.empty((tokens, 18944), np.float32)
-    gpu.launch("silu_mul", 256, geo.ELEMENTWISE_THREADS, dg, act)
-    g, u = gate_up[:, :18944], gate_up[:, 18944:]
+    digits_ok = fused_digits_exact(gpu, out, digits)
+    one = [d.rows(1) for d in digits]
+    ms = gpu.time_ms(lambda: gpu.launch("add_rmsnorm", 1, geo.NORM_THREADS, dd.rows(1), dr.rows(1),
+                                        dw, np.float32(1e-6), np.int32(1), out.rows(1),
+                                        np.int32(1), *one))
+    record("add_rmsnorm 5x3584", err < 1e-5 and residual_ok and digits_ok,
+           f"rel err {err:.1e}; {ms * 1000:.1f} us for one token, with its digits "
+           f"({'exact' if digits_ok else 'DIFFER'})", us=ms * 1000, digits_exact=digits_ok)
+    for threads, quantize in ((256, 1), (512, 1), (1024, 0), (256, 0)):
+        ms = gpu.time_ms(lambda: gpu.launch("add_rmsnorm", 1, threads, dd.rows(1), dr.rows(1), dw,
+                                            np.float32(1e-6), np.int32(1), out.rows(1),
+                                            np.int32(quantize), *one))
+        record(f"  sweep add_rmsnorm 1x3584 ({threads} thr, digits {quantize})", True,
+               f"{ms * 1000:.1f} us", us=ms * 1000, threads=threads, quantize=quantize, sweep=True)
+    inter = 18944
+    gate_up = rng.standard_normal((tokens, 2 * inter)).astype(np.float32)
+    dg, act = gpu.put(gate_up), gpu.empty((tokens, inter), np.float32)
+    digits = empty_digits(gpu, tokens, inter)
+    gpu.launch("silu_mul", 256, geo.ELEMENTWISE_THREADS, dg, act, np.int32(1), *digits)
+    g, u = gate_up[:, :inter], gate_up[:, inter:]
     err = rel_error(gpu.get(act), g / (1 + np.exp(-g)) * u)
-    ms = gpu.time_ms(lambda: gpu.launch("silu_mul", 75, geo.ELEMENTWISE_THREADS, dg.rows(1),
-                                        act.rows(1)))
-    record("silu_mul 5x18944", err < 1e-5, f"rel err {err:.1e}; {ms * 1000:.1f} us for one token",
-           us=ms * 1000)
+    digits_ok = fused_digits_exact(gpu, act, digits)
+    one = [d.rows(1) for d in digits]
+    ms = gpu.time_ms(lambda: gpu.launch("silu_mul", math.ceil(inter / geo.ELEMENTWISE_THREADS),
+                                        geo.ELEMENTWISE_THREADS, dg.rows(1), act.rows(1),
+                                        np.int32(1), *one))
+    record("silu_mul 5x18944", err < 1e-5 and digits_ok,
+           f"rel err {err:.1e}; {ms * 1000:.1f} us for one token, with its digits "
+           f"({'exact' if digits_ok else 'DIFFER'})", us=ms * 1000, digits_exact=digits_ok)
+    ms = gpu.time_ms(lambda: quantize_on_device(gpu, out.rows(1), [d.rows(1) for d in digits]))
+    record("quantize_activations 1x3584 (lm_head input)", True, f"{ms * 1000:.1f} us", us=ms * 1000)
     table = rng.standard_normal((152064, hidden)).astype(np.float16)
     ids = np.array([0, 152063, 17, 17, 99999], np.int32)
     dt, di, emb = gpu.put(table), gpu.put(ids), gpu.empty((tokens, hidden), np.float32)
-    gpu.launch("embed_fp16", tokens, geo.ROW_THREADS, di, dt, emb)
-    record("embed_fp16 152064x3584", np.array_equal(gpu.get(emb), table[ids].astype(np.float32)), "exact")
+    embed = lambda rows: gpu.launch("embed_fp16", (rows, math.ceil(hidden / geo.ROW_THREADS)),
+                                    geo.ROW_THREADS, di, dt, emb)
+    embed(tokens)
+    ms = gpu.time_ms(lambda: embed(1))
+    record("embed_fp16 152064x3584", np.array_equal(gpu.get(emb), table[ids].astype(np.float32)),
+           f"exact; {ms * 1000:.1f} us for one token", us=ms * 1000)
+    heads, kv_heads, dim, length = 28, 4, 128, 4096
+    qkv = gpu.put(rng.standard_normal((1, (heads + 2 * kv_heads) * dim)).astype(np.float32))
+    angles = rng.uniform(0, 1, (length, dim // 2)).astype(np.float32)
+    cos, sin = gpu.put(np.cos(angles)), gpu.put(np.sin(angles))
+    caches = [gpu.empty((1, kv_heads, length, dim), np.float16) for _ in range(2)]
+    q_out, pos, slot = gpu.empty((1, heads * dim), np.float32), gpu.put(np.array([100], np.int32)), \
+        gpu.put(np.array([0], np.int32))
+    work = (heads + kv_heads) * dim // 2 + kv_heads * dim
+    ms = gpu.time_ms(lambda: gpu.launch("rope_and_cache", (1, math.ceil(work / geo.ROW_THREADS)),
+                                        geo.ROW_THREADS, qkv, pos, slot, cos, sin, *caches, q_out,
+                                        np.int32(heads)))
+    record("rope_and_cache 1 token (28+4 heads of 128)", True, f"{ms * 1000:.1f} us", us=ms * 1000)
     gpu.free_all()
 
 
@@ -542,6 +596,45 @@ def prebuilt_zse(zse: Path, config_dir: Path, long_text: str) -> None:
 
 
 @check("7B speed")
+def profile_forward(engine, tokens: int) -> None:
+    """GPU time per kernel of one eager forward of `tokens` tokens (a decode step at position
+    200, or a prefill chunk): events around every launch, summed by kernel name. Events add
+    about a microsecond per launch; the graph replay above has no such gaps."""
+    from zse_runtime.model import Batch
+
+    ops = engine.ops
+    launches: list[tuple[str, driver.Event, driver.Event]] = []
+    plain = ops._launch
+
+    def timed(name, *args):
+        start, end = driver.Event(), driver.Event()
+        start.record(ops.stream)
+        plain(name, *args)
+        end.record(ops.stream)
+        launches.append((name, start, end))
+
+    positions = np.arange(tokens) + (200 if tokens == 1 else 0)
+    batch = Batch.of(np.arange(tokens) % 1000, positions, np.zeros(tokens), [tokens - 1])
+    engine.decoder.forward(batch)  # warm-up
+    ops._launch = timed
+    try:
+        engine.decoder.forward(batch)
+    finally:
+        del ops._launch
+    ops.stream.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for name, start, end in launches:
+        by_name.setdefault(name, []).append(end.elapsed_ms(start) * 1000)
+    total = sum(sum(v) for v in by_name.values())
+    table = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+    detail = "; ".join(f"{name} {sum(us):.0f} us ({len(us)}x {np.median(us):.1f})"
+                       for name, us in table)
+    record(f"7B forward of {tokens} token(s), GPU time by kernel", True,
+           f"{total:.0f} us in {len(launches)} launches: {detail}", total_us=total,
+           kernels={name: {"launches": len(us), "total_us": sum(us), "median_us": float(np.median(us))}
+                    for name, us in table})
+
+
 def speed_7b(work: Path) -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     from make_synthetic_zse import PRESETS, write_random_zse
@@ -582,6 +675,8 @@ def speed_7b(work: Path) -> None:
     record("7B decode step on the GPU (graph replay)", True,
            f"{step_ms:.2f} ms per token = {1000 / step_ms:.0f} tok/s if the host added nothing",
            step_ms=step_ms)
+    for tokens in (1, 512):
+        profile_forward(engine, tokens)
     prompt = list(np.random.default_rng(0).integers(0, 500, 2048))
     list(engine.generate(prompt[:512], 1, ignore_eos=True))
     started = time.perf_counter()

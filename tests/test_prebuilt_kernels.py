@@ -106,3 +106,41 @@ def test_every_gemv_the_backend_plans_is_shipped():
             assert kernel.endswith(f"_r{block_rows}")
             # warps split K: the same block size at every batch keeps batched == solo
             assert threads == int4_gemv_plan(rows, 1)[3]
+
+
+def _register_counts(cubin: bytes) -> dict[str, int]:
+    """Entry name -> registers per thread, from a cubin's .nv.info section (EIATTR_REGCOUNT,
+    attribute 0x2f: the function's symbol index and its register count)."""
+    import struct
+
+    section_table, = struct.unpack_from("<Q", cubin, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, section_table + i * entry_size)
+                for i in range(count)]
+    text = lambda base, offset: cubin[base + offset:cubin.index(b"\0", base + offset)].decode()
+    by_name = {text(sections[names_index][4], s[0]): s for s in sections}
+    symbols, strings = by_name[".symtab"], sections[by_name[".symtab"][6]]
+    names = [text(strings[4], struct.unpack_from("<I", cubin, symbols[4] + 24 * i)[0])
+             for i in range(symbols[5] // 24)]
+    info = by_name[".nv.info"]
+    registers, offset = {}, info[4]
+    while offset < info[4] + info[5]:
+        form, attribute, size = struct.unpack_from("<BBH", cubin, offset)
+        if form == 4 and attribute == 0x2F:
+            symbol, value = struct.unpack_from("<II", cubin, offset + 4)
+            registers[names[symbol]] = value
+        offset += 4 + (size if form == 4 else 0)
+    return registers
+
+
+def test_large_blocks_fit_the_register_file():
+    """A kernel launched with more than 256 threads (geometry.LAUNCH_BOUNDS) must use at most
+    65536 / threads registers in every shipped cubin, or its launch fails on the device."""
+    from zse_runtime.kernels import geometry
+
+    entries = json.loads((PREBUILT / "index.json").read_text())["entries"]
+    for arch in build.ARCHITECTURES:
+        registers = _register_counts((PREBUILT / f"kernels.{arch}.cubin").read_bytes())
+        assert len(registers) >= len(entries), arch
+        for name, threads in geometry.LAUNCH_BOUNDS.items():
+            assert registers[entries[name]] * threads <= 65536, (arch, name, registers[entries[name]])

@@ -51,6 +51,15 @@ def int4_gemv_plan(rows: int, tokens: int) -> tuple[str, int, int, int]:
     return f"int4_gemv_t{tile}_r{block_rows}", block_rows, tile, threads
 
 
+@dataclass(frozen=True)
+class QuantizedActivation(DeviceArray):
+    """An activation whose producer also wrote it as the INT4 GEMV's digits (xq, xstep, xsum),
+    in the workspace's one digits buffer: valid until the next producer writes there, which in
+    the decoder is after this activation's consumer has been launched."""
+
+    digits: tuple = ()
+
+
 class OutOfDeviceMemory(RuntimeError):
     pass
 
@@ -268,17 +277,39 @@ class GpuOps:
         T, out = self.tokens_now, self.buffers["hidden"].rows(self.tokens_now)
         table = self.weights[EMBED]
         if isinstance(table, Int4Device):
-            self._launch("embed_int4", T, geo.ROW_THREADS, self._meta("tokens", T), table.qweight,
-                         table.scales, table.zeros, np.int32(table.group_size), out)
+            words = table.qweight.shape[1]
+            self._launch("embed_int4", (T, math.ceil(words / geo.ROW_THREADS)), geo.ROW_THREADS,
+                         self._meta("tokens", T), table.qweight, table.scales, table.zeros,
+                         np.int32(table.group_size), out)
         else:
-            self._launch("embed_fp16", T, geo.ROW_THREADS, self._meta("tokens", T), table, out)
+            self._launch("embed_fp16", (T, math.ceil(out.shape[1] / geo.ROW_THREADS)),
+                         geo.ROW_THREADS, self._meta("tokens", T), table, out)
         return out
+
+    def _digits(self, T: int, K: int) -> tuple[DeviceArray, ...]:
+        """The INT4 GEMV's input digits for a [T, K] activation (kernels/quantize_activations.py):
+        contiguous prefixes of the workspace."""
+        f32 = np.dtype(np.float32)
+        return (DeviceArray(self.buffers["xq"].pointer, (T, K // 2), np.dtype(np.uint32)),
+                DeviceArray(self.buffers["xstep"].pointer, (T, K // 32), f32),
+                DeviceArray(self.buffers["xsum"].pointer, (T, K // 32), f32))
+
+    def _producing(self, out: DeviceArray, quantize: bool):
+        """(the producer's output, its digits arguments and flag): a decode step's producers write
+        the digits of what they compute; prefill ones (the GEMM reads floats) do not."""
+        T, K = out.shape
+        if not quantize:
+            return out, (np.int32(0), *self._digits(1, 32))  # never written
+        digits = self._digits(T, K)
+        return QuantizedActivation(out.pointer, out.shape, out.dtype, digits), (np.int32(1), *digits)
 
     def add_rmsnorm(self, delta: DeviceArray, residual, norm: str):
         T = delta.shape[0]
         out, res = self.buffers["normed"].rows(T), self.buffers["residual"].rows(T)
-        self._launch("add_rmsnorm", T, geo.ROW_THREADS, delta, res, self.weights[norm],
-                     np.float32(self.config.rms_norm_eps), np.int32(residual is not None), out)
+        out, digits = self._producing(out, T <= geo.GEMV_MAX_TOKENS)
+        self._launch("add_rmsnorm", T, geo.NORM_THREADS, delta, res, self.weights[norm],
+                     np.float32(self.config.rms_norm_eps), np.int32(residual is not None), out,
+                     *digits)
         return out, res
 
     _OUTPUT = {"qkv": "qkv", "o_proj": "hidden", "gate_up": "gate_up", "down_proj": "hidden"}
@@ -301,7 +332,8 @@ class GpuOps:
         weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                   bias if bias is not None else self._no_bias, np.int32(bias is not None))
         if T <= geo.GEMV_MAX_TOKENS:  # decode: one pass over the weights per token tile
-            activations = self._quantize_activations(x)
+            activations = x.digits if isinstance(x, QuantizedActivation) \
+                else self._quantize_activations(x)
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
                          *activations, *weight, out)
@@ -312,13 +344,11 @@ class GpuOps:
                          geo.GEMM_THREADS, *split, *weight, out)
 
     def _quantize_activations(self, x: DeviceArray) -> tuple[DeviceArray, ...]:
-        """x [T, K] as the INT4 GEMV's integer digits (kernels/quantize_activations.py), in the
-        workspace (contiguous prefixes)."""
-        (T, K), f32 = x.shape, np.dtype(np.float32)
-        digits = (DeviceArray(self.buffers["xq"].pointer, (T, K // 2), np.dtype(np.uint32)),
-                  DeviceArray(self.buffers["xstep"].pointer, (T, K // 32), f32),
-                  DeviceArray(self.buffers["xsum"].pointer, (T, K // 32), f32))
-        self._launch("quantize_activations", math.ceil(T * K // 32 / geo.ELEMENTWISE_THREADS),
+        """x [T, K] as the INT4 GEMV's integer digits, for an input no producer quantized (the
+        INT4 lm_head's): a thread per value."""
+        T, K = x.shape
+        digits = self._digits(T, K)
+        self._launch("quantize_activations", math.ceil(T * K / geo.ELEMENTWISE_THREADS),
                      geo.ELEMENTWISE_THREADS, x, *digits)
         return digits
 
@@ -336,7 +366,10 @@ class GpuOps:
 
     def rope_and_cache(self, qkv: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
         T, q = qkv.shape[0], self.buffers["q"].rows(qkv.shape[0])
-        self._launch("rope_and_cache", T, geo.ROW_THREADS, qkv, self._meta("positions", T),
+        c = self.config
+        work = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim // 2 + c.kv_size
+        self._launch("rope_and_cache", (T, math.ceil(work / geo.ROW_THREADS)), geo.ROW_THREADS,
+                     qkv, self._meta("positions", T),
                      self._meta("slots", T), self.buffers["rope_cos"], self.buffers["rope_sin"],
                      self.kv(layer, 0), self.kv(layer, 1), q,
                      np.int32(self.config.num_attention_heads))
@@ -349,7 +382,9 @@ class GpuOps:
         part_max = DeviceArray(self.buffers["part_max"].pointer, (items, P), f32)
         part_sum = DeviceArray(self.buffers["part_sum"].pointer, (items, P), f32)
         part_acc = DeviceArray(self.buffers["part_acc"].pointer, (items, P, c.head_dim), f32)
-        out = self.buffers["attended"].rows(T)
+        # the combine quantizes a head's outputs: its blocks of 32 must not straddle heads
+        out, digits = self._producing(self.buffers["attended"].rows(T),
+                                      T <= geo.GEMV_MAX_TOKENS and c.head_dim % 32 == 0)
         self._launch("attention_partial", (items, P), geo.ATTENTION_THREADS, q,
                      self.kv_words(layer, 0), self.kv_words(layer, 1),
                      np.int32(c.num_key_value_heads), np.int32(self.max_len),
@@ -357,21 +392,22 @@ class GpuOps:
                      np.int32(self.window), np.int32(self.partition_length(T)), part_max,
                      part_sum, part_acc)
         self._launch("attention_combine", items, geo.ATTENTION_THREADS, part_max, part_sum,
-                     part_acc, out)
+                     part_acc, out, *digits)
         return out
 
     def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
         T = gate_up.shape[0]
-        out = self.buffers["act"].rows(T)
+        out, digits = self._producing(self.buffers["act"].rows(T), T <= geo.GEMV_MAX_TOKENS)
         total = T * self.config.intermediate_size
         blocks = min(math.ceil(total / geo.ELEMENTWISE_THREADS), 65535)
-        self._launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, gate_up, out)
+        self._launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, gate_up, out, *digits)
         return out
 
     def logits(self, x: DeviceArray, rows) -> DeviceArray:
         B = self.rows_now
         last = self.buffers["last_hidden"].rows(B)
-        self._launch("gather_rows", B, geo.ROW_THREADS, x, self._meta("rows", B), last)
+        self._launch("gather_rows", (B, math.ceil(x.shape[1] / geo.ROW_THREADS)), geo.ROW_THREADS,
+                     x, self._meta("rows", B), last)
         out = self.buffers["logits"].rows(B)
         self._matmul(last, self.weights[LM_HEAD], out, None)
         return out

@@ -1,21 +1,33 @@
-"""SiLU(gate) * up over the fused gate_up projection."""
+"""SiLU(gate) * up over the fused gate_up projection (and, for decode, the down_proj GEMV's
+input digits: a warp's lanes hold 32 consecutive outputs, quantized a lane per value)."""
 
 import math
 
 from numba import cuda, float32
 
+from .quantize_activations import quantize_lane
 
-def silu_mul(gate_up, out):
-    """gate_up [T, 2I] float32 (gate columns, then up columns); out [T, I] float32.
-    Grid-stride over all T * I outputs."""
+
+def silu_mul(gate_up, out, quantize, xq, xstep, xsum):
+    """gate_up [T, 2I] float32 (gate columns, then up columns); out [T, I] float32 (I a multiple
+    of 32); if quantize, also out as digits xq, xstep, xsum (quantize_activations.py).
+    Grid-stride over all T * I outputs, a multiple of 32 threads per block."""
     inter = out.shape[1]
     total = out.shape[0] * inter
-    start = cuda.grid(1)
-    for i in range(start, total, cuda.gridsize(1)):
-        t = i // inter
+    # block-uniform trip count, for quantize_lane
+    for base in range(cuda.blockIdx.x * cuda.blockDim.x, total, cuda.gridDim.x * cuda.blockDim.x):
+        i = base + cuda.threadIdx.x
+        active = i < total
+        t = i // inter if active else 0
         c = i % inter
-        gate = gate_up[t, c]
-        out[t, c] = gate / (float32(1.0) + math.exp(-gate)) * gate_up[t, inter + c]
+        value = float32(0.0)
+        if active:
+            gate = gate_up[t, c]
+            value = gate / (float32(1.0) + math.exp(-gate)) * gate_up[t, inter + c]
+            out[t, c] = value
+        if quantize:
+            quantize_lane(value, c, active, xq, xstep, xsum, t)
 
 
-KERNELS = {"silu_mul": (silu_mul, "void(float32[:, ::1], float32[:, ::1])")}
+KERNELS = {"silu_mul": (silu_mul, "void(float32[:, ::1], float32[:, ::1], int32, uint32[:, ::1], "
+                                  "float32[:, ::1], float32[:, ::1])")}

@@ -7,22 +7,25 @@ reads its key's row with 16-byte loads and computes the score against q (in shar
 batch's softmax weights go through shared memory, then every lane accumulates its slice of the
 head dimension over the 32 value rows. All loads of a batch are independent, so a warp waits
 for memory once per 32 keys, not once per key.
-attention_combine: merges a token-head's partitions into the output.
+attention_combine: merges a token-head's partitions into the output (and its GEMV digits).
 Splitting keeps all SMs busy for long contexts, where one block per head would use 28 of 132.
 """
 
 import math
 
-from numba import cuda, float32
+from numba import cuda, float32, uint32
 
-from .common import WARP
+from .common import WARP, block_max, block_sum, warp_max
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
 from .memory import halves_as_floats, load, load_u32x4
+from .quantize_activations import quantize_lane
 
 WARPS = THREADS // WARP
-MAX_WORDS_PER_LANE = MAX_DIM // 2 // WARP  # a lane's value words (head_dim <= 128, a multiple of 8)
+MAX_WORDS = MAX_DIM // 2  # a key row as pairs of halves (head_dim <= 128, a multiple of 8)
+MAX_WORDS_PER_LANE = MAX_WORDS // WARP  # a lane's value words
 MAX_DIMS_PER_LANE = 2 * MAX_WORDS_PER_LANE
+VALUE_ROWS = 8  # value rows a lane loads before it uses any
 
 
 def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
@@ -58,45 +61,48 @@ def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, w
         acc[i] = float32(0.0)
     best = float32(-math.inf)
     total = float32(0.0)
+    keys = cuda.local.array(MAX_WORDS, uint32)
+    values = cuda.local.array((VALUE_ROWS, MAX_WORDS_PER_LANE), uint32)
     for first in range(lo, hi, WARPS * WARP):  # same trip count in every warp: barriers stay uniform
         batch = first + warp * WARP
         score = float32(-math.inf)
         if batch + lane < hi:
+            # the whole key row first, then the dot product: one wait for memory per batch
+            for w in range(0, MAX_WORDS, 4):
+                if w < words:
+                    keys[w], keys[w + 1], keys[w + 2], keys[w + 3] = load_u32x4(
+                        k_words, cache_row + batch + lane, w)
             dot = float32(0.0)
-            for w in range(0, words, 4):
-                k0, k1, k2, k3 = load_u32x4(k_words, cache_row + batch + lane, w)
-                a, b = halves_as_floats(k0)
-                dot += a * q_scaled[2 * w] + b * q_scaled[2 * w + 1]
-                a, b = halves_as_floats(k1)
-                dot += a * q_scaled[2 * w + 2] + b * q_scaled[2 * w + 3]
-                a, b = halves_as_floats(k2)
-                dot += a * q_scaled[2 * w + 4] + b * q_scaled[2 * w + 5]
-                a, b = halves_as_floats(k3)
-                dot += a * q_scaled[2 * w + 6] + b * q_scaled[2 * w + 7]
+            for w in range(MAX_WORDS):
+                if w < words:
+                    a, b = halves_as_floats(keys[w])
+                    dot += a * q_scaled[2 * w] + b * q_scaled[2 * w + 1]
             score = dot
-        weights[warp, lane] = score
+        new_best = max(best, warp_max(score))
+        weight = math.exp(score - new_best) if score > -math.inf else float32(0.0)
+        weights[warp, lane] = weight
         cuda.syncthreads()
-        new_best = best
-        for k in range(WARP):
-            new_best = max(new_best, weights[warp, k])
-        cuda.syncthreads()
-        weights[warp, lane] = (math.exp(score - new_best) if score > -math.inf
-                               else float32(0.0))
-        cuda.syncthreads()
-        if new_best > -math.inf:  # this warp has seen a key
+        if batch < hi and new_best > -math.inf:  # this warp has keys (uniform over the warp)
             correction = math.exp(best - new_best) if best > -math.inf else float32(0.0)
             total *= correction
             for i in range(MAX_DIMS_PER_LANE):
                 acc[i] *= correction
-            for k in range(min(WARP, hi - batch)):
-                weight = weights[warp, k]
-                total += weight
-                for i in range(MAX_WORDS_PER_LANE):
-                    if lane + WARP * i < words:
-                        a, b = halves_as_floats(load(v_words, cache_row + batch + k, lane + WARP * i))
+            last = hi - 1 - batch  # keys past the last are read clamped to it, at weight 0
+            for group in range(0, WARP, VALUE_ROWS):
+                for k in range(VALUE_ROWS):  # VALUE_ROWS rows' loads in flight together
+                    row = cache_row + batch + min(group + k, last)
+                    for i in range(MAX_WORDS_PER_LANE):
+                        values[k, i] = uint32(0)
+                        if lane + WARP * i < words:
+                            values[k, i] = load(v_words, row, lane + WARP * i)
+                for k in range(VALUE_ROWS):
+                    weight = weights[warp, group + k]
+                    total += weight
+                    for i in range(MAX_WORDS_PER_LANE):
+                        a, b = halves_as_floats(values[k, i])
                         acc[2 * i] += weight * a
                         acc[2 * i + 1] += weight * b
-            best = new_best
+        best = new_best
         cuda.syncthreads()
     # merge the warps
     warp_best = cuda.shared.array(WARPS, float32)
@@ -128,27 +134,46 @@ def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, w
         part_acc[item, part, d] = value
 
 
-def attention_combine(part_max, part_sum, part_acc, out):
-    """Merge partitions: out [T, H * D] f32. Grid T * H, block THREADS."""
+def attention_combine(part_max, part_sum, part_acc, out, quantize, xq, xstep, xsum):
+    """Merge partitions: out [T, H * D] f32; if quantize, also out as the o_proj GEMV's digits
+    xq, xstep, xsum (quantize_activations.py; D a multiple of 32). Grid T * H, block THREADS.
+    A decode graph covers the longest context, so most of its partitions are usually empty:
+    their weight is 0 and their outputs are never read."""
     item = cuda.blockIdx.x
     parts = part_max.shape[1]
     dim = part_acc.shape[2]
     heads = part_max.shape[0] // out.shape[0]
     t = item // heads
     h = item % heads
+    scratch = cuda.shared.array(WARPS, float32)
+    scales = cuda.shared.array(THREADS, float32)  # one chunk of partitions' weights
     best = float32(-math.inf)
-    for p in range(parts):
+    for p in range(cuda.threadIdx.x, parts, THREADS):
         best = max(best, part_max[item, p])
+    best = block_max(best, scratch)
     total = float32(0.0)
-    for p in range(parts):
+    for p in range(cuda.threadIdx.x, parts, THREADS):
         if part_max[item, p] > -math.inf:
             total += part_sum[item, p] * math.exp(part_max[item, p] - best)
-    for d in range(cuda.threadIdx.x, dim, cuda.blockDim.x):
+    total = block_sum(total, scratch)
+    for start in range(0, dim, THREADS):  # block-uniform trip count, for quantize_lane
+        d = start + cuda.threadIdx.x
         value = float32(0.0)
-        for p in range(parts):
-            if part_max[item, p] > -math.inf:
-                value += part_acc[item, p, d] * math.exp(part_max[item, p] - best)
-        out[t, h * dim + d] = value / total
+        for first in range(0, parts, THREADS):
+            p = first + cuda.threadIdx.x
+            cuda.syncthreads()
+            scales[cuda.threadIdx.x] = float32(0.0)
+            if p < parts and part_max[item, p] > -math.inf:
+                scales[cuda.threadIdx.x] = math.exp(part_max[item, p] - best) / total
+            cuda.syncthreads()
+            for k in range(min(THREADS, parts - first)):
+                weight = scales[k]
+                if weight != float32(0.0) and d < dim:
+                    value += part_acc[item, first + k, d] * weight
+        if d < dim:
+            out[t, h * dim + d] = value
+        if quantize:
+            quantize_lane(value, h * dim + d, d < dim, xq, xstep, xsum, t)
 
 
 KERNELS = {
@@ -157,5 +182,6 @@ KERNELS = {
                           "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
                           "float32[:, :, ::1])"),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
-                                             "float32[:, :, ::1], float32[:, ::1])"),
+                                             "float32[:, :, ::1], float32[:, ::1], int32, "
+                                             "uint32[:, ::1], float32[:, ::1], float32[:, ::1])"),
 }

@@ -4,7 +4,7 @@ shuffles): the test suite runs every kernel under NUMBA_ENABLE_CUDASIM=1."""
 
 from __future__ import annotations
 
-from numba import config, cuda, float32, int32
+from numba import config, cuda, float32, float64, int32, uint32
 
 from .geometry import WARP  # noqa: E402
 
@@ -12,29 +12,67 @@ FULL_MASK = 0xFFFFFFFF
 
 
 if config.ENABLE_CUDASIM:
+    # The simulator runs a block's threads in lockstep at barriers: lanes exchange values through
+    # shared memory instead of shuffles. Callers reach these uniformly (every thread of the block),
+    # as they would a shuffle (every lane of the warp).
 
     @cuda.jit(device=True, inline="always")
-    def warp_sum(value):
-        # The simulator runs a block's threads in lockstep at barriers: exchange through shared
-        # memory instead of shuffles. Callers reach this uniformly, as they would a shuffle.
-        scratch = cuda.shared.array(1024, float32)
+    def _warp_values(value):
+        scratch = cuda.shared.array(1024, float64)  # float64 holds a float32 or a uint32 exactly
         scratch[cuda.threadIdx.x] = value
         cuda.syncthreads()
         base = cuda.threadIdx.x - cuda.threadIdx.x % WARP
-        total = float32(0.0)
-        for lane in range(WARP):
-            total += scratch[base + lane]
+        values = [scratch[base + lane] for lane in range(WARP)]
         cuda.syncthreads()
+        return values
+
+    @cuda.jit(device=True, inline="always")
+    def warp_sum(value):
+        total = float32(0.0)
+        for other in _warp_values(value):
+            total += float32(other)
+        return total
+
+    @cuda.jit(device=True, inline="always")
+    def warp_max(value):
+        return float32(max(_warp_values(value)))
+
+    @cuda.jit(device=True, inline="always")
+    def or_over_byte_lanes(value):
+        lane = cuda.threadIdx.x % WARP
+        values = _warp_values(value)
+        total = uint32(0)
+        for flip in (0, 2, 4, 6):
+            total |= uint32(values[lane ^ flip])
         return total
 
 else:
 
     @cuda.jit(device=True, inline="always")
     def warp_sum(value):
+        """Sum over the warp's 32 lanes; every lane gets it."""
         offset = 16
         while offset > 0:
             value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
             offset //= 2
+        return value
+
+    @cuda.jit(device=True, inline="always")
+    def warp_max(value):
+        """Maximum over the warp's 32 lanes (float32); every lane gets it."""
+        offset = 16
+        while offset > 0:
+            value = max(value, cuda.shfl_xor_sync(FULL_MASK, value, offset))
+            offset //= 2
+        return value
+
+    @cuda.jit(device=True, inline="always")
+    def or_over_byte_lanes(value):
+        """OR of `value` (uint32) over the 4 lanes that differ from this one in lane bits 1 and 2:
+        lanes 8w + p + {0, 2, 4, 6}, which hold the 4 bytes of one packed activation word
+        (kernels/quantize_activations.py)."""
+        value |= uint32(cuda.shfl_xor_sync(FULL_MASK, int32(value), 2))
+        value |= uint32(cuda.shfl_xor_sync(FULL_MASK, int32(value), 4))
         return value
 
 
@@ -54,6 +92,23 @@ def block_sum(value, scratch):
         total += scratch[w]
     cuda.syncthreads()
     return total
+
+
+@cuda.jit(device=True, inline="always")
+def block_max(value, scratch):
+    """Maximum over the block (float32), as block_sum."""
+    value = warp_max(value)
+    warp = cuda.threadIdx.x // WARP
+    warps = (cuda.blockDim.x + WARP - 1) // WARP
+    cuda.syncthreads()
+    if cuda.threadIdx.x % WARP == 0:
+        scratch[warp] = value
+    cuda.syncthreads()
+    best = scratch[0]
+    for w in range(1, warps):
+        best = max(best, scratch[w])
+    cuda.syncthreads()
+    return best
 
 
 @cuda.jit(device=True, inline="always")

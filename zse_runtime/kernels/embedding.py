@@ -1,4 +1,6 @@
-"""Embedding lookup: one block per token copies (and widens) its table row."""
+"""Embedding lookup: a token's table row, copied and widened by a thread per value (fp16) or per
+packed word (int4) over a grid (T, ceil(width / block)): a loop per row would wait for memory
+once per value."""
 
 from numba import cuda, float32
 
@@ -8,16 +10,17 @@ from .common import int4_value
 def embed_fp16(tokens, table, out):
     """tokens [T] int32; table [V, H] float16; out [T, H] float32."""
     t = cuda.blockIdx.x
-    row = tokens[t]
-    for h in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-        out[t, h] = float32(table[row, h])
+    h = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if h < out.shape[1]:
+        out[t, h] = float32(table[tokens[t], h])
 
 
 def embed_int4(tokens, qweight, scales, zeros, group_size, out):
     """As embed_fp16 for an int4.rows.v1 table: qweight [V, H/8], scales/zeros [V, H/group]."""
     t = cuda.blockIdx.x
-    row = tokens[t]
-    for w in range(cuda.threadIdx.x, qweight.shape[1], cuda.blockDim.x):
+    w = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if w < qweight.shape[1]:
+        row = tokens[t]
         word = qweight[row, w]
         g = (w * 8) // group_size
         scale = float32(scales[row, g])

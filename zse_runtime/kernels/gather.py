@@ -4,11 +4,12 @@ from numba import cuda
 
 
 def gather_rows(src, rows, out):
-    """src [T, H] f32; rows [B] i32; out [B, H] f32. Grid B."""
+    """src [T, H] f32; rows [B] i32; out [B, H] f32. Grid (B, ceil(H / block)), a thread per
+    value (a loop per row would wait for memory once per value)."""
     b = cuda.blockIdx.x
-    row = rows[b]
-    for h in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-        out[b, h] = src[row, h]
+    h = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if h < out.shape[1]:
+        out[b, h] = src[rows[b], h]
 
 
 KERNELS = {"gather_rows": (gather_rows, "void(float32[:, ::1], int32[::1], float32[:, ::1])")}

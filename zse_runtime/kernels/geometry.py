@@ -25,18 +25,29 @@ FP16_GEMV_THREADS = 256
 # Up to this many tokens (every decode bucket), the GEMV token tiles beat the tiled GEMM.
 GEMV_MAX_TOKENS = 32
 
-# attention_partial: a block per (token x head, partition of keys). A warp walks its share of a
-# partition key by key (dependent loads), so short partitions keep decode latency low (H200: 256
-# keys per partition took 45 us per layer even at 256 keys of context); prefill has thousands of
-# token x head blocks anyway and uses long partitions, which keeps the workspace small.
+# attention_partial: a block per (token x head, partition of keys); each of its warps scores 32
+# keys at once, so a decode partition is one batch per warp (H200, 2026-11-30: 64-key partitions
+# left half the warps idle). Prefill has thousands of token x head blocks anyway and uses long
+# partitions, which keeps the workspace small.
 ATTENTION_THREADS = 128
-ATTENTION_DECODE_PARTITION = 64
+ATTENTION_DECODE_PARTITION = 128
 ATTENTION_PREFILL_PARTITION = 1024
 ATTENTION_MAX_HEAD_DIM = 128
 
 # sample_tokens: a block per sequence; a power of two.
 SAMPLING_THREADS = 1024
 
-# row-parallel kernels (embedding, norm, rope, gather, combine)
+# add_rmsnorm: a block per token row, 4 values per thread up to 4096 wide (kernels/rmsnorm.py)
+NORM_THREADS = 1024
+
+# Kernels launched with more than 256 threads per block are compiled for that size (PTX
+# .maxntid), so the compiler keeps registers x threads within the SM's 64K registers; with 256 or
+# fewer even 255 registers a thread fit. (Linked without a bound, add_rmsnorm took 88 registers
+# and its 1024-thread launch failed with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES on the H200.)
+LAUNCH_BOUNDS = {"add_rmsnorm": NORM_THREADS, "sample_tokens": SAMPLING_THREADS}
+UNBOUNDED_MAX_THREADS = 256
+
+# kernels with a thread per value of a row over a (rows, ceil(width / ROW_THREADS)) grid
+# (embedding, rope, gather)
 ROW_THREADS = 256
 ELEMENTWISE_THREADS = 256

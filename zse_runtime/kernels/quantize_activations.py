@@ -19,8 +19,8 @@ import math
 
 from numba import cuda, float32, int32, uint32
 
+from .common import or_over_byte_lanes, warp_max, warp_sum
 from .geometry import ELEMENTWISE_THREADS
-from .memory import load_f32x4
 
 BLOCK = 32  # values per step: one dp4a chain per weight word, one quantization group or less
 HI_LIMIT = float32(127.0)
@@ -33,55 +33,48 @@ def _byte(value, position):
 
 
 @cuda.jit(device=True, inline="always")
-def quantize_block(values, xq, xstep, xsum, t, block):
-    """Write block `block` of token row t from `values`, a local array of its 32 inputs."""
-    largest = float32(0.0)
-    for i in range(BLOCK):
-        largest = max(largest, abs(values[i]))
+def quantize_lane(value, column, active, xq, xstep, xsum, t):
+    """Quantize one value per lane: the warp's 32 lanes hold one block of 32 consecutive inputs,
+    lane i input column = 32 b + i of token row t (`active` False for a whole warp past the
+    row's end: it contributes nothing and stores nothing). Producers call this on the values
+    they just computed, so the GEMV's inputs cost no launch of their own. Every thread of the
+    block must call it together (warp shuffles; barriers in the simulator)."""
+    largest = warp_max(abs(value))
     d = largest / HI_LIMIT
     step = d / float32(LO_RADIX)
     inverse_d = HI_LIMIT / largest if largest > float32(0.0) else float32(0.0)
     inverse_step = float32(1.0) / step if largest > float32(0.0) else float32(0.0)
-    total = int32(0)
-    for word in range(BLOCK // 8):
-        hi_even = uint32(0)
-        hi_odd = uint32(0)
-        lo_even = uint32(0)
-        lo_odd = uint32(0)
-        for j in range(8):
-            value = values[word * 8 + j]
-            hi = min(max(float32(math.floor(value * inverse_d + float32(0.5))), -HI_LIMIT), HI_LIMIT)
-            lo = min(max(float32(math.floor((value - hi * d) * inverse_step + float32(0.5))),
-                         -HI_LIMIT), HI_LIMIT)
-            total += int32(hi) * LO_RADIX + int32(lo)
-            if j % 2 == 0:
-                hi_even |= _byte(hi, j // 2)
-                lo_even |= _byte(lo, j // 2)
-            else:
-                hi_odd |= _byte(hi, j // 2)
-                lo_odd |= _byte(lo, j // 2)
-        base = (block * (BLOCK // 8) + word) * 4
-        xq[t, base] = hi_even
-        xq[t, base + 1] = hi_odd
-        xq[t, base + 2] = lo_even
-        xq[t, base + 3] = lo_odd
-    xstep[t, block] = step
-    xsum[t, block] = step * float32(total)
+    hi = min(max(float32(math.floor(value * inverse_d + float32(0.5))), -HI_LIMIT), HI_LIMIT)
+    lo = min(max(float32(math.floor((value - hi * d) * inverse_step + float32(0.5))), -HI_LIMIT),
+             HI_LIMIT)
+    # the block's integer total is below 2^24: exact in float32 in any summation order
+    total = warp_sum(hi * float32(LO_RADIX) + lo)
+    j = column % 8  # input 8 w + j: byte j // 2 of the even (j even) or odd word of weight word w
+    hi_word = or_over_byte_lanes(_byte(hi, j // 2))
+    lo_word = or_over_byte_lanes(_byte(lo, j // 2))
+    if active:
+        if j < 2:
+            base = (column // 8) * 4 + j
+            xq[t, base] = hi_word
+            xq[t, base + 2] = lo_word
+        if column % BLOCK == 0:
+            xstep[t, column // BLOCK] = step
+            xsum[t, column // BLOCK] = step * total
 
 
 def quantize_activations(x, xq, xstep, xsum):
-    """x [T, K] f32 -> xq [T, K/2] u32, xstep, xsum [T, K/32] f32 (module docstring). One thread
-    per block of 32 values; 1-D grid over T * K/32 blocks."""
-    blocks_per_row = xstep.shape[1]
-    item = cuda.grid(1)
-    if item >= x.shape[0] * blocks_per_row:
-        return
-    t = item // blocks_per_row
-    block = item % blocks_per_row
-    values = cuda.local.array(BLOCK, float32)
-    for i in range(0, BLOCK, 4):
-        values[i], values[i + 1], values[i + 2], values[i + 3] = load_f32x4(x, t, block * BLOCK + i)
-    quantize_block(values, xq, xstep, xsum, t, block)
+    """x [T, K] f32 -> xq [T, K/2] u32, xstep, xsum [T, K/32] f32 (module docstring), for inputs
+    no producer quantized (the lm_head's). A lane per value: 1-D grid over T * K values."""
+    cols = x.shape[1]
+    total = x.shape[0] * cols
+    # block-uniform trip count: every thread reaches quantize_lane together
+    for base in range(cuda.blockIdx.x * cuda.blockDim.x, total, cuda.gridDim.x * cuda.blockDim.x):
+        i = base + cuda.threadIdx.x
+        active = i < total
+        t = i // cols if active else 0
+        column = i % cols
+        value = x[t, column] if active else float32(0.0)
+        quantize_lane(value, column, active, xq, xstep, xsum, t)
 
 
 THREADS = ELEMENTWISE_THREADS

@@ -1,7 +1,7 @@
 """Rotary embedding (rotate-half, as transformers) on q and k, and the KV-cache write.
 
-One block per token: it rotates the token's query heads into q_out, and stores its rotated key
-heads and its value heads (fp16) at [slot, kv_head, position] of this layer's cache.
+A thread per element of a token: it rotates the token's query heads into q_out, and stores its
+rotated key heads and its value heads (fp16) at [slot, kv_head, position] of this layer's cache.
 """
 
 from numba import cuda
@@ -9,14 +9,18 @@ from numba import cuda
 
 def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num_heads):
     """qkv [T, (H + 2 KVH) * D] f32; positions, slots [T] i32; cos, sin [L, D/2] f32;
-    k_cache, v_cache [S, KVH, L, D] f16; q_out [T, H * D] f32."""
+    k_cache, v_cache [S, KVH, L, D] f16; q_out [T, H * D] f32. Grid (T, ceil(work / block)):
+    a thread per rotated pair ((H + KVH) * D/2 of them) or copied value (KVH * D), so a decode
+    step's token is spread over many blocks instead of looping in one."""
     t = cuda.blockIdx.x
+    e = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     position = positions[t]
     slot = slots[t]
     kv_heads = k_cache.shape[1]
     dim = k_cache.shape[3]
     half = dim // 2
-    for e in range(cuda.threadIdx.x, (num_heads + kv_heads) * half, cuda.blockDim.x):
+    rotations = (num_heads + kv_heads) * half
+    if e < rotations:
         head = e // half
         i = e % half
         c = cos[position, i]
@@ -32,9 +36,9 @@ def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num
             kv = head - num_heads
             k_cache[slot, kv, position, i] = first
             k_cache[slot, kv, position, i + half] = second
-    v_base = (num_heads + kv_heads) * dim
-    for e in range(cuda.threadIdx.x, kv_heads * dim, cuda.blockDim.x):
-        v_cache[slot, e // dim, position, e % dim] = qkv[t, v_base + e]
+    elif e < rotations + kv_heads * dim:
+        e -= rotations
+        v_cache[slot, e // dim, position, e % dim] = qkv[t, (num_heads + kv_heads) * dim + e]
 
 
 KERNELS = {
