@@ -355,7 +355,8 @@ def attention(gpu: Gpu, rng) -> None:
             np.int32(kv_heads), np.int32(length), dpos, dslots, np.int32(0), np.int32(partition),
             pmax, psum, pacc)
         combine = lambda: gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum,
-                                     pacc, out, np.int32(1), *digits)
+                                     pacc, dpos, np.int32(0), np.int32(partition), out,
+                                     np.int32(1), *digits)
         run = lambda: (partial(), combine())
         run()
         got = gpu.get(out)
@@ -384,26 +385,26 @@ def small_kernels(gpu: Gpu, rng) -> None:
     weight = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
     dd, dr, dw, out = gpu.put(delta), gpu.put(residual), gpu.put(weight), gpu.empty((tokens, hidden), np.float32)
     digits = empty_digits(gpu, tokens, hidden)
-    gpu.launch("add_rmsnorm", tokens, geo.NORM_THREADS, dd, dr, dw, np.float32(1e-6), np.int32(1),
-               out, np.int32(1), *digits)
+    summed_out = gpu.empty((tokens, hidden), np.float32)
+    norm = lambda rows, width, quantize, digits: gpu.launch(
+        "add_rmsnorm", (rows, math.ceil(hidden / width)), geo.NORM_THREADS, dd.rows(rows),
+        dr.rows(rows), dw, np.float32(1e-6), np.int32(1), np.int32(width), summed_out.rows(rows),
+        out.rows(rows), np.int32(quantize), *digits)
+    norm(tokens, geo.NORM_DECODE_SLICE, 1, digits)
     summed = delta + residual
     ref = summed / np.sqrt((summed ** 2).mean(1, keepdims=True) + 1e-6) * weight
     err = rel_error(gpu.get(out), ref)
-    residual_ok = rel_error(gpu.get(dr), summed) < 1e-6
+    residual_ok = rel_error(gpu.get(summed_out), summed) < 1e-6
     digits_ok = fused_digits_exact(gpu, out, digits)
     one = [d.rows(1) for d in digits]
-    ms = gpu.time_ms(lambda: gpu.launch("add_rmsnorm", 1, geo.NORM_THREADS, dd.rows(1), dr.rows(1),
-                                        dw, np.float32(1e-6), np.int32(1), out.rows(1),
-                                        np.int32(1), *one))
+    ms = gpu.time_ms(lambda: norm(1, geo.NORM_DECODE_SLICE, 1, one))
     record("add_rmsnorm 5x3584", err < 1e-5 and residual_ok and digits_ok,
            f"rel err {err:.1e}; {ms * 1000:.1f} us for one token, with its digits "
            f"({'exact' if digits_ok else 'DIFFER'})", us=ms * 1000, digits_exact=digits_ok)
-    for threads, quantize in ((256, 1), (512, 1), (1024, 0), (256, 0)):
-        ms = gpu.time_ms(lambda: gpu.launch("add_rmsnorm", 1, threads, dd.rows(1), dr.rows(1), dw,
-                                            np.float32(1e-6), np.int32(1), out.rows(1),
-                                            np.int32(quantize), *one))
-        record(f"  sweep add_rmsnorm 1x3584 ({threads} thr, digits {quantize})", True,
-               f"{ms * 1000:.1f} us", us=ms * 1000, threads=threads, quantize=quantize, sweep=True)
+    for width, quantize in ((hidden, 1), (hidden, 0), (geo.NORM_DECODE_SLICE, 0)):
+        ms = gpu.time_ms(lambda: norm(1, width, quantize, one))
+        record(f"  sweep add_rmsnorm 1x3584 (slices of {width}, digits {quantize})", True,
+               f"{ms * 1000:.1f} us", us=ms * 1000, width=width, quantize=quantize, sweep=True)
     inter = 18944
     gate_up = rng.standard_normal((tokens, 2 * inter)).astype(np.float32)
     dg, act = gpu.put(gate_up), gpu.empty((tokens, inter), np.float32)

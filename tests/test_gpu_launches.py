@@ -101,7 +101,7 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
     c = ops.config
     linears = 4 * c.num_hidden_layers  # qkv, o_proj, gate_up, down_proj (the lm_head is fp16)
     # producer -> (position of its output, of its quantize flag) in the argument list
-    producers = {"add_rmsnorm": (5, 6), "attention_combine": (3, 4), "silu_mul": (1, 2)}
+    producers = {"add_rmsnorm": (7, 8), "attention_combine": (6, 7), "silu_mul": (1, 2)}
     if tokens <= geo.GEMV_MAX_TOKENS:
         assert not recorder.named("quantize_activations")  # every GEMV input comes quantized
         gemvs = 0
@@ -144,6 +144,11 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
     for _, grid, block, args in recorder.named("rope_and_cache"):
         work = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim // 2 + c.kv_size
         assert grid[:2] == (tokens, math.ceil(work / block))
+    for _, grid, block, args in recorder.named("add_rmsnorm"):
+        residual, width, residual_out = args[1], int(args[5]), args[6]
+        assert residual.pointer != residual_out.pointer and width % 32 == 0
+        assert grid[:2] == (tokens, math.ceil(c.hidden_size / width))
+        assert width == (geo.NORM_DECODE_SLICE if tokens <= geo.GEMV_MAX_TOKENS else c.hidden_size)
     (_, grid, block, (_, rows, out)), = recorder.named("gather_rows")
     assert grid[:2] == (rows.shape[0], math.ceil(out.shape[1] / block))
     for name, grid, block, args in recorder.named("attention_partial"):

@@ -59,20 +59,22 @@ def _assert_digits_equal(digits, x):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("accumulate,hidden,threads", [(0, 96, 64), (1, 96, 64), (1, 320, 32)])
-def test_add_rmsnorm(accumulate, hidden, threads):
-    """Rows of one chunk (a thread's 4 values; a warp past the end) and of several chunks
-    (320 = 2.5 x 4 x 32); the normed rows also come out as the GEMV's digits."""
+@pytest.mark.parametrize("accumulate,hidden,threads,width", [
+    (0, 96, 64, 96), (1, 96, 64, 64), (1, 320, 32, 128)])
+def test_add_rmsnorm(accumulate, hidden, threads, width):
+    """A whole row per block, and rows cut into slices (a ragged last one) whose blocks each
+    reduce the whole row; first passes of one and of several chunks of 4 values per thread. The
+    new residual goes to its own buffer; the normed rows also come out as the GEMV's digits."""
     delta = rng.standard_normal((3, hidden)).astype(np.float32)
     residual = rng.standard_normal((3, hidden)).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
     expected_residual = delta + residual if accumulate else delta.copy()
     rms = np.sqrt(np.mean(expected_residual ** 2, axis=1, keepdims=True) + 1e-5)
-    out = np.full((3, hidden), np.nan, np.float32)
+    out, residual_out = np.full((3, hidden), np.nan, np.float32), np.full((3, hidden), np.nan, np.float32)
     digits = _empty_digits(3, hidden)
-    jit(rmsnorm, "add_rmsnorm")[3, threads](delta, residual, weight, np.float32(1e-5), accumulate,
-                                            out, 1, *digits)
-    np.testing.assert_allclose(residual, expected_residual, rtol=1e-6)
+    jit(rmsnorm, "add_rmsnorm")[(3, -(-hidden // width)), threads](
+        delta, residual, weight, np.float32(1e-5), accumulate, width, residual_out, out, 1, *digits)
+    np.testing.assert_allclose(residual_out, expected_residual, rtol=1e-6)
     np.testing.assert_allclose(out, expected_residual / rms * weight, rtol=1e-5, atol=1e-6)
     _assert_digits_equal(digits, out)
 
@@ -264,8 +266,8 @@ def test_attention_split_over_partitions(window, partition, length):
         q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids, window,
         partition, part_max, part_sum, part_acc)
     digits = _empty_digits(tokens, heads * dim)
-    jit(attention, "attention_combine")[tokens * heads, attention.THREADS](part_max, part_sum, part_acc,
-                                                                           out, 1, *digits)
+    jit(attention, "attention_combine")[tokens * heads, attention.THREADS](
+        part_max, part_sum, part_acc, positions, window, partition, out, 1, *digits)
     _assert_digits_equal(digits, out)
     for t in range(tokens):
         start = max(0, positions[t] - window + 1) if window else 0

@@ -147,6 +147,7 @@ class GpuOps:
                     c.head_dim)
         arena.add("kv_cache", kv_shape, np.float16)
         for name, width in (("hidden", c.hidden_size), ("residual", c.hidden_size),
+                            ("residual_next", c.hidden_size),
                             ("normed", c.hidden_size), ("qkv", c.q_size + 2 * c.kv_size),
                             ("q", c.q_size), ("attended", c.q_size),
                             ("gate_up", 2 * c.intermediate_size), ("act", c.intermediate_size)):
@@ -304,13 +305,18 @@ class GpuOps:
         return QuantizedActivation(out.pointer, out.shape, out.dtype, digits), (np.int32(1), *digits)
 
     def add_rmsnorm(self, delta: DeviceArray, residual, norm: str):
-        T = delta.shape[0]
-        out, res = self.buffers["normed"].rows(T), self.buffers["residual"].rows(T)
-        out, digits = self._producing(out, T <= geo.GEMV_MAX_TOKENS)
-        self._launch("add_rmsnorm", T, geo.NORM_THREADS, delta, res, self.weights[norm],
-                     np.float32(self.config.rms_norm_eps), np.int32(residual is not None), out,
-                     *digits)
-        return out, res
+        T, hidden = delta.shape
+        # the kernel's blocks read the old residual while others write the new one: two buffers
+        first, second = self.buffers["residual"].rows(T), self.buffers["residual_next"].rows(T)
+        res_out = second if residual is not None and residual.pointer == first.pointer else first
+        decode = T <= geo.GEMV_MAX_TOKENS
+        width = geo.NORM_DECODE_SLICE if decode else hidden  # spread a decode row over SMs
+        out, digits = self._producing(self.buffers["normed"].rows(T), decode)
+        self._launch("add_rmsnorm", (T, math.ceil(hidden / width)), geo.NORM_THREADS, delta,
+                     residual if residual is not None else second,  # not read without one
+                     self.weights[norm], np.float32(self.config.rms_norm_eps),
+                     np.int32(residual is not None), np.int32(width), res_out, out, *digits)
+        return out, res_out
 
     _OUTPUT = {"qkv": "qkv", "o_proj": "hidden", "gate_up": "gate_up", "down_proj": "hidden"}
 
@@ -392,7 +398,8 @@ class GpuOps:
                      np.int32(self.window), np.int32(self.partition_length(T)), part_max,
                      part_sum, part_acc)
         self._launch("attention_combine", items, geo.ATTENTION_THREADS, part_max, part_sum,
-                     part_acc, out, *digits)
+                     part_acc, self._meta("positions", T), np.int32(self.window),
+                     np.int32(self.partition_length(T)), out, *digits)
         return out
 
     def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:

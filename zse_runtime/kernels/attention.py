@@ -47,6 +47,8 @@ def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, w
     start = max(0, position - window + 1) if window > 0 else 0
     lo = start + part * partition
     hi = min(position + 1, lo + partition)
+    if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
+        return  # context): nothing to write, attention_combine reads only used partitions
     lane = cuda.threadIdx.x % WARP
     warp = cuda.threadIdx.x // WARP
     cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
@@ -134,17 +136,21 @@ def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, w
         part_acc[item, part, d] = value
 
 
-def attention_combine(part_max, part_sum, part_acc, out, quantize, xq, xstep, xsum):
+def attention_combine(part_max, part_sum, part_acc, positions, window, partition, out, quantize,
+                      xq, xstep, xsum):
     """Merge partitions: out [T, H * D] f32; if quantize, also out as the o_proj GEMV's digits
-    xq, xstep, xsum (quantize_activations.py; D a multiple of 32). Grid T * H, block THREADS.
-    A decode graph covers the longest context, so most of its partitions are usually empty:
-    their weight is 0 and their outputs are never read."""
+    xq, xstep, xsum (quantize_activations.py; D a multiple of 32). positions, window and
+    partition as attention_partial's: only the partitions that hold the token's keys are read
+    (a decode graph covers the longest context, so usually most are unused). Grid T * H, block
+    THREADS."""
     item = cuda.blockIdx.x
-    parts = part_max.shape[1]
     dim = part_acc.shape[2]
     heads = part_max.shape[0] // out.shape[0]
     t = item // heads
     h = item % heads
+    position = positions[t]
+    start = max(0, position - window + 1) if window > 0 else 0
+    parts = min(part_max.shape[1], (position - start + partition) // partition)
     scratch = cuda.shared.array(WARPS, float32)
     scales = cuda.shared.array(THREADS, float32)  # one chunk of partitions' weights
     best = float32(-math.inf)
@@ -182,6 +188,7 @@ KERNELS = {
                           "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
                           "float32[:, :, ::1])"),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
-                                             "float32[:, :, ::1], float32[:, ::1], int32, "
-                                             "uint32[:, ::1], float32[:, ::1], float32[:, ::1])"),
+                                             "float32[:, :, ::1], int32[::1], int32, int32, "
+                                             "float32[:, ::1], int32, uint32[:, ::1], "
+                                             "float32[:, ::1], float32[:, ::1])"),
 }

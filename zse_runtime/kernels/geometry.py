@@ -37,14 +37,17 @@ ATTENTION_MAX_HEAD_DIM = 128
 # sample_tokens: a block per sequence; a power of two.
 SAMPLING_THREADS = 1024
 
-# add_rmsnorm: a block per token row, 4 values per thread up to 4096 wide (kernels/rmsnorm.py)
-NORM_THREADS = 1024
+# add_rmsnorm: blocks of NORM_THREADS over (token row, slice of the row); a decode step's rows
+# are cut into slices of NORM_DECODE_SLICE values (one per thread), a prefill chunk's are whole
+# (kernels/rmsnorm.py)
+NORM_THREADS = 256
+NORM_DECODE_SLICE = 256
 
 # Kernels launched with more than 256 threads per block are compiled for that size (PTX
 # .maxntid), so the compiler keeps registers x threads within the SM's 64K registers; with 256 or
-# fewer even 255 registers a thread fit. (Linked without a bound, add_rmsnorm took 88 registers
-# and its 1024-thread launch failed with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES on the H200.)
-LAUNCH_BOUNDS = {"add_rmsnorm": NORM_THREADS, "sample_tokens": SAMPLING_THREADS}
+# fewer even 255 registers a thread fit. (Linked without a bound, a 1024-thread add_rmsnorm took
+# 88 registers and its launch failed with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES on the H200.)
+LAUNCH_BOUNDS = {"sample_tokens": SAMPLING_THREADS}
 UNBOUNDED_MAX_THREADS = 256
 
 # kernels with a thread per value of a row over a (rows, ceil(width / ROW_THREADS)) grid
