@@ -188,7 +188,7 @@ def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[D
     split = into or (gpu.empty((tokens, cols // 2), np.uint32), gpu.empty((tokens, cols // 2), np.uint32),
                      gpu.empty((tokens, cols // group), np.float32),
                      gpu.empty((tokens, cols // group), np.float32))
-    gpu.launch("split_activations", math.ceil(tokens * cols // group / geo.ELEMENTWISE_THREADS),
+    gpu.launch("split_activations", math.ceil(tokens * cols // group * 32 / geo.ELEMENTWISE_THREADS),
                geo.ELEMENTWISE_THREADS, dx, np.int32(group), *split)
     return split
 
@@ -336,13 +336,17 @@ def gemm(gpu: Gpu, rng) -> None:
 @check("attention")
 def attention(gpu: Gpu, rng) -> None:
     heads, kv_heads, dim, length = 28, 4, 128, 4096
-    for tokens, positions in ((1, [4095]), (1, [255]), (1, [127]), (3, [0, 700, 2047])):
+    prefill_chunk = list(range(1536, 2048))  # the last 512-token chunk of a 2048-token prompt
+    for tokens, positions, kind in ((1, [4095], "decode"), (1, [255], "decode"),
+                                    (1, [127], "decode"), (3, [0, 700, 2047], "decode"),
+                                    (512, prefill_chunk, "prefill")):
         k = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         v = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
         pos = np.array(positions, np.int32)
         slots = np.array([1] * tokens, np.int32)
-        partition = geo.ATTENTION_DECODE_PARTITION
+        partition = geo.ATTENTION_DECODE_PARTITION if kind == "decode" \
+            else geo.ATTENTION_PREFILL_PARTITION
         parts = math.ceil(length / partition)  # what a decode graph launches at any context
         items = tokens * heads
         dk, dv, dq = gpu.put(k), gpu.put(v), gpu.put(q)
@@ -350,10 +354,10 @@ def attention(gpu: Gpu, rng) -> None:
         pmax, psum = gpu.empty((items, parts), np.float32), gpu.empty((items, parts), np.float32)
         pacc, out = gpu.empty((items, parts, dim), np.float32), gpu.empty((tokens, heads * dim), np.float32)
         digits = empty_digits(gpu, tokens, heads * dim)
-        partial = lambda: gpu.launch(
-            "attention_partial", (items, parts), geo.ATTENTION_THREADS, dq, _words(dk), _words(dv),
-            np.int32(kv_heads), np.int32(length), dpos, dslots, np.int32(0), np.int32(partition),
-            pmax, psum, pacc)
+        partial = lambda variant=kind: gpu.launch(
+            f"attention_partial_{variant}", (items, parts), geo.ATTENTION_THREADS, dq, _words(dk),
+            _words(dv), np.int32(kv_heads), np.int32(length), dpos, dslots, np.int32(0),
+            np.int32(partition), pmax, psum, pacc)
         combine = lambda: gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum,
                                      pacc, dpos, np.int32(0), np.int32(partition), out,
                                      np.int32(1), *digits)
@@ -370,10 +374,14 @@ def attention(gpu: Gpu, rng) -> None:
                 ref = w @ v[1, h // 7, :pos[t] + 1].astype(np.float32) / w.sum()
                 err = max(err, rel_error(got[t, h * dim:(h + 1) * dim], ref))
         ms, partial_ms = gpu.time_ms(run, 20), gpu.time_ms(partial, 20)
-        record(f"attention T={tokens} positions {positions}", err < 1e-4 and digits_ok,
-               f"rel err {err:.1e}; {ms * 1000:.1f} us (partial {partial_ms * 1000:.1f}); fused "
-               f"digits {'exact' if digits_ok else 'DIFFER'}", us=ms * 1000,
-               partial_us=partial_ms * 1000, digits_exact=digits_ok)
+        other = "prefill" if kind == "decode" else "decode"
+        other_ms = gpu.time_ms(lambda: partial(other), 20)
+        where = f"positions {positions}" if tokens < 8 else f"positions {positions[0]}-{positions[-1]}"
+        record(f"attention T={tokens} {where}", err < 1e-4 and digits_ok,
+               f"rel err {err:.1e}; {ms * 1000:.1f} us (partial_{kind} {partial_ms * 1000:.1f}, "
+               f"partial_{other} {other_ms * 1000:.1f}); fused digits "
+               f"{'exact' if digits_ok else 'DIFFER'}", us=ms * 1000, partial_us=partial_ms * 1000,
+               other_variant_us=other_ms * 1000, digits_exact=digits_ok)
         gpu.free_all()
 
 

@@ -126,7 +126,7 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
             t, k = x.shape
             assert hi.shape == lo.shape == (t, k // 2)
             assert xsum.shape == unscale.shape == (t, k // int(group))
-            assert grid[0] * block >= t * k // int(group)  # a thread per (token, group)
+            assert grid[0] * block >= 32 * t * k // int(group)  # a warp per (token, group)
         gemms = recorder.named("int4_gemm")
         for name, grid, block, args in gemms:
             hi, qweight, group, out = args[0], args[4], int(args[7]), args[-1]
@@ -151,7 +151,9 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
         assert width == (geo.NORM_DECODE_SLICE if tokens <= geo.GEMV_MAX_TOKENS else c.hidden_size)
     (_, grid, block, (_, rows, out)), = recorder.named("gather_rows")
     assert grid[:2] == (rows.shape[0], math.ceil(out.shape[1] / block))
-    for name, grid, block, args in recorder.named("attention_partial"):
+    kind = "decode" if tokens <= ops.max_batch else "prefill"
+    assert len(recorder.named(f"attention_partial_{kind}")) == c.num_hidden_layers
+    for name, grid, block, args in recorder.named(f"attention_partial_{kind}"):
         k_words, kv_heads, length = args[1], int(args[3]), int(args[4])
         assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
 

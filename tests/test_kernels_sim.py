@@ -162,8 +162,8 @@ def _split_activations(x, group):
     hi, lo = np.zeros((tokens, cols // 2), np.uint32), np.zeros((tokens, cols // 2), np.uint32)
     xsum = np.full((tokens, cols // group), np.nan, np.float32)
     unscale = np.full_like(xsum, np.nan)
-    items = tokens * cols // group
-    jit(gemm_int4, "split_activations")[-(-items // 32), 32](x, group, hi, lo, xsum, unscale)
+    warps = tokens * cols // group  # a warp per (token, group); 3 per block leaves idle ones
+    jit(gemm_int4, "split_activations")[-(-warps // 3), 96](x, group, hi, lo, xsum, unscale)
     return hi, lo, xsum, unscale
 
 
@@ -244,9 +244,10 @@ def test_rope_and_cache():
         np.testing.assert_array_equal(v_cache[slot_ids[t], :, positions[t]], v.astype(np.float16))
 
 
-@pytest.mark.parametrize("window,partition,length", [(0, 8, 40), (7, 8, 40), (0, 150, 300),
-                                                     (100, 150, 300)])
-def test_attention_split_over_partitions(window, partition, length):
+@pytest.mark.parametrize("kind,window,partition,length", [
+    ("decode", 0, 8, 40), ("decode", 7, 8, 40), ("prefill", 0, 150, 300),
+    ("prefill", 100, 150, 300)])
+def test_attention_split_over_partitions(kind, window, partition, length):
     """Short partitions (a batch of keys smaller than a warp) and long ones (several warps, two
     batches of 128 keys, a ragged last one), with and without a sliding window."""
     heads, kv_heads, dim, slots = 4, 2, 64, 2
@@ -262,7 +263,7 @@ def test_attention_split_over_partitions(window, partition, length):
     part_acc = np.full((tokens * heads, parts, dim), np.nan, np.float32)
     out = np.full((tokens, heads * dim), np.nan, np.float32)
     words = lambda cache: cache.view(np.uint32).reshape(-1, dim // 2)
-    cuda.jit(attention.attention_partial)[(tokens * heads, parts), attention.THREADS](
+    jit(attention, f"attention_partial_{kind}")[(tokens * heads, parts), attention.THREADS](
         q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids, window,
         partition, part_max, part_sum, part_acc)
     digits = _empty_digits(tokens, heads * dim)

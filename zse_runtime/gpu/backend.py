@@ -235,9 +235,14 @@ class GpuOps:
         return DeviceArray(self.kv(layer, which).pointer, (slots * heads * length, dim // 2),
                            np.dtype(np.uint32))
 
+    def attention_kind(self, tokens: int) -> str:
+        """"decode" for a decode step's batch, "prefill" for a prompt chunk: attention's
+        partition length and kernel variant follow it."""
+        return "decode" if tokens <= self.max_batch else "prefill"
+
     def partition_length(self, tokens: int) -> int:
         """Keys per attention partition: short for decode steps, long for prefill chunks."""
-        return geo.ATTENTION_DECODE_PARTITION if tokens <= self.max_batch \
+        return geo.ATTENTION_DECODE_PARTITION if self.attention_kind(tokens) == "decode" \
             else geo.ATTENTION_PREFILL_PARTITION
 
     def partitions(self, tokens: int, keys: int) -> int:
@@ -366,7 +371,8 @@ class GpuOps:
                  DeviceArray(self.buffers["x_lo"].pointer, (T, K // 2), u32),
                  DeviceArray(self.buffers["group_sum"].pointer, (T, K // group_size), f32),
                  DeviceArray(self.buffers["group_unscale"].pointer, (T, K // group_size), f32))
-        self._launch("split_activations", math.ceil(T * K // group_size / geo.ELEMENTWISE_THREADS),
+        warps = T * K // group_size  # a warp per (token, group)
+        self._launch("split_activations", math.ceil(warps * geo.WARP / geo.ELEMENTWISE_THREADS),
                      geo.ELEMENTWISE_THREADS, x, np.int32(group_size), *split)
         return split
 
@@ -391,7 +397,8 @@ class GpuOps:
         # the combine quantizes a head's outputs: its blocks of 32 must not straddle heads
         out, digits = self._producing(self.buffers["attended"].rows(T),
                                       T <= geo.GEMV_MAX_TOKENS and c.head_dim % 32 == 0)
-        self._launch("attention_partial", (items, P), geo.ATTENTION_THREADS, q,
+        self._launch(f"attention_partial_{self.attention_kind(T)}", (items, P),
+                     geo.ATTENTION_THREADS, q,
                      self.kv_words(layer, 0), self.kv_words(layer, 1),
                      np.int32(c.num_key_value_heads), np.int32(self.max_len),
                      self._meta("positions", T), self._meta("slots", T),

@@ -16,6 +16,7 @@ import math
 from numba import cuda, float32, uint32
 
 from .common import WARP, block_max, block_sum, warp_max
+from .geometry import ATTENTION_DECODE_KEY_WORDS, ATTENTION_PREFILL_KEY_WORDS
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
 from .memory import halves_as_floats, load, load_u32x4
@@ -28,112 +29,121 @@ MAX_DIMS_PER_LANE = 2 * MAX_WORDS_PER_LANE
 VALUE_ROWS = 8  # value rows a lane loads before it uses any
 
 
-def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
-                      part_max, part_sum, part_acc):
-    """q [T, H * D] f32 (rotated); k_words, v_words [S * KVH * L, D / 2] u32: the f16 caches
-    [S, KVH, L, D] as pairs of halves, with kv_heads = KVH and length = L; positions, slots [T]
-    i32; window: 0, or attend to keys > position - window; partition: keys per partition;
-    part_max, part_sum [T * H, P] f32; part_acc [T * H, P, D] f32. Grid (T * H, P), block
-    THREADS."""
-    item = cuda.blockIdx.x
-    part = cuda.blockIdx.y
-    heads = part_max.shape[0] // q.shape[0]
-    words = k_words.shape[1]
-    dim = 2 * words
-    t = item // heads
-    h = item % heads
-    kv = h // (heads // kv_heads)
-    position = positions[t]
-    start = max(0, position - window + 1) if window > 0 else 0
-    lo = start + part * partition
-    hi = min(position + 1, lo + partition)
-    if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
-        return  # context): nothing to write, attention_combine reads only used partitions
-    lane = cuda.threadIdx.x % WARP
-    warp = cuda.threadIdx.x // WARP
-    cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
-    q_scaled = cuda.shared.array(MAX_DIM, float32)
-    weights = cuda.shared.array((WARPS, WARP), float32)
-    scale = float32(1.0) / math.sqrt(float32(dim))
-    for d in range(cuda.threadIdx.x, dim, THREADS):
-        q_scaled[d] = q[t, h * dim + d] * scale
-    cuda.syncthreads()
-    acc = cuda.local.array(MAX_DIMS_PER_LANE, float32)  # dims 2 (lane + 32 i) + {0, 1}
-    for i in range(MAX_DIMS_PER_LANE):
-        acc[i] = float32(0.0)
-    best = float32(-math.inf)
-    total = float32(0.0)
-    keys = cuda.local.array(MAX_WORDS, uint32)
-    values = cuda.local.array((VALUE_ROWS, MAX_WORDS_PER_LANE), uint32)
-    for first in range(lo, hi, WARPS * WARP):  # same trip count in every warp: barriers stay uniform
-        batch = first + warp * WARP
-        score = float32(-math.inf)
-        if batch + lane < hi:
-            # the whole key row first, then the dot product: one wait for memory per batch
-            for w in range(0, MAX_WORDS, 4):
-                if w < words:
-                    keys[w], keys[w + 1], keys[w + 2], keys[w + 3] = load_u32x4(
-                        k_words, cache_row + batch + lane, w)
-            dot = float32(0.0)
-            for w in range(MAX_WORDS):
-                if w < words:
-                    a, b = halves_as_floats(keys[w])
-                    dot += a * q_scaled[2 * w] + b * q_scaled[2 * w + 1]
-            score = dot
-        new_best = max(best, warp_max(score))
-        weight = math.exp(score - new_best) if score > -math.inf else float32(0.0)
-        weights[warp, lane] = weight
+def _make_attention_partial(key_words):
+    """attention_partial with `key_words` words of a key row loaded per round: all 64 (one
+    wait for memory per batch of keys) for decode, where a step has few blocks and latency
+    is all; 16 for prefill, where 56 registers instead of 127 (sm_90) let 9 blocks share an SM
+    instead of 4 (thousands of token x head blocks, each mostly waiting on memory)."""
+
+    def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
+                          part_max, part_sum, part_acc):
+        """q [T, H * D] f32 (rotated); k_words, v_words [S * KVH * L, D / 2] u32: the f16 caches
+        [S, KVH, L, D] as pairs of halves, with kv_heads = KVH and length = L; positions, slots [T]
+        i32; window: 0, or attend to keys > position - window; partition: keys per partition;
+        part_max, part_sum [T * H, P] f32; part_acc [T * H, P, D] f32. Grid (T * H, P), block
+        THREADS."""
+        item = cuda.blockIdx.x
+        part = cuda.blockIdx.y
+        heads = part_max.shape[0] // q.shape[0]
+        words = k_words.shape[1]
+        dim = 2 * words
+        t = item // heads
+        h = item % heads
+        kv = h // (heads // kv_heads)
+        position = positions[t]
+        start = max(0, position - window + 1) if window > 0 else 0
+        lo = start + part * partition
+        hi = min(position + 1, lo + partition)
+        if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
+            return  # context): nothing to write, attention_combine reads only used partitions
+        lane = cuda.threadIdx.x % WARP
+        warp = cuda.threadIdx.x // WARP
+        cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
+        q_scaled = cuda.shared.array(MAX_DIM, float32)
+        weights = cuda.shared.array((WARPS, WARP), float32)
+        scale = float32(1.0) / math.sqrt(float32(dim))
+        for d in range(cuda.threadIdx.x, dim, THREADS):
+            q_scaled[d] = q[t, h * dim + d] * scale
         cuda.syncthreads()
-        if batch < hi and new_best > -math.inf:  # this warp has keys (uniform over the warp)
-            correction = math.exp(best - new_best) if best > -math.inf else float32(0.0)
-            total *= correction
-            for i in range(MAX_DIMS_PER_LANE):
-                acc[i] *= correction
-            last = hi - 1 - batch  # keys past the last are read clamped to it, at weight 0
-            for group in range(0, WARP, VALUE_ROWS):
-                for k in range(VALUE_ROWS):  # VALUE_ROWS rows' loads in flight together
-                    row = cache_row + batch + min(group + k, last)
-                    for i in range(MAX_WORDS_PER_LANE):
-                        values[k, i] = uint32(0)
-                        if lane + WARP * i < words:
-                            values[k, i] = load(v_words, row, lane + WARP * i)
-                for k in range(VALUE_ROWS):
-                    weight = weights[warp, group + k]
-                    total += weight
-                    for i in range(MAX_WORDS_PER_LANE):
-                        a, b = halves_as_floats(values[k, i])
-                        acc[2 * i] += weight * a
-                        acc[2 * i + 1] += weight * b
-        best = new_best
+        acc = cuda.local.array(MAX_DIMS_PER_LANE, float32)  # dims 2 (lane + 32 i) + {0, 1}
+        for i in range(MAX_DIMS_PER_LANE):
+            acc[i] = float32(0.0)
+        best = float32(-math.inf)
+        total = float32(0.0)
+        keys = cuda.local.array(key_words, uint32)
+        values = cuda.local.array((VALUE_ROWS, MAX_WORDS_PER_LANE), uint32)
+        for first in range(lo, hi, WARPS * WARP):  # same trip count in every warp: barriers stay uniform
+            batch = first + warp * WARP
+            score = float32(-math.inf)
+            if batch + lane < hi:
+                # key_words of the key row in flight, then their part of the dot product
+                dot = float32(0.0)
+                for done in range(0, MAX_WORDS, key_words):
+                    for w in range(0, key_words, 4):
+                        if done + w < words:
+                            keys[w], keys[w + 1], keys[w + 2], keys[w + 3] = load_u32x4(
+                                k_words, cache_row + batch + lane, done + w)
+                    for w in range(key_words):
+                        if done + w < words:
+                            a, b = halves_as_floats(keys[w])
+                            dot += a * q_scaled[2 * (done + w)] + b * q_scaled[2 * (done + w) + 1]
+                score = dot
+            new_best = max(best, warp_max(score))
+            weight = math.exp(score - new_best) if score > -math.inf else float32(0.0)
+            weights[warp, lane] = weight
+            cuda.syncthreads()
+            if batch < hi and new_best > -math.inf:  # this warp has keys (uniform over the warp)
+                correction = math.exp(best - new_best) if best > -math.inf else float32(0.0)
+                total *= correction
+                for i in range(MAX_DIMS_PER_LANE):
+                    acc[i] *= correction
+                last = hi - 1 - batch  # keys past the last are read clamped to it, at weight 0
+                for group in range(0, WARP, VALUE_ROWS):
+                    for k in range(VALUE_ROWS):  # VALUE_ROWS rows' loads in flight together
+                        row = cache_row + batch + min(group + k, last)
+                        for i in range(MAX_WORDS_PER_LANE):
+                            values[k, i] = uint32(0)
+                            if lane + WARP * i < words:
+                                values[k, i] = load(v_words, row, lane + WARP * i)
+                    for k in range(VALUE_ROWS):
+                        weight = weights[warp, group + k]
+                        total += weight
+                        for i in range(MAX_WORDS_PER_LANE):
+                            a, b = halves_as_floats(values[k, i])
+                            acc[2 * i] += weight * a
+                            acc[2 * i + 1] += weight * b
+            best = new_best
+            cuda.syncthreads()
+        # merge the warps
+        warp_best = cuda.shared.array(WARPS, float32)
+        warp_total = cuda.shared.array(WARPS, float32)
+        warp_acc = cuda.shared.array((WARPS, MAX_DIM), float32)
+        if lane == 0:
+            warp_best[warp] = best
+            warp_total[warp] = total
+        for i in range(MAX_WORDS_PER_LANE):
+            if lane + WARP * i < words:
+                warp_acc[warp, 2 * (lane + WARP * i)] = acc[2 * i]
+                warp_acc[warp, 2 * (lane + WARP * i) + 1] = acc[2 * i + 1]
         cuda.syncthreads()
-    # merge the warps
-    warp_best = cuda.shared.array(WARPS, float32)
-    warp_total = cuda.shared.array(WARPS, float32)
-    warp_acc = cuda.shared.array((WARPS, MAX_DIM), float32)
-    if lane == 0:
-        warp_best[warp] = best
-        warp_total[warp] = total
-    for i in range(MAX_WORDS_PER_LANE):
-        if lane + WARP * i < words:
-            warp_acc[warp, 2 * (lane + WARP * i)] = acc[2 * i]
-            warp_acc[warp, 2 * (lane + WARP * i) + 1] = acc[2 * i + 1]
-    cuda.syncthreads()
-    merged = float32(-math.inf)
-    for w in range(WARPS):
-        merged = max(merged, warp_best[w])
-    if cuda.threadIdx.x == 0:
-        merged_total = float32(0.0)
+        merged = float32(-math.inf)
         for w in range(WARPS):
-            if warp_best[w] > -math.inf:
-                merged_total += warp_total[w] * math.exp(warp_best[w] - merged)
-        part_max[item, part] = merged
-        part_sum[item, part] = merged_total
-    for d in range(cuda.threadIdx.x, dim, THREADS):
-        value = float32(0.0)
-        for w in range(WARPS):
-            if warp_best[w] > -math.inf:
-                value += warp_acc[w, d] * math.exp(warp_best[w] - merged)
-        part_acc[item, part, d] = value
+            merged = max(merged, warp_best[w])
+        if cuda.threadIdx.x == 0:
+            merged_total = float32(0.0)
+            for w in range(WARPS):
+                if warp_best[w] > -math.inf:
+                    merged_total += warp_total[w] * math.exp(warp_best[w] - merged)
+            part_max[item, part] = merged
+            part_sum[item, part] = merged_total
+        for d in range(cuda.threadIdx.x, dim, THREADS):
+            value = float32(0.0)
+            for w in range(WARPS):
+                if warp_best[w] > -math.inf:
+                    value += warp_acc[w, d] * math.exp(warp_best[w] - merged)
+            part_acc[item, part, d] = value
+
+    return attention_partial
 
 
 def attention_combine(part_max, part_sum, part_acc, positions, window, partition, out, quantize,
@@ -182,11 +192,15 @@ def attention_combine(part_max, part_sum, part_acc, positions, window, partition
             quantize_lane(value, h * dim + d, d < dim, xq, xstep, xsum, t)
 
 
+_PARTIAL_SIGNATURE = ("void(float32[:, ::1], uint32[:, ::1], uint32[:, ::1], int32, int32, "
+                      "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
+                      "float32[:, :, ::1])")
+
 KERNELS = {
-    "attention_partial": (attention_partial,
-                          "void(float32[:, ::1], uint32[:, ::1], uint32[:, ::1], int32, int32, "
-                          "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
-                          "float32[:, :, ::1])"),
+    "attention_partial_decode": (_make_attention_partial(ATTENTION_DECODE_KEY_WORDS),
+                                 _PARTIAL_SIGNATURE),
+    "attention_partial_prefill": (_make_attention_partial(ATTENTION_PREFILL_KEY_WORDS),
+                                  _PARTIAL_SIGNATURE),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
                                              "float32[:, :, ::1], int32[::1], int32, int32, "
                                              "float32[:, ::1], int32, uint32[:, ::1], "

@@ -19,6 +19,7 @@ rows x 32 tokens as 2 x 4 tiles of 16 x 8, reading its fragments straight from g
 
 from numba import cuda, float32, uint32
 
+from .common import warp_max, warp_sum
 from .geometry import GEMM_TILE_N, GEMM_TILE_T, WARP
 from .memory import (bits_as_float, codes_as_halves, float_bits, floats_as_halves,
                      halves_as_floats, load, load_u32x4, mma_m16n8k8)
@@ -35,27 +36,37 @@ SCALE_BITS = 141  # x 2^(141 - exponent of max|x|): max|x| lands in [2^14, 2^15)
 def split_activations(x, group_size, hi, lo, xsum, unscale):
     """x [T, K] f32 -> hi, lo [T, K/2] u32 (fp16 pairs in the GEMM's order), xsum [T, K/group]
     f32 (sum of the group's x), unscale [T, K/group] f32 (2^-e, the inverse of the group's
-    factor).
-    One thread per (token, group); 1-D grid over T * K/group."""
+    factor). A warp per (token, group): a lane per pair of the group's values (group_size / 64
+    pairs per lane), the group's max and sum by shuffles. 1-D grid of warps over T * K/group;
+    a multiple of 32 threads per block."""
     groups = xsum.shape[1]
-    item = cuda.grid(1)
-    if item >= x.shape[0] * groups:
-        return
-    t = item // groups
-    first = (item % groups) * group_size
+    lane = cuda.threadIdx.x % WARP
+    item = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // WARP
+    active = item < x.shape[0] * groups  # whole warps; inactive ones still join the shuffles
+    t = item // groups if active else 0
+    group = item % groups
+    pairs = group_size // 2  # pair p of a group: chunk p // 4, values j = p % 4 and j + 4
     largest = float32(0.0)
     total = float32(0.0)
-    for k in range(first, first + group_size):
-        largest = max(largest, abs(x[t, k]))
-        total += x[t, k]
+    for p in range(lane, pairs, WARP):
+        if active:
+            k = group * group_size + 8 * (p // 4) + p % 4
+            a = x[t, k]
+            b = x[t, k + 4]
+            largest = max(largest, max(abs(a), abs(b)))
+            total += a + b
+    largest = warp_max(largest)
+    total = warp_sum(total)
     factor = float32(1.0)
     inverse = float32(1.0)
     if largest > float32(0.0):  # 2^(SCALE_BITS - exponent) and its inverse, from bit patterns
         biased = min(max(SCALE_BITS + 127 - int(float_bits(largest) >> uint32(23)), 1), 253)
         factor = bits_as_float(uint32(biased) << uint32(23))
         inverse = bits_as_float(uint32(254 - biased) << uint32(23))
-    for chunk in range(first // 8, (first + group_size) // 8):
-        for j in range(4):
+    for p in range(lane, pairs, WARP):
+        if active:
+            chunk = group * group_size // 8 + p // 4
+            j = p % 4
             a = x[t, 8 * chunk + j] * factor
             b = x[t, 8 * chunk + j + 4] * factor
             pair = floats_as_halves(a, b)
@@ -63,8 +74,9 @@ def split_activations(x, group_size, hi, lo, xsum, unscale):
             word = 16 * (chunk // 4) + 4 * j + chunk % 4
             hi[t, word] = pair
             lo[t, word] = floats_as_halves(a - a_hi, b - b_hi)
-    xsum[t, item % groups] = total
-    unscale[t, item % groups] = inverse
+    if active and lane == 0:
+        xsum[t, group] = total
+        unscale[t, group] = inverse
 
 
 def int4_gemm(hi, lo, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):

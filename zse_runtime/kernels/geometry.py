@@ -33,6 +33,10 @@ ATTENTION_THREADS = 128
 ATTENTION_DECODE_PARTITION = 128
 ATTENTION_PREFILL_PARTITION = 1024
 ATTENTION_MAX_HEAD_DIM = 128
+# words of a key row a lane loads per round (kernels/attention.py): the whole row for decode
+# (latency), 16 for prefill (56 registers instead of 127 on sm_90: 9 blocks per SM, not 4)
+ATTENTION_DECODE_KEY_WORDS = 64
+ATTENTION_PREFILL_KEY_WORDS = 16
 
 # sample_tokens: a block per sequence; a power of two.
 SAMPLING_THREADS = 1024
