@@ -17,12 +17,13 @@ import pytest
 from tests.conftest import REPO
 from zse_runtime.config import ModelConfig
 from zse_runtime.gpu.backend import GpuOps, Int4Device
+from zse_runtime.gpu.loader import device_window_start
 from zse_runtime.gpu.kernels import DeviceArray
 from zse_runtime.kernels import build
 from zse_runtime.kernels import geometry as geo
 from zse_runtime.model import Batch, Decoder
 from zse_runtime.sampling import SamplingParams
-from zse_runtime.zsefile import ZseFile
+from zse_runtime.zsefile import EMBED, ZseFile
 
 sys.path.insert(0, str(REPO / "scripts"))
 from make_synthetic_zse import write_random_zse  # noqa: E402
@@ -72,21 +73,28 @@ def ops(tmp_path_factory):
     path = write_random_zse(tmp_path_factory.mktemp("tiny") / "tiny.zse", dict(TINY), 64)
     zse = ZseFile(path)
     ops = object.__new__(GpuOps)
+    ops.zse_path = path
     ops.config, ops.slots, ops.max_len = ModelConfig.from_manifest(zse.model_config), 4, 256
     ops.window, ops.max_batch, ops.max_tokens, ops.capturing = 0, 4, 512, False
     ops.context = SimpleNamespace(memory_info=lambda: (1 << 40, 1 << 40))
+    ops.window_start = device_window_start(zse)
     ops._plan_memory(zse)
     pointer, ops.buffers = 1 << 32, {}
     for name, shape, dtype in ops.arena.sizes:  # disjoint fake addresses, 256-byte aligned
         ops.buffers[name] = DeviceArray(pointer, shape, dtype)
         pointer += ops.arena.nbytes_of(shape, dtype)
     ops.weights_pointer = 1 << 36
-    ops.weights = {name: ops._tensor(zse, name) for name in zse.tensors}
+    ops.weights = {name: ops._tensor(zse, name) for name, info in zse.tensors.items()
+                   if info.offset >= ops.window_start}
+    ops._host_embedding(zse.weight(EMBED))
+    ops.embed_host = SimpleNamespace(array=np.zeros(sum(ops.embed_staging_bytes), np.uint8))
+    ops.embed_staging = ops._embed_staging_views()
     ops._no_bias = ops.buffers["no_bias"]
     ops.meta_host = SimpleNamespace(array=np.zeros(ops.meta_bytes, np.uint8), pointer=0)
     ops.meta = ops._meta_views()
-    ops.stream = SimpleNamespace(copy_to_device=lambda *a: None, copy_to_host=lambda *a: None,
-                                 synchronize=lambda: None)
+    ops.copies = []
+    ops.stream = SimpleNamespace(copy_to_device=lambda *a: ops.copies.append(a),
+                                 copy_to_host=lambda *a: None, synchronize=lambda: None)
     return ops
 
 
@@ -138,9 +146,14 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
         assert len(gemms) == linears
         for name, (out_at, flag_at) in producers.items():
             assert all(int(args[flag_at]) == 0 for _, _, _, args in recorder.named(name))
-    # a thread per value over 2-D grids
-    (_, grid, block, (_, _, out)), = recorder.named("embed_fp16")
+    # a thread per value over 2-D grids; the embedding rows come from the host-gathered staging
+    (_, grid, block, (ids, rows, out)), = recorder.named("embed_fp16")
     assert grid[:2] == (tokens, math.ceil(c.hidden_size / block))
+    assert rows.pointer == ops.buffers["embed_part0"].pointer and rows.shape == (tokens, c.hidden_size)
+    assert ids.pointer == ops.buffers["row_ids"].pointer and ids.shape == (tokens,)
+    table = ZseFile(ops.zse_path).weight(EMBED)
+    np.testing.assert_array_equal(ops.embed_staging[0][:tokens], table[batch.tokens])
+    assert (rows.pointer, ops.embed_staging[0].ctypes.data, rows.nbytes) in ops.copies
     for _, grid, block, args in recorder.named("rope_and_cache"):
         work = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim // 2 + c.kv_size
         assert grid[:2] == (tokens, math.ceil(work / block))
@@ -173,3 +186,17 @@ def test_weights_are_views_of_the_file_layout(ops):
             assert weight.qweight.pointer < weight.scales.pointer < weight.zeros.pointer
             assert weight.scales.shape == weight.zeros.shape
             assert weight.qweight.shape[1] * 8 // weight.group_size == weight.scales.shape[1]
+
+
+def test_decode_replay_stages_the_embedding_rows_its_graph_copies(ops):
+    """A replayed decode step gathers its tokens' rows into the pinned staging the captured
+    graph copies from: padding rows repeat row 0, and an id past the vocabulary is refused on
+    the host, before any device read."""
+    ops.buckets = [1, 2, 4]
+    ops.graphs = {bucket: SimpleNamespace(launch=lambda stream: None) for bucket in ops.buckets}
+    table = ZseFile(ops.zse_path).weight(EMBED)
+    ops.replay_decode(np.array([7, 300, 511]), np.array([3, 4, 5]), np.array([0, 1, 2]),
+                      [SamplingParams()] * 3, [0, 0, 0])
+    np.testing.assert_array_equal(ops.embed_staging[0][:4], table[[7, 300, 511, 0]])
+    with pytest.raises(IndexError):
+        ops.replay_decode(np.array([512]), np.array([0]), np.array([0]), [SamplingParams()], [0])

@@ -574,23 +574,30 @@ def fake_gpu(monkeypatch):
 
 
 def test_upload_weights_streams_remote_bytes_to_the_device(fake_gpu, tiny_qwen2_zse, tmp_path):
+    """Everything after the embedding reaches the device, byte for byte; the embedding's bytes
+    come back in host memory (the local file's own map, or a copy out of the stream)."""
     from zse_runtime.engine import StartupTimes
-    from zse_runtime.gpu.loader import upload_weights
+    from zse_runtime.gpu.loader import device_window_start, upload_weights
 
     with ZseFile(tiny_qwen2_zse) as local:
+        embed = local.tensors["embed_tokens"]
+        window = device_window_start(local)
+        assert embed.offset == 0 and window >= embed.nbytes  # the converter writes it first
         expected = np.array(local.data)
-        device = np.zeros(local.header.data_length, np.uint8)
-        assert upload_weights(local, device.ctypes.data, _FakeContext()) is None  # local fast path
-        assert np.array_equal(device, expected)
+        device = np.zeros(local.header.data_length - window, np.uint8)
+        host = upload_weights(local, device.ctypes.data, window, _FakeContext())  # local fast path
+        assert np.array_equal(device, expected[window:])
+        assert np.shares_memory(host, local.data)
+        assert np.array_equal(host, expected[embed.offset:embed.offset + embed.nbytes])
 
     fake_gpu.pinned.clear()
     device[:] = 0
     zse = _remote_zse(tiny_qwen2_zse, delay=lambda offset: 0.0002 * (offset % 3))
     zse.mirror = tmp_path / "cache" / "copy.zse"
     startup = StartupTimes()
-    stats = upload_weights(zse, device.ctypes.data, _FakeContext(), startup)
-    assert np.array_equal(device, expected)
-    assert stats.chunks == -(-zse.header.data_length // 12288)
+    host = upload_weights(zse, device.ctypes.data, window, _FakeContext(), startup)
+    assert np.array_equal(device, expected[window:])
+    assert np.array_equal(host, expected[embed.offset:embed.offset + embed.nbytes])
     assert len(fake_gpu.pinned) == 6 and all(b.closed for b in fake_gpu.pinned)  # 3 fetchers x 2
     assert set(startup.stages) == {"download (overlapped)", "verify+copy (overlapped)"}
     assert zse.mirror.read_bytes() == tiny_qwen2_zse.read_bytes()
@@ -598,16 +605,17 @@ def test_upload_weights_streams_remote_bytes_to_the_device(fake_gpu, tiny_qwen2_
 
 def test_upload_weights_checksum_failure_frees_buffers_and_leaves_no_cache(fake_gpu, tiny_qwen2_zse,
                                                                           tmp_path):
-    from zse_runtime.gpu.loader import upload_weights
+    from zse_runtime.gpu.loader import device_window_start, upload_weights
 
     blob = bytearray(tiny_qwen2_zse.read_bytes())
     with ZseFile(tiny_qwen2_zse) as local:
         blob[local.header.data_offset + local.tensors["lm_head"].offset + 5] ^= 0x04
     zse = ZseFile.from_source(FakeSource(bytes(blob)))
     zse.mirror = tmp_path / "copy.zse"
-    device = np.zeros(zse.header.data_length, np.uint8)
+    window = device_window_start(zse)
+    device = np.zeros(zse.header.data_length - window, np.uint8)
     with pytest.raises(ZseFormatError, match="tensor 'lm_head'"):
-        upload_weights(zse, device.ctypes.data, _FakeContext())
+        upload_weights(zse, device.ctypes.data, window, _FakeContext())
     assert fake_gpu.pinned and all(b.closed for b in fake_gpu.pinned)
     assert fake_gpu.flushed == len(fake_gpu.pending)  # every issued copy finished first
     assert list(tmp_path.iterdir()) == []

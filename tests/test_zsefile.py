@@ -81,6 +81,9 @@ def test_views_are_zero_copy_and_match_the_bytes(tiny_qwen2_zse):
         np.testing.assert_array_equal(
             norm, np.frombuffer(blob, "<f4", entry["shape"][0], d_off + entry["offset"]))
         assert list(zse.iter_corrupt()) == []
+        reader = zse.prefetch("embed_tokens")  # a background read into the page cache
+        reader.join(30)
+        assert not reader.is_alive()
 
 
 def _expect_error(path, *fragments):

@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -30,6 +31,7 @@ import xxhash
 MAGIC = b"\x89ZSE\r\n\x1a\n"  # PNG-style: catches text-mode transfers and truncation at byte 0
 FORMAT_VERSION_MAJOR = 1  # bumped only for changes an old reader would misread
 FORMAT_VERSION_MINOR = 1  # bumped for additions an old reader may ignore (1.1: quantization.gptq)
+PREFETCH_CHUNK = 8 << 20  # bytes per read of ZseFile.prefetch
 ALIGNMENT = 4096  # every tensor and the data section start on a multiple of this
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 # Bytes a remote open reads first: header and manifest in one request for most models (the
@@ -470,6 +472,32 @@ def read_header(path, blob: bytes, file_size: int) -> Header:
                   data_length)
 
 
+def dense_view(info: TensorInfo, blob: np.ndarray) -> np.ndarray:
+    """A dense.v1 tensor's bytes (uint8, info.nbytes of them) as its typed array, zero-copy."""
+    if info.layout != LAYOUT_DENSE:
+        raise TypeError(f"tensor '{info.name}' has layout {info.layout}, not {LAYOUT_DENSE}")
+    return blob.view(np.dtype(info.dtype).newbyteorder("<")).reshape(info.shape)
+
+
+def int4_view(info: TensorInfo, blob: np.ndarray) -> Int4Weight:
+    """An int4.rows.v1 tensor's bytes as its three sections, zero-copy."""
+    if info.layout != LAYOUT_INT4_ROWS:
+        raise TypeError(f"tensor '{info.name}' has layout {info.layout}, not {LAYOUT_INT4_ROWS}")
+    rows, cols = info.shape
+    packed, scale_bytes, _ = int4_section_sizes(rows, cols, info.group_size)
+    groups = cols // info.group_size
+    return Int4Weight(
+        blob[:packed].view("<u4").reshape(rows, cols // INT4_VALUES_PER_WORD),
+        blob[packed:packed + scale_bytes].view("<f2").reshape(rows, groups),
+        blob[packed + scale_bytes:].view("<f2").reshape(rows, groups),
+        info.group_size,
+    )
+
+
+def tensor_view(info: TensorInfo, blob: np.ndarray) -> np.ndarray | Int4Weight:
+    return int4_view(info, blob) if info.layout == LAYOUT_INT4_ROWS else dense_view(info, blob)
+
+
 class ZseFile:
     """A validated, memory-mapped `.zse` file. Use as a context manager or call close()."""
 
@@ -544,28 +572,42 @@ class ZseFile:
         return self.data[info.offset:info.offset + info.nbytes]
 
     def dense(self, name: str) -> np.ndarray:
-        info = self.tensors[name]
-        if info.layout != LAYOUT_DENSE:
-            raise TypeError(f"tensor '{name}' has layout {info.layout}, not {LAYOUT_DENSE}")
-        return self.raw(name).view(np.dtype(info.dtype).newbyteorder("<")).reshape(info.shape)
+        return dense_view(self.tensors[name], self.raw(name))
 
     def int4(self, name: str) -> Int4Weight:
-        info = self.tensors[name]
-        if info.layout != LAYOUT_INT4_ROWS:
-            raise TypeError(f"tensor '{name}' has layout {info.layout}, not {LAYOUT_INT4_ROWS}")
-        rows, cols = info.shape
-        packed, scale_bytes, _ = int4_section_sizes(rows, cols, info.group_size)
-        blob = self.raw(name)
-        groups = cols // info.group_size
-        return Int4Weight(
-            blob[:packed].view("<u4").reshape(rows, cols // INT4_VALUES_PER_WORD),
-            blob[packed:packed + scale_bytes].view("<f2").reshape(rows, groups),
-            blob[packed + scale_bytes:].view("<f2").reshape(rows, groups),
-            info.group_size,
-        )
+        return int4_view(self.tensors[name], self.raw(name))
 
     def weight(self, name: str) -> np.ndarray | Int4Weight:
-        return self.int4(name) if self.tensors[name].layout == LAYOUT_INT4_ROWS else self.dense(name)
+        return tensor_view(self.tensors[name], self.raw(name))
+
+    def prefetch(self, name: str) -> threading.Thread | None:
+        """Read a tensor's bytes once in a background thread, so that they are in the page
+        cache before they are used (best effort: read errors are ignored). None, and nothing
+        to do, for a remote file."""
+        if self._map is None:
+            return None
+        info = self.tensors[name]
+        start = self.header.data_offset + info.offset
+        end = start + info.nbytes
+
+        def read() -> None:
+            buffer = memoryview(bytearray(PREFETCH_CHUNK))
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                for offset in range(start, end, PREFETCH_CHUNK):
+                    if os.preadv(fd, [buffer[:min(PREFETCH_CHUNK, end - offset)]], offset) <= 0:
+                        return
+            except OSError:
+                return
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=read, name=f"zse-prefetch-{name}", daemon=True)
+        thread.start()
+        return thread
 
     def dequantized(self, name: str) -> np.ndarray:
         """Any tensor as float32 (int4 dequantized with the reference formula)."""

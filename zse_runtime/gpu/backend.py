@@ -21,10 +21,11 @@ from ..engine import PREFILL_CHUNK
 from ..kernels import geometry as geo
 from ..model import Batch, Decoder
 from ..sampling import SamplingParams
-from ..zsefile import EMBED, LAYOUT_INT4_ROWS, LM_HEAD, ZseFile, int4_section_sizes
+from ..zsefile import (EMBED, LAYOUT_INT4_ROWS, LM_HEAD, Int4Weight, ZseFile, int4_section_sizes,
+                       tensor_view)
 from . import driver
 from .kernels import DeviceArray, KernelLibrary, download, upload
-from .loader import upload_weights
+from .loader import device_window_start, upload_weights
 
 log = logging.getLogger("zse")
 
@@ -118,10 +119,17 @@ class GpuOps:
         self.buckets = sorted({b for b in DECODE_BUCKETS if b < self.max_batch} | {self.max_batch})
         self.graphs: dict[int, driver.Graph] = {}
         self.capturing = False  # True while decode graphs are captured: no syncs, fixed shapes
+        self.window_start = device_window_start(zse)  # the embedding stays on the host
         self._plan_memory(zse)  # raises OutOfDeviceMemory before anything is uploaded
-        self.weights_pointer = driver.allocate(zse.header.data_length)
-        upload_weights(zse, self.weights_pointer, context, startup)
-        self.weights = {name: self._tensor(zse, name) for name in zse.tensors}
+        self.weights_pointer = driver.allocate(zse.header.data_length - self.window_start)
+        embedding = upload_weights(zse, self.weights_pointer, self.window_start, context, startup)
+        self.weights = {name: self._tensor(zse, name) for name, info in zse.tensors.items()
+                        if info.offset >= self.window_start}
+        self._host_embedding(tensor_view(zse.tensors[EMBED], embedding))
+        # after a cold start, each new token's row would otherwise be a disk read on the
+        # serving path (H200: +0.4-0.8 ms per token in the first decode run after a cache
+        # drop): read the table into the page cache in the background
+        zse.prefetch(EMBED)
         t = startup.mark("upload", t)
         self.buffers = self.arena.allocate()
         cos, sin = rope_tables(config, max_len)
@@ -130,6 +138,10 @@ class GpuOps:
         self._no_bias = self.buffers["no_bias"]
         self.meta_host = driver.PinnedBuffer(self.meta_bytes)
         self.meta = self._meta_views()
+        self.embed_host = driver.PinnedBuffer(sum(self.embed_staging_bytes))
+        self.embed_staging = self._embed_staging_views()
+        upload(self.stream, self.buffers["row_ids"].pointer,
+               np.arange(self.max_tokens, dtype=np.int32))
         self.stream.synchronize()
         startup.mark("kv_cache+workspace", t)
 
@@ -171,6 +183,20 @@ class GpuOps:
         arena.add("rope_cos", (self.max_len, c.head_dim // 2), np.float32)
         arena.add("rope_sin", (self.max_len, c.head_dim // 2), np.float32)
         arena.add("no_bias", (1,), np.float32)
+        # the embedding rows of a step's tokens, gathered on the host (GpuOps.embed), and the
+        # row indices 0, 1, ... that the embed kernels read them by
+        embed = zse.tensors[EMBED]
+        if embed.layout == LAYOUT_INT4_ROWS:
+            groups = embed.shape[1] // embed.group_size
+            self.embed_parts = [((embed.shape[1] // 8,), np.uint32), ((groups,), np.float16),
+                                ((groups,), np.float16)]
+        else:
+            self.embed_parts = [((embed.shape[1],), np.dtype(embed.dtype))]
+        self.embed_staging_bytes = [Arena.nbytes_of((T, *shape), dtype)
+                                    for shape, dtype in self.embed_parts]
+        for i, (shape, dtype) in enumerate(self.embed_parts):
+            arena.add(f"embed_part{i}", (T, *shape), dtype)
+        arena.add("row_ids", (T,), np.int32)
         # step inputs, mirrored by one pinned host block: int32 tokens, positions, slots
         # [max_tokens]; rows, top_k, ids [max_batch]; float32 temperature, top_p; uint64 seeds, steps
         self.meta_layout = [("tokens", T, np.int32), ("positions", T, np.int32),
@@ -182,12 +208,13 @@ class GpuOps:
         arena.add("meta", (self.meta_bytes,), np.uint8)
         self.arena = arena
         self.kv_cache_bytes = Arena.nbytes_of(kv_shape, np.float16)
-        needed = zse.header.data_length + arena.nbytes
+        weights = zse.header.data_length - self.window_start
+        needed = weights + arena.nbytes
         free, total = self.context.memory_info()
         if needed > free:
             raise OutOfDeviceMemory(
                 f"the model needs {needed / 2**30:.2f} GiB of GPU memory (weights "
-                f"{zse.header.data_length / 2**30:.2f}, KV cache {self.kv_cache_bytes / 2**30:.2f}, "
+                f"{weights / 2**30:.2f}, KV cache {self.kv_cache_bytes / 2**30:.2f}, "
                 f"workspace {(arena.nbytes - self.kv_cache_bytes) / 2**30:.2f}) but "
                 f"{free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free; lower --max-model-len "
                 "or the slot count")
@@ -202,6 +229,33 @@ class GpuOps:
         self.meta_input_bytes = offset - Arena.nbytes_of((self.max_batch,), np.int32)  # all but ids
         return views
 
+    def _host_embedding(self, table) -> None:
+        """The embedding table in host memory, as the parts the staging mirrors."""
+        self.embedding = list(table[:3]) if isinstance(table, Int4Weight) else [table]
+        self.embedding_group = table.group_size if isinstance(table, Int4Weight) else 0
+
+    def _embed_staging_views(self) -> list[np.ndarray]:
+        views, offset = [], 0
+        for (shape, dtype), nbytes in zip(self.embed_parts, self.embed_staging_bytes):
+            count = self.max_tokens * int(np.prod(shape))
+            views.append(self.embed_host.array[offset:offset + count * np.dtype(dtype).itemsize]
+                         .view(dtype).reshape(self.max_tokens, *shape))
+            offset += nbytes
+        return views
+
+    def _stage_embeddings(self, tokens: np.ndarray, rows: int) -> None:
+        """Gather the tokens' embedding rows into the pinned staging, its first `rows` rows
+        (padding rows repeat row 0). The caller makes sure no copy out of it is in flight."""
+        ids = np.zeros(rows, np.int64)
+        ids[:tokens.size] = tokens
+        for table, staging in zip(self.embedding, self.embed_staging):
+            np.take(table, ids, axis=0, out=staging[:rows])  # IndexError for an id >= vocab
+
+    def _copy_embeddings(self, rows: int) -> None:
+        for i, staging in enumerate(self.embed_staging):
+            self.stream.copy_to_device(self.buffers[f"embed_part{i}"].pointer,
+                                       staging.ctypes.data, rows * staging[0].nbytes)
+
     def bind_thread(self) -> None:
         self.context.make_current()
 
@@ -212,6 +266,7 @@ class GpuOps:
     def _tensor(self, zse: ZseFile, name: str):
         info = zse.tensors[name]
         base = self.weights_pointer + info.offset
+        base -= self.window_start  # the device holds the data section from window_start on
         if info.layout == LAYOUT_INT4_ROWS:
             rows, cols = info.shape
             packed, scale_bytes, _ = int4_section_sizes(rows, cols, info.group_size)
@@ -265,6 +320,8 @@ class GpuOps:
             self.meta[name][0][:values.size] = values
         self.tokens_now = T
         self.rows_now = batch.logit_rows.size
+        self._stage_embeddings(batch.tokens, T)
+        self._copy_embeddings(T)
         # a graph is replayed at every context length: it covers the longest
         self.parts_now = self.partitions(T, self.max_len if self.capturing
                                          else int(batch.positions.max()) + 1)
@@ -280,16 +337,18 @@ class GpuOps:
     # -- ops ------------------------------------------------------------------------------
 
     def embed(self, tokens) -> DeviceArray:
+        """The step's embedding rows, gathered on the host and copied by prepare() (or the decode
+        graph), widened to float32 on the device."""
         T, out = self.tokens_now, self.buffers["hidden"].rows(self.tokens_now)
-        table = self.weights[EMBED]
-        if isinstance(table, Int4Device):
-            words = table.qweight.shape[1]
+        ids, parts = self.buffers["row_ids"].rows(T), [self.buffers[f"embed_part{i}"].rows(T)
+                                                       for i in range(len(self.embed_parts))]
+        if self.embedding_group:
+            words = parts[0].shape[1]
             self._launch("embed_int4", (T, math.ceil(words / geo.ROW_THREADS)), geo.ROW_THREADS,
-                         self._meta("tokens", T), table.qweight, table.scales, table.zeros,
-                         np.int32(table.group_size), out)
+                         ids, *parts, np.int32(self.embedding_group), out)
         else:
             self._launch("embed_fp16", (T, math.ceil(out.shape[1] / geo.ROW_THREADS)),
-                         geo.ROW_THREADS, self._meta("tokens", T), table, out)
+                         geo.ROW_THREADS, ids, parts[0], out)
         return out
 
     def _digits(self, T: int, K: int) -> tuple[DeviceArray, ...]:
@@ -483,6 +542,7 @@ class GpuOps:
         host("positions")[:bucket] = np.concatenate([positions, np.zeros(pad)]).astype(np.int32)
         host("slots")[:bucket] = np.concatenate([slots, np.full(pad, self.slots)]).astype(np.int32)
         host("rows")[:bucket] = np.arange(bucket, dtype=np.int32)
+        self._stage_embeddings(np.asarray(tokens), bucket)  # the graph copies them
         self._stage_sampling(list(params) + [SamplingParams()] * pad, list(steps) + [0] * pad)
         self.graphs[bucket].launch(self.stream)
         self.stream.synchronize()

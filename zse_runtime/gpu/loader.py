@@ -1,4 +1,5 @@
-"""File or URL -> one device allocation: the `.zse` data section is copied byte for byte.
+"""File or URL -> one device allocation: the `.zse` data section is copied byte for byte, all
+but the embedding table, which stays in host memory (`device_window_start`).
 
 Local files: reader threads each own two pinned staging buffers and a stream: a thread reads
 chunk i into one buffer while the copy engine moves chunk i - 1 out of the other, so disk (or
@@ -18,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..streaming import MirrorFile, StreamStats, stream_data_section
-from ..zsefile import ZseFile
+from ..streaming import MirrorFile, stream_data_section
+from ..zsefile import EMBED, ZseFile
 from . import driver
 
 CHUNK_BYTES = 32 << 20
@@ -76,12 +77,25 @@ def upload_data_section(path: str | os.PathLike, data_offset: int, data_length: 
         os.close(fd)
 
 
+def device_window_start(zse: ZseFile) -> int:
+    """Data-section offset from which the tensors live on the device: where the first tensor
+    other than the embedding begins. The converter writes the embedding first, so the device
+    holds everything but it. A decode step reads one embedding row per token, which the host
+    gathers (GpuOps.embed): at 7B shape that keeps 1.09 GB off the GPU and out of the upload."""
+    return min(info.offset for name, info in zse.tensors.items() if name != EMBED)
+
+
 class DeviceSink:
     """The streaming pipeline's device side: a ring of pinned buffers and one copy stream.
-    Copies run in issue order on the stream; an event per ring slot says when it is free."""
+    Copies run in issue order on the stream; an event per ring slot says when it is free.
+    Bytes before `window_start` go to the device only if they are past it (none are); the
+    embedding's bytes are kept in host memory (`embedding`)."""
 
-    def __init__(self, device_pointer: int, context: driver.Context):
-        self.device_pointer, self.context = device_pointer, context
+    def __init__(self, device_pointer: int, context: driver.Context, window_start: int,
+                 embedding: tuple[int, int]):
+        self.device_pointer, self.context, self.window_start = device_pointer, context, window_start
+        self.embedding_offset = embedding[0]
+        self.embedding = np.empty(embedding[1], np.uint8)
         self.stream = driver.Stream()
         self.buffers: list[driver.PinnedBuffer] = []
         self.events: list[driver.Event] = []
@@ -94,9 +108,19 @@ class DeviceSink:
         self.recorded = [False] * count
         return [buffer.array for buffer in self.buffers]
 
-    def copy(self, device_offset: int, host_view: np.ndarray) -> None:
-        self.stream.copy_to_device(self.device_pointer + device_offset, host_view.ctypes.data,
-                                   host_view.nbytes)
+    def copy(self, offset: int, host_view: np.ndarray) -> None:
+        """Bytes [offset, offset + size) of the data section: the part inside the device window
+        to the device (asynchronously), the part inside the embedding to host memory."""
+        end = offset + host_view.size
+        first = max(offset, self.window_start)
+        if first < end:
+            self.stream.copy_to_device(self.device_pointer + first - self.window_start,
+                                       host_view[first - offset:].ctypes.data, end - first)
+        lo = max(offset, self.embedding_offset)
+        hi = min(end, self.embedding_offset + self.embedding.size)
+        if lo < hi:
+            self.embedding[lo - self.embedding_offset:hi - self.embedding_offset] = \
+                host_view[lo - offset:hi - offset]
 
     def issued(self, slot: int) -> None:
         self.events[slot].record(self.stream)
@@ -119,17 +143,21 @@ class DeviceSink:
         self.buffers = []
 
 
-def upload_weights(zse: ZseFile, device_pointer: int, context: driver.Context,
-                   startup=None) -> StreamStats | None:
-    """The backend's one entry point: a local file takes the unverified fast path above; a
-    remote source streams with verification (and writes zse.mirror, the --cache-dir copy, when
-    set). Remote loads add their overlapped download and verify+copy times to `startup`;
-    the caller's own stage ("upload") is then download+upload."""
+def upload_weights(zse: ZseFile, device_pointer: int, window_start: int,
+                   context: driver.Context, startup=None) -> np.ndarray:
+    """The backend's one entry point: data-section bytes [window_start, end) to the device, and
+    the embedding's bytes returned as a host uint8 array. A local file takes the unverified
+    fast path above and its embedding is the memory map's own (read on demand, from the page
+    cache); a remote source streams with verification (and writes zse.mirror, the --cache-dir
+    copy, when set) and its embedding is copied out of the stream. Remote loads add their
+    overlapped download and verify+copy times to `startup`; the caller's own stage ("upload")
+    is then download+upload."""
+    embedding = zse.tensors[EMBED]
     if zse.source is None:
-        upload_data_section(zse.path, zse.header.data_offset, zse.header.data_length,
-                            device_pointer, context)
-        return None
-    sink = DeviceSink(device_pointer, context)
+        upload_data_section(zse.path, zse.header.data_offset + window_start,
+                            zse.header.data_length - window_start, device_pointer, context)
+        return zse.raw(EMBED)
+    sink = DeviceSink(device_pointer, context, window_start, (embedding.offset, embedding.nbytes))
     mirror = MirrorFile(zse.mirror, zse.head, zse.source.size) if zse.mirror else None
     try:
         stats = stream_data_section(zse, sink, mirror)
@@ -139,4 +167,4 @@ def upload_weights(zse: ZseFile, device_pointer: int, context: driver.Context,
         mirror.commit()
     if startup is not None:  # the backend's "upload" stage is the wall time
         stats.report(startup)
-    return stats
+    return sink.embedding
