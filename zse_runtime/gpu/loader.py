@@ -88,8 +88,8 @@ def device_window_start(zse: ZseFile) -> int:
 class DeviceSink:
     """The streaming pipeline's device side: a ring of pinned buffers and one copy stream.
     Copies run in issue order on the stream; an event per ring slot says when it is free.
-    Bytes before `window_start` go to the device only if they are past it (none are); the
-    embedding's bytes are kept in host memory (`embedding`)."""
+    Data-section bytes from `window_start` on go to the device; the embedding's bytes (all
+    before it, as `device_window_start` chooses it) are copied into host memory (`embedding`)."""
 
     def __init__(self, device_pointer: int, context: driver.Context, window_start: int,
                  embedding: tuple[int, int]):

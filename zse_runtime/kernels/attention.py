@@ -5,8 +5,9 @@ the token's keys (causal, optionally a sliding window) and writes the partition'
 unnormalised output) to a workspace. Each warp takes 32 keys at a time, a key per lane: a lane
 reads its key's row with 16-byte loads and computes the score against q (in shared memory), the
 batch's softmax weights go through shared memory, then every lane accumulates its slice of the
-head dimension over the 32 value rows. All loads of a batch are independent, so a warp waits
-for memory once per 32 keys, not once per key.
+head dimension over the 32 value rows. A lane issues a round of key loads (or 8 value rows)
+before it uses any, so a warp waits for memory a few times per 32 keys, not once per key. Two
+variants differ only in the words of a key row per round (`_make_attention_partial`).
 attention_combine: merges a token-head's partitions into the output (and its GEMV digits).
 Splitting keeps all SMs busy for long contexts, where one block per head would use 28 of 132.
 """
