@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
 
 from zse_runtime.gpu import driver  # noqa: E402
+from zse_runtime.gpu.backend import cache_words, quantize_launch, split_launch  # noqa: E402
 from zse_runtime.gpu.kernels import DeviceArray, KernelLibrary, download, upload  # noqa: E402
 from zse_runtime.kernels import geometry as geo  # noqa: E402
 from zse_runtime.zsefile import Int4Weight, dequantize_int4  # noqa: E402
@@ -165,8 +166,7 @@ def quantize_on_device(gpu: Gpu, dx: DeviceArray, into=None) -> tuple[DeviceArra
     xq, xstep, xsum = into or (gpu.empty((tokens, cols // 2), np.uint32),
                                gpu.empty((tokens, cols // 32), np.float32),
                                gpu.empty((tokens, cols // 32), np.float32))
-    gpu.launch("quantize_activations", math.ceil(tokens * cols / geo.ELEMENTWISE_THREADS),
-               geo.ELEMENTWISE_THREADS, dx, xq, xstep, xsum)
+    gpu.launch("quantize_activations", *quantize_launch(tokens, cols), dx, xq, xstep, xsum)
     return xq, xstep, xsum
 
 
@@ -188,19 +188,8 @@ def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[D
     split = into or (gpu.empty((tokens, cols // 2), np.uint32), gpu.empty((tokens, cols // 2), np.uint32),
                      gpu.empty((tokens, cols // group), np.float32),
                      gpu.empty((tokens, cols // group), np.float32))
-    gpu.launch("split_activations", math.ceil(tokens * cols // group * 32 / geo.ELEMENTWISE_THREADS),
-               geo.ELEMENTWISE_THREADS, dx, np.int32(group), *split)
+    gpu.launch("split_activations", *split_launch(tokens, cols, group), dx, np.int32(group), *split)
     return split
-
-
-def _words(cache: DeviceArray) -> DeviceArray:
-    """A float16 KV cache [S, KVH, L, D] as attention_partial reads it: [S * KVH * L, D / 2] u32."""
-    slots, heads, length, dim = cache.shape
-    return DeviceArray(cache.pointer, (slots * heads * length, dim // 2), np.dtype(np.uint32))
-
-
-def _rows_of(array: DeviceArray, rows: int) -> DeviceArray:
-    return DeviceArray(array.pointer, (rows, array.shape[1]), array.dtype)
 
 
 @check("int4_gemv")
@@ -219,8 +208,8 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
         dx, dbias = gpu.put(x), gpu.put(bias)
         activations = quantize_on_device(gpu, dx)
         out = gpu.empty((BATCHES[-1], rows), np.float32)
-        args = lambda i, T: (*(_rows_of(a, T) for a in activations), *devices[i % copies],
-                             np.int32(128), dbias, np.int32(1), _rows_of(out, T))
+        args = lambda i, T: (*(a.rows(T) for a in activations), *devices[i % copies],
+                             np.int32(128), dbias, np.int32(1), out.rows(T))
 
         def timed(kernel, grid, block, T):
             gpu.launch(kernel, grid, block, *args(0, T))
@@ -254,9 +243,9 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
                                    tokens=T, threads=other, sweep=True)
         for T in (16, 32):
             grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
-            split = split_on_device(gpu, _rows_of(dx, T), 128)
+            split = split_on_device(gpu, dx.rows(T), 128)
             gemm_args = lambda i, T: (*split, *devices[i % copies], np.int32(128),
-                                      dbias, np.int32(1), _rows_of(out, T))
+                                      dbias, np.int32(1), out.rows(T))
             gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, *gemm_args(0, T))
             err = rel_error(gpu.get(out)[:T], expected[:T])
             counter = iter(range(10**9))
@@ -355,9 +344,9 @@ def attention(gpu: Gpu, rng) -> None:
         pacc, out = gpu.empty((items, parts, dim), np.float32), gpu.empty((tokens, heads * dim), np.float32)
         digits = empty_digits(gpu, tokens, heads * dim)
         partial = lambda variant=kind: gpu.launch(
-            f"attention_partial_{variant}", (items, parts), geo.ATTENTION_THREADS, dq, _words(dk),
-            _words(dv), np.int32(kv_heads), np.int32(length), dpos, dslots, np.int32(0),
-            np.int32(partition), pmax, psum, pacc)
+            f"attention_partial_{variant}", (items, parts), geo.ATTENTION_THREADS, dq,
+            cache_words(dk), cache_words(dv), np.int32(kv_heads), np.int32(length), dpos, dslots,
+            np.int32(0), np.int32(partition), pmax, psum, pacc)
         combine = lambda: gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum,
                                      pacc, dpos, np.int32(0), np.int32(partition), out,
                                      np.int32(1), *digits)

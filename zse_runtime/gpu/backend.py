@@ -52,6 +52,24 @@ def int4_gemv_plan(rows: int, tokens: int) -> tuple[str, int, int, int]:
     return f"int4_gemv_t{tile}_r{block_rows}", block_rows, tile, threads
 
 
+def cache_words(cache: DeviceArray) -> DeviceArray:
+    """A float16 KV cache [S, KVH, L, D] as attention_partial reads it: [S * KVH * L, D / 2]
+    pairs of halves."""
+    slots, heads, length, dim = cache.shape
+    return DeviceArray(cache.pointer, (slots * heads * length, dim // 2), np.dtype(np.uint32))
+
+
+def quantize_launch(tokens: int, cols: int) -> tuple[int, int]:
+    """(grid, block) of quantize_activations over [tokens, cols]: a thread per value."""
+    return math.ceil(tokens * cols / geo.ELEMENTWISE_THREADS), geo.ELEMENTWISE_THREADS
+
+
+def split_launch(tokens: int, cols: int, group_size: int) -> tuple[int, int]:
+    """(grid, block) of split_activations over [tokens, cols]: a warp per (token, group)."""
+    warps = tokens * cols // group_size
+    return math.ceil(warps * geo.WARP / geo.ELEMENTWISE_THREADS), geo.ELEMENTWISE_THREADS
+
+
 @dataclass(frozen=True)
 class QuantizedActivation(DeviceArray):
     """An activation whose producer also wrote it as the INT4 GEMV's digits (xq, xstep, xsum),
@@ -284,11 +302,7 @@ class GpuOps:
         return DeviceArray(cache.pointer + (layer * 2 + which) * size, shape, np.dtype(np.float16))
 
     def kv_words(self, layer: int, which: int) -> DeviceArray:
-        """The cache as attention_partial reads it: [slots * kv heads * max_len, head_dim / 2]
-        pairs of halves."""
-        slots, heads, length, dim = self.kv(layer, which).shape
-        return DeviceArray(self.kv(layer, which).pointer, (slots * heads * length, dim // 2),
-                           np.dtype(np.uint32))
+        return cache_words(self.kv(layer, which))
 
     def attention_kind(self, tokens: int) -> str:
         """"decode" for a decode step's batch, "prefill" for a prompt chunk: attention's
@@ -351,6 +365,12 @@ class GpuOps:
                          geo.ROW_THREADS, ids, parts[0], out)
         return out
 
+    @staticmethod
+    def _through_gemv(tokens: int) -> bool:
+        """Whether a batch this size multiplies through the INT4 GEMVs (whose inputs its
+        producers quantize) rather than the tensor-core GEMM."""
+        return tokens <= geo.GEMV_MAX_TOKENS
+
     def _digits(self, T: int, K: int) -> tuple[DeviceArray, ...]:
         """The INT4 GEMV's input digits for a [T, K] activation (kernels/quantize_activations.py):
         contiguous prefixes of the workspace."""
@@ -373,7 +393,7 @@ class GpuOps:
         # the kernel's blocks read the old residual while others write the new one: two buffers
         first, second = self.buffers["residual"].rows(T), self.buffers["residual_next"].rows(T)
         res_out = second if residual is not None and residual.pointer == first.pointer else first
-        decode = T <= geo.GEMV_MAX_TOKENS
+        decode = self._through_gemv(T)
         width = geo.NORM_DECODE_SLICE if decode else hidden  # spread a decode row over SMs
         out, digits = self._producing(self.buffers["normed"].rows(T), decode)
         self._launch("add_rmsnorm", (T, math.ceil(hidden / width)), geo.NORM_THREADS, delta,
@@ -401,7 +421,7 @@ class GpuOps:
             return
         weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                   bias if bias is not None else self._no_bias, np.int32(bias is not None))
-        if T <= geo.GEMV_MAX_TOKENS:  # decode: one pass over the weights per token tile
+        if self._through_gemv(T):  # decode: one pass over the weights per token tile
             activations = x.digits if isinstance(x, QuantizedActivation) \
                 else self._quantize_activations(x)
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, T)
@@ -418,8 +438,7 @@ class GpuOps:
         INT4 lm_head's): a thread per value."""
         T, K = x.shape
         digits = self._digits(T, K)
-        self._launch("quantize_activations", math.ceil(T * K / geo.ELEMENTWISE_THREADS),
-                     geo.ELEMENTWISE_THREADS, x, *digits)
+        self._launch("quantize_activations", *quantize_launch(T, K), x, *digits)
         return digits
 
     def _split_activations(self, x: DeviceArray, group_size: int) -> tuple[DeviceArray, ...]:
@@ -430,9 +449,8 @@ class GpuOps:
                  DeviceArray(self.buffers["x_lo"].pointer, (T, K // 2), u32),
                  DeviceArray(self.buffers["group_sum"].pointer, (T, K // group_size), f32),
                  DeviceArray(self.buffers["group_unscale"].pointer, (T, K // group_size), f32))
-        warps = T * K // group_size  # a warp per (token, group)
-        self._launch("split_activations", math.ceil(warps * geo.WARP / geo.ELEMENTWISE_THREADS),
-                     geo.ELEMENTWISE_THREADS, x, np.int32(group_size), *split)
+        self._launch("split_activations", *split_launch(T, K, group_size), x,
+                     np.int32(group_size), *split)
         return split
 
     def rope_and_cache(self, qkv: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
@@ -455,7 +473,7 @@ class GpuOps:
         part_acc = DeviceArray(self.buffers["part_acc"].pointer, (items, P, c.head_dim), f32)
         # the combine quantizes a head's outputs: its blocks of 32 must not straddle heads
         out, digits = self._producing(self.buffers["attended"].rows(T),
-                                      T <= geo.GEMV_MAX_TOKENS and c.head_dim % 32 == 0)
+                                      self._through_gemv(T) and c.head_dim % 32 == 0)
         self._launch(f"attention_partial_{self.attention_kind(T)}", (items, P),
                      geo.ATTENTION_THREADS, q,
                      self.kv_words(layer, 0), self.kv_words(layer, 1),
@@ -470,7 +488,7 @@ class GpuOps:
 
     def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
         T = gate_up.shape[0]
-        out, digits = self._producing(self.buffers["act"].rows(T), T <= geo.GEMV_MAX_TOKENS)
+        out, digits = self._producing(self.buffers["act"].rows(T), self._through_gemv(T))
         total = T * self.config.intermediate_size
         blocks = min(math.ceil(total / geo.ELEMENTWISE_THREADS), 65535)
         self._launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, gate_up, out, *digits)
