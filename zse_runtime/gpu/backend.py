@@ -129,6 +129,9 @@ class GpuOps:
         self.context, self.config, self.slots, self.max_len = context, config, slots, max_len
         t = time.perf_counter()
         self.kernels = KernelLibrary(context.info.compute_capability)
+        # no kernel has a stack frame (tests/test_prebuilt_kernels.py): reserve what they use
+        # rather than CUDA's 1 KiB per resident thread
+        context.set_stack_size(self.kernels.local_bytes)
         t = startup.mark("kernel_load", t)
         self.stream = driver.Stream()
         self.window = config.sliding_window or 0

@@ -96,6 +96,7 @@ class KernelLibrary:
             self.functions = {
                 name: driver.Module((prebuilt / "ptx" / f"{name}.ptx").read_bytes() + b"\0").function(entry)
                 for name, entry in self.entries.items()}
+        self.local_bytes = max(driver.local_bytes(f) for f in self.functions.values())
 
     def launch(self, name: str, grid, block: int, stream: driver.Stream, *args) -> None:
         grid = (grid, 1, 1) if isinstance(grid, int) else (*grid, *(1,) * (3 - len(grid)))
