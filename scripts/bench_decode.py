@@ -27,6 +27,10 @@ Parts (--parts, comma-separated; default all):
             prompt (first token included); the roofline fraction = (bytes a step reads, from the
             manifest: every tensor but the embedding) / copy bandwidth / step time.
   gemv      gpu_check.copy_bandwidth and gpu_check.gemv (INT4 GEMV at the 7B shapes, T = 1..32).
+  batched   in-process Engine.open(slots=max(--streams)): for each --streams N, N distinct
+            128-token prompts prefilled one by one (eager, timed), then --decode-tokens steps of
+            all N through Engine.step: decode tokens/s, wall ms per step, the bucket graph's GPU
+            ms per step, and the difference (host time per step).
   server    `zse-run --max-num-seqs max(--streams)`: N concurrent greedy streams of
             --server-tokens after distinct 128-token prompts; aggregate tokens/s = generated
             tokens (the usage the server reports) / wall time from sending to the last stream's
@@ -55,7 +59,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import benchlib  # noqa: E402  (a sibling script, not a package)
 from benchlib import GIB, SKIPPED_NO_GPU, csv_ints, median  # noqa: E402
 
-PARTS = ("engine", "gemv", "server", "baseline", "prepare")
+PARTS = ("engine", "batched", "gemv", "server", "baseline", "prepare")
 SAMPLED = {"temperature": 0.7, "top_p": 0.9, "seed": 1}
 SERVER_PROMPT_TOKENS = 128
 
@@ -64,13 +68,13 @@ def prompt(vocab: int, tokens: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, tokens).tolist()
 
 
-def graph_step_ms(engine, replays: int = 20) -> float:
-    """GPU time of one batch-1 decode step: the captured graph replayed with the metadata of
-    the last real step (as gpu_check.speed_7b does), timed with events."""
+def graph_step_ms(engine, bucket: int = 1, replays: int = 20) -> float:
+    """GPU time of one decode step of `bucket` sequences: the captured graph replayed with the
+    metadata of the last real step (as gpu_check.speed_7b does), timed with events."""
     from zse_runtime.gpu import driver
 
     ops = engine.ops
-    graph = ops.graphs[1]
+    graph = ops.graphs[bucket]
     graph.launch(ops.stream)
     start, end = driver.Event(), driver.Event()
     start.record(ops.stream)
@@ -140,6 +144,57 @@ def engine_part(zse: Path, args: argparse.Namespace, copy_gbps) -> dict[str, Any
     del engine
     gc.collect()
     return section
+
+
+def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Engine.step over N sequences at once, in process (no HTTP): what the GPU and the engine's
+    host side give before the server's share. Each level prefills N distinct 128-token prompts
+    (one eager forward each, timed), then times --decode-tokens steps of all N."""
+    from zse_runtime.engine import Engine
+    from zse_runtime.model import Batch
+    from zse_runtime.sampling import SamplingParams
+
+    engine = Engine.open(zse, device=args.device, max_model_len=args.max_model_len,
+                         slots=max(args.streams))
+    cuda = args.device == "cuda"
+    vocab = engine.config.vocab_size
+    levels = []
+    for streams in args.streams:
+        slots = [engine.acquire_slot() for _ in range(streams)]
+        try:
+            prefill_s, tokens = [], []
+            for i, slot in enumerate(slots):
+                ids = prompt(vocab, SERVER_PROMPT_TOKENS, 100 + i)
+                started = time.perf_counter()
+                logits = engine.forward(Batch.of(ids, np.arange(len(ids)), np.full(len(ids), slot),
+                                                 [len(ids) - 1]))
+                tokens.append(int(engine.ops.sample(logits, [SamplingParams()], [0])[0]))
+                prefill_s.append(time.perf_counter() - started)
+            params = [SamplingParams()] * streams
+            started = time.perf_counter()
+            for step in range(args.decode_tokens):
+                position = SERVER_PROMPT_TOKENS + step
+                tokens = engine.step(tokens, [position] * streams, slots, params,
+                                     [step + 1] * streams).tolist()
+            seconds = time.perf_counter() - started
+        finally:
+            for slot in slots:
+                engine.release_slot(slot)
+        step_ms = seconds / args.decode_tokens * 1e3
+        level = {"streams": streams, "decode_tok_s": streams * args.decode_tokens / seconds,
+                 "step_ms": step_ms, "prefill_128_ms": median(prefill_s) * 1e3}
+        if cuda:
+            bucket = next(b for b in engine.ops.buckets if b >= streams)
+            level["bucket"] = bucket
+            level["gpu_step_ms"] = graph_step_ms(engine, bucket)
+            level["host_ms_per_step"] = step_ms - level["gpu_step_ms"]
+        levels.append(level)
+        print(f"engine {streams} sequences: {level['decode_tok_s']:.0f} tok/s, "
+              f"{step_ms:.2f} ms/step, prefill {level['prefill_128_ms']:.1f} ms", flush=True)
+    del engine
+    gc.collect()
+    return {"prompt_tokens": SERVER_PROMPT_TOKENS, "decode_tokens": args.decode_tokens,
+            "levels": levels}
 
 
 def gemv_part(gpu, run_gemv: bool) -> dict[str, Any]:
@@ -224,7 +279,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     models = result["models"]
     if "conversion" in models and "convert_s" in models["conversion"]:
         rows.append(("conversion (zse_convert.convert)", f"{models['conversion']['convert_s']:.1f} s"))
-    for key in ("transformers", "gemv", "engine", "server"):
+    for key in ("transformers", "gemv", "engine", "batched", "server"):
         if str(result.get(key, "")).startswith("failed"):
             rows.append((key, result[key].strip().splitlines()[-1][:150]))
     engine = result.get("engine")
@@ -263,6 +318,14 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                           f"({best['kernel']})")))
     elif gemv == SKIPPED_NO_GPU:
         rows.append(("INT4 GEMV", gemv))
+    batched = result.get("batched")
+    if isinstance(batched, dict):
+        for level in batched["levels"]:
+            gpu_ms = level.get("gpu_step_ms")
+            rows.append((f"Engine.step {level['streams']} sequences",
+                         f"{level['decode_tok_s']:.0f} tok/s; {level['step_ms']:.2f} ms/step"
+                         + (f" ({gpu_ms:.2f} on the GPU, bucket {level['bucket']})" if gpu_ms else "")
+                         + f"; 128-token prefill {level['prefill_128_ms']:.1f} ms"))
     server = result.get("server")
     if isinstance(server, dict):
         for level in server["levels"]:
@@ -306,7 +369,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     benchlib.add_model_arguments(parser, "/tmp/zse_bench")
-    parser.add_argument("--parts", default="engine,gemv,server,baseline",
+    parser.add_argument("--parts", default="engine,batched,gemv,server,baseline",
                         type=lambda text: [p for p in text.split(",") if p],
                         help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--contexts", type=csv_ints, default=[128, 2048],
@@ -365,6 +428,9 @@ def main() -> int:
         result["gemv"] = SKIPPED_NO_GPU
     if "engine" in args.parts:
         ok &= benchlib.guarded(result, "engine", lambda: engine_part(models.zse, args, copy_gbps))
+        save()
+    if "batched" in args.parts:
+        ok &= benchlib.guarded(result, "batched", lambda: batched_part(models.zse, args))
         save()
     if "server" in args.parts:
         ok &= benchlib.guarded(result, "server", lambda: server_part(models.zse, args))

@@ -86,14 +86,16 @@ def synthetic_model_config(preset: str, layers: int | None) -> dict[str, Any]:
     return {**canonical_config(synthetic.preset_config(preset, layers)), "source_dtype": "synthetic"}
 
 
-def direct_zse(work: Path, preset: str, layers: int | None, log: Callable[[str], None]) -> Models:
+def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
+               log: Callable[[str], None]) -> Models:
     """make_synthetic_zse.write_random_zse: random INT4 codes written straight into a .zse, with
     a chat template; reused when `work` already holds one for this preset."""
     from make_synthetic_zse import write_random_zse
 
     from tests.checkpoints import CHAT_TEMPLATE
 
-    path = work / f"{preset}-l{layers or 'all'}-direct.zse"
+    suffix = "" if lm_head == "float16" else f"-lmhead-{lm_head}"
+    path = work / f"{preset}-l{layers or 'all'}{suffix}-direct.zse"
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and sidecar.is_file():
         made = json.loads(sidecar.read_text())
@@ -101,9 +103,11 @@ def direct_zse(work: Path, preset: str, layers: int | None, log: Callable[[str],
         return Models(path, None, {**made, "reused": True})
     log(f"writing a random {preset} .zse directly into {path}")
     started = time.perf_counter()
-    write_random_zse(path, synthetic_model_config(preset, layers), chat_template=CHAT_TEMPLATE)
+    write_random_zse(path, synthetic_model_config(preset, layers), chat_template=CHAT_TEMPLATE,
+                     lm_head=lm_head)
     made = {"how": "scripts/make_synthetic_zse.py write_random_zse (random INT4 codes, no "
                    "checkpoint, no quantization)", "preset": preset, "layers": layers,
+            "lm_head": lm_head,
             "write_s": time.perf_counter() - started, "zse_bytes": path.stat().st_size}
     sidecar.write_text(json.dumps(made, indent=2))
     log(f"  {made['zse_bytes'] / 1e9:.2f} GB in {made['write_s']:.1f} s")
@@ -111,7 +115,7 @@ def direct_zse(work: Path, preset: str, layers: int | None, log: Callable[[str],
 
 
 def checkpoint_and_conversion(work: Path, preset: str, layers: int | None,
-                              checkpoint: Path | None, zse: Path | None,
+                              checkpoint: Path | None, zse: Path | None, lm_head: str,
                               log: Callable[[str], None]) -> Models:
     """A random fp16 HF checkpoint (make_synthetic_checkpoint.write_checkpoint, unless
     `checkpoint` is given) and its `zse_convert.convert()` output (unless `zse` is given), both
@@ -144,7 +148,7 @@ def checkpoint_and_conversion(work: Path, preset: str, layers: int | None,
     if zse is not None:
         provenance["conversion"] = {"given": str(zse)}
         return Models(zse, checkpoint, provenance)
-    zse = work / f"{checkpoint.name}.zse"
+    zse = work / f"{checkpoint.name}{'' if lm_head == 'float16' else '-lmhead-' + lm_head}.zse"
     sidecar = zse.with_name(zse.name + ".json")
     source_id = str(checkpoint.resolve())
     if zse.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("source") == source_id:
@@ -153,7 +157,7 @@ def checkpoint_and_conversion(work: Path, preset: str, layers: int | None,
         return Models(zse, checkpoint, provenance)
     log(f"converting {checkpoint} -> {zse}")
     started = time.perf_counter()
-    summary = convert(str(checkpoint), zse, ConvertOptions())
+    summary = convert(str(checkpoint), zse, ConvertOptions(lm_head=lm_head))
     conversion = {"source": source_id, "convert_s": time.perf_counter() - started,
                   "zse_bytes": zse.stat().st_size, "cpus": os.cpu_count(),
                   "converter_summary": summary}
@@ -171,10 +175,10 @@ def prepare_models(args: argparse.Namespace, log: Callable[[str], None] = print)
             raise SystemExit(f"error: {what} {path} does not exist")
     if args.baseline or args.checkpoint is not None:
         return checkpoint_and_conversion(args.work, args.preset, args.layers, args.checkpoint,
-                                         args.zse, log)
+                                         args.zse, args.lm_head, log)
     if args.zse is not None:
         return Models(args.zse, None, {"given": str(args.zse)})
-    return direct_zse(args.work, args.preset, args.layers, log)
+    return direct_zse(args.work, args.preset, args.layers, args.lm_head, log)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_work: str) -> None:
@@ -184,6 +188,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_work: str) -> N
                         help="cpu: a smoke test of the script with a tiny preset")
     parser.add_argument("--preset", choices=sorted(synthetic.PRESETS), default="qwen2.5-7b")
     parser.add_argument("--layers", type=int, help="override num_hidden_layers (shrinks the model)")
+    parser.add_argument("--lm-head", choices=("float16", "int4"), default="float16",
+                        help="lm_head precision of the model built (zse-convert --lm-head)")
     parser.add_argument("--zse", type=Path, help="use this .zse instead of building one")
     parser.add_argument("--checkpoint", type=Path,
                         help="HF checkpoint for the transformers baseline (implies --baseline); "

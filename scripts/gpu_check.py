@@ -148,7 +148,7 @@ SHAPES_7B = {"qkv": (4608, 3584), "o_proj": (3584, 3584), "gate_up": (37888, 358
              "down_proj": (3584, 18944), "lm_head": (152064, 3584)}
 
 
-BATCHES = (1, 4, 8, 16, 32)
+BATCHES = (1, 2, 4, 8, 16, 32)
 
 
 def _bandwidth(name: str, weight_bytes: int, ms: float, copy_gbps: float | None, err: float,

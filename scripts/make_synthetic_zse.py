@@ -57,8 +57,9 @@ def random_blob(spec, rng) -> np.ndarray:
 
 
 def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 0,
-                     chat_template: str | None = None) -> Path:
-    """`chat_template` (e.g. tests.checkpoints.CHAT_TEMPLATE) lets /v1/chat/completions serve it."""
+                     chat_template: str | None = None, lm_head: str = "float16") -> Path:
+    """`chat_template` (e.g. tests.checkpoints.CHAT_TEMPLATE) lets /v1/chat/completions serve it;
+    `lm_head` is zse-convert's --lm-head (float16 or int4)."""
     tokenizer = build_tokenizer(512)
     tokenizer_json = tokenizer.to_str()
     eos = tokenizer.token_to_id("<|im_end|>")
@@ -75,7 +76,7 @@ def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 
         "provenance": {"source": "synthetic", "source_kind": "synthetic", "converter":
                        "scripts/make_synthetic_zse.py"},
     }
-    specs = plan_tensors(model, ConvertOptions(group_size=group_size))
+    specs = plan_tensors(model, ConvertOptions(group_size=group_size, lm_head=lm_head))
     rng = np.random.default_rng(seed)
     with ZseWriter(out, manifest, specs) as writer:
         for spec in specs:
@@ -90,12 +91,13 @@ def main() -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-7b")
     parser.add_argument("--layers", type=int, help="override num_hidden_layers")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--lm-head", choices=("float16", "int4"), default="float16")
     args = parser.parse_args()
     model = dict(PRESETS[args.preset])
     if args.layers:
         model["num_hidden_layers"] = args.layers
     started = time.perf_counter()
-    write_random_zse(args.out, model, args.group_size)
+    write_random_zse(args.out, model, args.group_size, lm_head=args.lm_head)
     print(f"wrote {args.out}: {args.out.stat().st_size / 1e9:.2f} GB in "
           f"{time.perf_counter() - started:.1f} s")
     return 0

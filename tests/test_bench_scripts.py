@@ -72,6 +72,10 @@ def test_bench_decode_cpu(tmp_path, work):
     step = engine["bytes_per_step"]
     assert 0 < step["bytes_read"] < step["file_tensor_bytes"]  # the embedding is not read
     assert engine["roofline"] == SKIPPED and report["gemv"] == SKIPPED
+    batched = report["batched"]["levels"]
+    assert [level["streams"] for level in batched] == [1, 2]
+    assert all(positive(level["decode_tok_s"]) and positive(level["prefill_128_ms"])
+               and "gpu_step_ms" not in level for level in batched)
     levels = report["server"]["levels"]
     assert [level["streams"] for level in levels] == [1, 2]
     assert all(positive(level["aggregate_tok_s"]) for level in levels)
