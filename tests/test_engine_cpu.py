@@ -127,6 +127,21 @@ def test_generate_limits(tiny_qwen2_zse):
         Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=4096)
 
 
+def test_device_choice_without_a_gpu(tiny_qwen2_zse):
+    """On a machine with no usable GPU (this one, and CI), "cuda" fails with the starter's
+    reason and "auto" falls back to the CPU backend, whether Engine.open starts the context or
+    is handed one that zse-run began before importing the engine."""
+    from zse_runtime.gpu.starter import ContextStarter
+
+    for starter in (None, ContextStarter()):
+        with pytest.raises(EngineError, match="no CUDA GPU is available|CUDA initialisation failed"):
+            Engine.open(tiny_qwen2_zse, device="cuda", context_starter=starter)
+    for starter in (None, ContextStarter()):
+        engine = Engine.open(tiny_qwen2_zse, device="auto", context_starter=starter)
+        assert engine.device == "cpu"
+        assert "context (overlapped)" not in engine.startup.stages
+
+
 def test_generation_stops_at_eos(tiny_qwen2_zse):
     engine = Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=256)
     free = list(engine.generate("hello", 30, ignore_eos=True))

@@ -26,6 +26,10 @@ log = logging.getLogger("zse")
 
 def _load(state, path: str, device: str, max_model_len: Optional[int], slots: int,
           cache_dir: Optional[Path], on_failure, imported: threading.Event) -> None:
+    from .gpu.starter import ContextStarter
+
+    # the context's driver calls run while the engine's modules import
+    context_starter = ContextStarter() if device != "cpu" else None
     from .source import redact
 
     try:
@@ -34,16 +38,20 @@ def _load(state, path: str, device: str, max_model_len: Optional[int], slots: in
         finally:
             imported.set()
         state.attach(Engine.open(path, device=device, max_model_len=max_model_len, slots=slots,
-                                 cache_dir=cache_dir))
+                                 cache_dir=cache_dir, context_starter=context_starter))
         log.info("ready in %.2f s since process start (%s)",
                  time.perf_counter() - _PROCESS_START, state.engine.startup)
     except Exception as exc:  # noqa: BLE001 - any load failure ends the process, clearly
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
         log.error("could not load %s: %s", redact(path), exc)
         on_failure()
+    finally:
+        sys.setswitchinterval(_DEFAULT_SWITCH_INTERVAL_S)
 
 
 _PROCESS_START = time.perf_counter()
+_DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()
+STARTUP_SWITCH_INTERVAL_S = 0.0005
 
 
 @app.command()
@@ -84,6 +92,10 @@ def main(
         server_box[0].should_exit = True
 
     engine_imported = threading.Event()
+    # While the weights stream, the upload's reader threads need the GIL back after every read
+    # and copy call, and this thread holds it importing the HTTP stack: a short switch interval
+    # hands it over sooner. _load restores the default once the engine is ready.
+    sys.setswitchinterval(STARTUP_SWITCH_INTERVAL_S)
     loader = threading.Thread(target=_load, name="zse-loader", daemon=True,
                               args=(state, file, device, max_model_len, max_num_seqs, cache_dir,
                                     stop_server, engine_imported))

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .gpu.starter import ContextStarter
 from .model import Batch, Decoder
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -72,23 +73,27 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, device: str = "auto", max_model_len: int | None = None,
-             slots: int = 1, cache_dir: str | Path | None = None) -> "Engine":
+             slots: int = 1, cache_dir: str | Path | None = None,
+             context_starter: ContextStarter | None = None) -> "Engine":
         """Validate the file, load it onto `device` ("cuda", "cpu", or "auto": a GPU if present)
         and get every kernel ready, so the first request runs at full speed.
 
         `path` may be a URL (s3://, gs://, https://, hf://...): the header and manifest come from
         one ranged read of the first MiB (a second when the manifest is longer) and the weights
         stream, verified, onto the device. With `cache_dir` a
-        verified copy is kept there and reused while the object's ETag/commit is unchanged."""
+        verified copy is kept there and reused while the object's ETag/commit is unchanged.
+        `context_starter`: a CUDA context the caller began creating earlier (zse-run does, before
+        it imports this module); otherwise it starts here, beside the manifest read."""
         started = time.perf_counter()
         startup = StartupTimes()
         if device not in DEVICES:
             raise EngineError(f"device must be one of {DEVICES}, got {device!r}")
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
-        context_thread = None
-        if device in ("auto", "cuda"):
-            context_thread = _ContextStarter(device == "cuda")  # overlaps the manifest read
+        if device == "cpu":
+            context_starter = None
+        elif context_starter is None:
+            context_starter = ContextStarter()  # overlaps the manifest read
         zse, manifest_stage = _open_zse(path, cache_dir)
         config = ModelConfig.from_manifest(zse.model_config)
         tokenizer = Tokenizer(zse.manifest["tokenizer"])
@@ -96,9 +101,9 @@ class Engine:
         max_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if not 0 < max_len <= config.max_position_embeddings:
             raise EngineError(f"max_model_len {max_len} must be in 1..{config.max_position_embeddings}")
-        context = context_thread.result() if context_thread else None
+        context = _context(context_starter, required=device == "cuda")
         if context is not None:
-            startup.stages["context (overlapped)"] = context_thread.seconds
+            startup.stages["context (overlapped)"] = context_starter.seconds
             from .gpu.backend import GpuOps, OutOfDeviceMemory
 
             try:
@@ -209,6 +214,18 @@ class Engine:
             self.release_slot(slot)
 
 
+def _context(starter: ContextStarter | None, required: bool):
+    """The started context; None (the CPU backend) when there is none and none was required."""
+    if starter is None:
+        return None
+    context, error = starter.result()
+    if context is None:
+        if required:
+            raise EngineError(error)
+        log.info("no usable GPU (%s); running on the CPU backend", error)
+    return context
+
+
 def _open_zse(path: str | Path, cache_dir: str | Path | None) -> tuple[ZseFile, str]:
     """A local file as before; a URL through a ByteSource: the --cache-dir copy when it holds
     this version of the object, otherwise a remote ZseFile (manifest read, data not yet)."""
@@ -260,42 +277,3 @@ def _download_for_cpu(zse: ZseFile, startup: StartupTimes) -> ZseFile:
     if zse.mirror is None:
         target.unlink()  # the mapping keeps the bytes; nothing is left behind on exit
     return local
-
-
-class _ContextStarter:
-    """Creates the CUDA context on a thread while the caller parses the manifest."""
-
-    def __init__(self, required: bool):
-        import threading
-
-        self.required = required
-        self.seconds = 0.0
-        self._outcome = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        started = time.perf_counter()
-        try:
-            from .gpu import driver
-
-            if driver.device_count() == 0:
-                self._outcome = EngineError("no CUDA GPU is available (use --device cpu)")
-            else:
-                self._outcome = driver.Context(0)
-        except ImportError as exc:
-            self._outcome = EngineError(f"the CUDA backend needs cuda-bindings: {exc}")
-        except Exception as exc:  # noqa: BLE001 - reported by result()
-            self._outcome = EngineError(f"CUDA initialisation failed: {exc}")
-        self.seconds = time.perf_counter() - started
-
-    def result(self):
-        """The context, or None when no GPU is usable and one was not required."""
-        self._thread.join()
-        if isinstance(self._outcome, EngineError):
-            if self.required:
-                raise self._outcome
-            log.info("no usable GPU (%s); running on the CPU backend", self._outcome)
-            return None
-        self._outcome.make_current()
-        return self._outcome
