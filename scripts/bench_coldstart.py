@@ -81,11 +81,13 @@ def zse_run(model: Path, args: argparse.Namespace, memory) -> dict[str, Any]:
     stages = {name: stages.get(name, logged["logged_stages_s"].get(name)) for name in order}
     engine_start = logged["engine_ready_wall"] - logged["engine_open_s"] - server.spawned_wall
     critical = sum(v for k, v in stages.items() if "overlapped" not in k)
+    cli_import = logged["cli_ready_wall"] - logged["cli_since_start_s"] - server.spawned_wall
+    milestones = {f"spawn_to_{key}_s": cli_import + logged[f"cli_to_{key}_s"]
+                  for key in ("engine_import", "http_import") if f"cli_to_{key}_s" in logged}
     return {"spawn_to_http_up_s": server.first_answer_s, "spawn_to_health_200_s": server.ready_s,
             "spawn_to_first_token_s": first_token_s, "chat_request_to_first_token_s": request_s,
             "gpu_in_use_gib": in_use, "stages_s": stages,
-            "spawn_to_cli_import_s": (logged["cli_ready_wall"] - logged["cli_since_start_s"]
-                                      - server.spawned_wall),
+            "spawn_to_cli_import_s": cli_import, **milestones,
             "spawn_to_engine_open_s": engine_start, "engine_open_s": logged["engine_open_s"],
             "engine_open_outside_stages_s": logged["engine_open_s"] - critical,
             "return_code": server.process.returncode}
@@ -98,6 +100,11 @@ def zse_lane(run: dict[str, Any]) -> list[tuple[str, float, float]]:
             ("cli -> Engine.open (server and engine imports)", cli, start - cli),
             ("cli -> HTTP answering (uvicorn, FastAPI; beside the load)", cli,
              run["spawn_to_http_up_s"] - cli)]
+    if "spawn_to_http_import_s" in run:
+        engine_import, http_import = run["spawn_to_engine_import_s"], run["spawn_to_http_import_s"]
+        lane += [("HTTP stack imports (after the engine's)", engine_import,
+                  http_import - engine_import),
+                 ("uvicorn start -> answering", http_import, run["spawn_to_http_up_s"] - http_import)]
     at = start
     for stage, seconds in run["stages_s"].items():
         if "overlapped" in stage:
@@ -143,7 +150,8 @@ def summarise(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
 
 
 ZSE_KEYS = ["spawn_to_health_200_s", "spawn_to_first_token_s", "chat_request_to_first_token_s",
-            "spawn_to_http_up_s", "engine_open_s", "gpu_in_use_gib"]
+            "spawn_to_http_up_s", "spawn_to_engine_import_s", "spawn_to_http_import_s",
+            "engine_open_s", "gpu_in_use_gib"]
 HF_KEYS = ["spawn_to_imported_s", "spawn_to_loaded_s", "spawn_to_first_token_s", "gpu_in_use_gib",
            "torch_max_allocated_gib"]
 

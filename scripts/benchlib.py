@@ -356,6 +356,7 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 ENGINE_READY = re.compile(r"zse: ready in ([\d.]+) s on .*\); KV cache")
 CLI_READY = re.compile(r"zse: ready in ([\d.]+) s since process start \((.*)\)$")
 STAGE = re.compile(r"^(.+) (\d+) ms$")
+CLI_MILESTONE = re.compile(r"zse: (engine modules|HTTP stack) imported ([\d.]+) s since process start")
 
 
 def log_time(line: str) -> float | None:
@@ -371,8 +372,9 @@ def log_time(line: str) -> float | None:
 
 def parse_ready_lines(text: str) -> dict[str, Any]:
     """From zse-run's log: when the engine and the CLI logged "ready" (wall clock), the engine's
-    own open time, the CLI's time since its module was imported, and the stage list as printed
-    (milliseconds, rounded)."""
+    own open time, the CLI's time since its module was imported, the stage list as printed
+    (milliseconds, rounded), and when the engine's modules and the HTTP stack had imported
+    (seconds since the CLI module was imported)."""
     found: dict[str, Any] = {}
     for line in text.splitlines():
         if (match := ENGINE_READY.search(line)) and "engine_ready_wall" not in found:
@@ -384,6 +386,9 @@ def parse_ready_lines(text: str) -> dict[str, Any]:
                 if stage := STAGE.match(part):
                     stages[stage.group(1)] = int(stage.group(2)) / 1000
             found["logged_stages_s"] = stages
+        elif match := CLI_MILESTONE.search(line):
+            key = "engine_import" if match.group(1) == "engine modules" else "http_import"
+            found[f"cli_to_{key}_s"] = float(match.group(2))
     return found
 
 

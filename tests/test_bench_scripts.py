@@ -47,6 +47,9 @@ def test_bench_coldstart_cpu(tmp_path, work):
                 "spawn_to_http_up_s", "engine_open_s"):
         assert positive(zse[key]), key
     assert zse["spawn_to_first_token_s"] > zse["spawn_to_health_200_s"]
+    # the CLI's milestones: engine modules, then the HTTP stack, then the first HTTP answer
+    assert 0 < zse["spawn_to_engine_import_s"] < zse["spawn_to_http_import_s"] \
+        < zse["spawn_to_http_up_s"]
     assert {"manifest", "kernel_load"} <= set(zse["stages_s"])
     assert all(positive(v) for v in zse["stages_s"].values())
     assert zse["gpu_in_use_gib"] == SKIPPED

@@ -35,6 +35,9 @@ def _load(state, path: str, device: str, max_model_len: Optional[int], slots: in
     try:
         try:
             from .engine import Engine
+
+            log.info("engine modules imported %.2f s since process start",
+                     time.perf_counter() - _PROCESS_START)
         finally:
             imported.set()
         state.attach(Engine.open(path, device=device, max_model_len=max_model_len, slots=slots,
@@ -111,6 +114,7 @@ def main(
 
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace_period, access_log=False)
+    log.info("HTTP stack imported %.2f s since process start", time.perf_counter() - _PROCESS_START)
     server = uvicorn.Server(config)
     server_box.append(server)
     # uvicorn drains on SIGTERM/SIGINT, restores these handlers, then re-raises the signal:
