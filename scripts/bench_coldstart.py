@@ -98,7 +98,7 @@ def zse_lane(run: dict[str, Any]) -> list[tuple[str, float, float]]:
     cli, start = run["spawn_to_cli_import_s"], run["spawn_to_engine_open_s"]
     lane = [("python + imports to zse_runtime.cli", 0.0, cli),
             ("cli -> Engine.open (server and engine imports)", cli, start - cli),
-            ("cli -> HTTP answering (uvicorn, FastAPI; beside the load)", cli,
+            ("cli -> HTTP answering (uvicorn, Starlette; beside the load)", cli,
              run["spawn_to_http_up_s"] - cli)]
     if "spawn_to_http_import_s" in run:
         engine_import, http_import = run["spawn_to_engine_import_s"], run["spawn_to_http_import_s"]

@@ -408,7 +408,7 @@ def test_the_engine_thread_binds_the_device(tiny_qwen2_zse, monkeypatch):
 def test_engine_failure_turns_health_503_and_requests_get_clear_errors(tiny_qwen2_zse, monkeypatch):
     """A step that raises (a lost device, say) fails the requests in flight with an error, and
     from then on /health is 503 naming the cause, so a load balancer stops routing here."""
-    from fastapi.testclient import TestClient
+    from starlette.testclient import TestClient
 
     from zse_runtime.engine import Engine
     from zse_runtime.server import create_app

@@ -1,7 +1,7 @@
 """What the HTTP layer and the loader thread share: the engine once it is ready, its status and
 the Prometheus metrics.
 
-Deliberately light (no FastAPI, no numpy, no CUDA): `zse-run` creates this before it starts the
+Deliberately light (no HTTP framework, no numpy, no CUDA): `zse-run` creates this before it starts the
 loader thread, and everything imported here sits on the critical path to the first token.
 """
 
