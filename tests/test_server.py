@@ -435,3 +435,25 @@ def test_engine_failure_turns_health_503_and_requests_get_clear_errors(tiny_qwen
             assert again.status_code == 503 and "device lost" in again.json()["error"]["message"]
     finally:
         state.scheduler.stop()
+
+
+def test_request_bodies_parse_laxly_and_name_the_field():
+    """api_types.parse: JSON numbers and numeric strings where an int is due are accepted (as
+    pydantic's lax mode did); a wrong type, a value out of range, a missing field and a bad
+    nested field each name the field."""
+    from zse_runtime.api_types import ChatCompletionRequest, CompletionRequest, RequestError, parse
+
+    body = parse({"model": MODEL, "prompt": [[5, 6]], "n": 2.0, "max_tokens": "3", "extra": 1},
+                 CompletionRequest)
+    assert (body.single_prompt, body.n, body.max_tokens) == ([5, 6], 2, 3)
+    for bad, param in (({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
+                       ({"model": MODEL, "prompt": "x", "seed": "s"}, "seed"),
+                       ({"model": MODEL}, "prompt"),
+                       ({"model": MODEL, "prompt": [1, "a"]}, None)):
+        with pytest.raises(RequestError) as caught:
+            parse(bad, CompletionRequest)
+        assert caught.value.param == param, caught.value.message
+    with pytest.raises(RequestError) as caught:
+        parse({"model": MODEL, "messages": [{"role": "user"}, {"role": "bot"}]},
+              ChatCompletionRequest)
+    assert caught.value.param == "messages[1].role"
