@@ -634,3 +634,60 @@ def test_python_m_zse_runtime_from_s3(moto, tiny_qwen2_zse):
                          env=moto.env)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert f"error: s3://{BUCKET}/gone.zse: not found" in missing.stderr
+
+
+@pytest.fixture
+def fake_device_memory(fake_gpu, monkeypatch):
+    """driver.allocate / free over host arrays; `live` maps pointer -> array."""
+    from zse_runtime.gpu import driver
+
+    live: dict[int, np.ndarray] = {}
+
+    def allocate(nbytes):
+        array = np.zeros(nbytes, np.uint8)
+        live[array.ctypes.data] = array
+        return array.ctypes.data
+
+    monkeypatch.setattr(driver, "allocate", allocate)
+    monkeypatch.setattr(driver, "free", lambda pointer: live.pop(pointer))
+    return live
+
+
+class _ContextWithMemory(_FakeContext):
+    def __init__(self, free):
+        self.free = free
+
+    def memory_info(self):
+        return self.free, 1 << 40
+
+
+def test_preload_uploads_the_window_early_and_the_engine_takes_it_over(fake_device_memory,
+                                                                        tiny_qwen2_zse, tmp_path):
+    """zse-run's early upload (gpu/starter.py): the device window lands byte for byte in its
+    own allocation; the backend takes it over for the same file and frees it for a replaced
+    one; too little free memory or a malformed file allocate nothing."""
+    import shutil
+
+    from zse_runtime.gpu.loader import (device_window_start, file_identity, matching_preload,
+                                        preload_local)
+
+    preload = preload_local(tiny_qwen2_zse, _ContextWithMemory(1 << 40))
+    with ZseFile(tiny_qwen2_zse) as zse:
+        window = device_window_start(zse)
+        assert preload.window_start == window and preload.identity == file_identity(tiny_qwen2_zse)
+        assert np.array_equal(fake_device_memory[preload.pointer], np.array(zse.data)[window:])
+        assert matching_preload(preload, zse, window) is preload
+        assert preload.pointer in fake_device_memory
+    replaced = tmp_path / "replaced.zse"
+    shutil.copy(tiny_qwen2_zse, replaced)
+    with ZseFile(replaced) as other:
+        assert matching_preload(preload, other, window) is None
+    assert fake_device_memory == {}  # freed, not leaked
+
+    with pytest.raises(MemoryError, match="GiB of weights"):
+        preload_local(tiny_qwen2_zse, _ContextWithMemory(1024))
+    truncated = tmp_path / "truncated.zse"
+    truncated.write_bytes(tiny_qwen2_zse.read_bytes()[:-4096])
+    with pytest.raises(ZseFormatError):
+        preload_local(truncated, _ContextWithMemory(1 << 40))
+    assert fake_device_memory == {}
