@@ -27,11 +27,10 @@ log = logging.getLogger("zse")
 def _load(state, path: str, device: str, max_model_len: Optional[int], slots: int,
           cache_dir: Optional[Path], on_failure, imported: threading.Event) -> None:
     from .gpu.starter import ContextStarter
-    from .source import is_url, redact
 
-    # the context's creation and a local file's upload run while the engine's modules import
-    context_starter = None if device == "cpu" else ContextStarter(
-        preload_path=None if is_url(path) else path)
+    # the context's driver calls run while the engine's modules import
+    context_starter = ContextStarter() if device != "cpu" else None
+    from .source import redact
 
     try:
         try:

@@ -82,9 +82,8 @@ class Engine:
         one ranged read of the first MiB (a second when the manifest is longer) and the weights
         stream, verified, onto the device. With `cache_dir` a
         verified copy is kept there and reused while the object's ETag/commit is unchanged.
-        `context_starter`: a CUDA context the caller began creating earlier, with the file's
-        weights possibly uploaded already (zse-run starts both before it imports this module);
-        otherwise the context starts here, beside the manifest read."""
+        `context_starter`: a CUDA context the caller began creating earlier (zse-run does, before
+        it imports this module); otherwise it starts here, beside the manifest read."""
         started = time.perf_counter()
         startup = StartupTimes()
         if device not in DEVICES:
@@ -104,13 +103,11 @@ class Engine:
             raise EngineError(f"max_model_len {max_len} must be in 1..{config.max_position_embeddings}")
         context = _context(context_starter, required=device == "cuda")
         if context is not None:
-            t = startup.mark("device wait", t)  # the context, and the preload if one runs
             startup.stages["context (overlapped)"] = context_starter.seconds
             from .gpu.backend import GpuOps, OutOfDeviceMemory
 
             try:
-                ops = GpuOps(context, zse, config, slots, max_len, startup,
-                             preload=context_starter.preload)
+                ops = GpuOps(context, zse, config, slots, max_len, startup)
             except OutOfDeviceMemory as exc:
                 raise EngineError(str(exc)) from None
             finally:

@@ -25,7 +25,7 @@ from ..zsefile import (EMBED, LAYOUT_INT4_ROWS, LM_HEAD, Int4Weight, ZseFile, in
                        tensor_view)
 from . import driver
 from .kernels import DeviceArray, KernelLibrary, download, upload
-from .loader import Preload, device_window_start, matching_preload, upload_weights
+from .loader import device_window_start, upload_weights
 
 log = logging.getLogger("zse")
 
@@ -125,9 +125,7 @@ class GpuOps:
     """Implements model.Ops on one GPU. Use `GpuOps.open(...)`."""
 
     def __init__(self, context: driver.Context, zse: ZseFile, config: ModelConfig, slots: int,
-                 max_len: int, startup, preload: Preload | None = None):
-        """`preload`: this file's weights already on the device (loader.preload_local); taken
-        over if it is still the same file, freed otherwise."""
+                 max_len: int, startup):
         self.context, self.config, self.slots, self.max_len = context, config, slots, max_len
         t = time.perf_counter()
         self.kernels = KernelLibrary(context.info.compute_capability)
@@ -143,22 +141,9 @@ class GpuOps:
         self.graphs: dict[int, driver.Graph] = {}
         self.capturing = False  # True while decode graphs are captured: no syncs, fixed shapes
         self.window_start = device_window_start(zse)  # the embedding stays on the host
-        preload = matching_preload(preload, zse, self.window_start)
-        try:
-            # raises OutOfDeviceMemory before anything (else) is uploaded
-            self._plan_memory(zse, weights_on_device=preload is not None)
-        except OutOfDeviceMemory:
-            if preload is not None:
-                driver.free(preload.pointer)
-            raise
-        if preload is not None:
-            self.weights_pointer, embedding = preload.pointer, zse.raw(EMBED)
-            startup.stages["upload (overlapped)"] = preload.seconds
-        else:
-            self.weights_pointer = driver.allocate(zse.header.data_length - self.window_start)
-            embedding = upload_weights(zse, self.weights_pointer, self.window_start, context,
-                                       startup)
-            t = startup.mark("upload", t)
+        self._plan_memory(zse)  # raises OutOfDeviceMemory before anything is uploaded
+        self.weights_pointer = driver.allocate(zse.header.data_length - self.window_start)
+        embedding = upload_weights(zse, self.weights_pointer, self.window_start, context, startup)
         self.weights = {name: self._tensor(zse, name) for name, info in zse.tensors.items()
                         if info.offset >= self.window_start}
         self._host_embedding(tensor_view(zse.tensors[EMBED], embedding))
@@ -166,6 +151,7 @@ class GpuOps:
         # serving path (H200: +0.4-0.8 ms per token in the first decode run after a cache
         # drop): read the table into the page cache in the background
         zse.prefetch(EMBED)
+        t = startup.mark("upload", t)
         self.buffers = self.arena.allocate()
         cos, sin = rope_tables(config, max_len)
         upload(self.stream, self.buffers["rope_cos"].pointer, cos)
@@ -182,7 +168,7 @@ class GpuOps:
 
     # -- memory ---------------------------------------------------------------------------
 
-    def _plan_memory(self, zse: ZseFile, weights_on_device: bool = False) -> None:
+    def _plan_memory(self, zse: ZseFile) -> None:
         c, T, B = self.config, self.max_tokens, self.max_batch
         # attention partials: prefill chunks and decode steps split keys differently
         partial_rows = max(T * self.partitions(T, self.max_len), B * self.partitions(B, self.max_len))
@@ -246,8 +232,6 @@ class GpuOps:
         weights = zse.header.data_length - self.window_start
         needed = weights + arena.nbytes
         free, total = self.context.memory_info()
-        if weights_on_device:  # already allocated: count them as free for the comparison
-            free += weights
         if needed > free:
             raise OutOfDeviceMemory(
                 f"the model needs {needed / 2**30:.2f} GiB of GPU memory (weights "

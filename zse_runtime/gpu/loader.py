@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,58 +78,6 @@ def upload_data_section(path: str | os.PathLike, data_offset: int, data_length: 
             raise failure[0]
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class Preload:
-    """A local file's device window, uploaded before the engine asked for it (`preload_local`):
-    GpuOps takes the allocation over when `identity` and `window_start` still match its file."""
-
-    identity: tuple[int, ...]
-    window_start: int
-    pointer: int
-    seconds: float
-
-
-def file_identity(path: str | os.PathLike) -> tuple[int, ...]:
-    """Device, inode, size and modification time: a file replaced in between differs."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def preload_local(path: str | os.PathLike, context: driver.Context) -> Preload:
-    """Upload a local file's device window into a new allocation, as GpuOps would, so that the
-    upload can run while the engine's modules are still importing. The file is validated first
-    (ZseFile); a window larger than the free device memory is refused before any allocation."""
-    started = time.perf_counter()
-    zse = ZseFile(path)
-    try:
-        identity, start = file_identity(path), device_window_start(zse)
-        nbytes = zse.header.data_length - start
-        free, _ = context.memory_info()
-        if nbytes > free:
-            raise MemoryError(f"{nbytes / 2**30:.2f} GiB of weights, {free / 2**30:.2f} GiB free")
-        pointer = driver.allocate(nbytes)
-        try:
-            upload_data_section(path, zse.header.data_offset + start, nbytes, pointer, context)
-        except BaseException:
-            driver.free(pointer)
-            raise
-    finally:
-        zse.close()
-    return Preload(identity, start, pointer, time.perf_counter() - started)
-
-
-def matching_preload(preload: Preload | None, zse: ZseFile, window_start: int) -> Preload | None:
-    """`preload` if it holds this local file's device window; otherwise its memory is freed
-    (the file was replaced, or is remote) and None is returned."""
-    if preload is None:
-        return None
-    if zse.source is None and preload.window_start == window_start \
-            and preload.identity == file_identity(zse.path):
-        return preload
-    driver.free(preload.pointer)
-    return None
 
 
 def device_window_start(zse: ZseFile) -> int:
