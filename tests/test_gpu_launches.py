@@ -23,7 +23,7 @@ from zse_runtime.kernels import build
 from zse_runtime.kernels import geometry as geo
 from zse_runtime.model import Batch, Decoder
 from zse_runtime.sampling import SamplingParams
-from zse_runtime.zsefile import EMBED, ZseFile
+from zse_runtime.zsefile import EMBED, LM_HEAD, ZseFile
 
 sys.path.insert(0, str(REPO / "scripts"))
 from make_synthetic_zse import write_random_zse  # noqa: E402
@@ -76,6 +76,7 @@ def ops(tmp_path_factory):
     ops.zse_path = path
     ops.config, ops.slots, ops.max_len = ModelConfig.from_manifest(zse.model_config), 4, 256
     ops.window, ops.max_batch, ops.max_tokens, ops.capturing = 0, 4, 512, False
+    ops.batch_invariant = False
     ops.context = SimpleNamespace(memory_info=lambda: (1 << 40, 1 << 40))
     ops.window_start = device_window_start(zse)
     ops._plan_memory(zse)
@@ -130,16 +131,17 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
     else:
         splits = recorder.named("split_activations")
         assert len(splits) == linears
-        for name, grid, block, (x, group, hi, lo, xsum, unscale) in splits:
+        for name, grid, block, (x, group, halves, xsum, unscale) in splits:
             t, k = x.shape
-            assert hi.shape == lo.shape == (t, k // 2)
+            assert halves.shape == (t, k // 2)
             assert xsum.shape == unscale.shape == (t, k // int(group))
             assert grid[0] * block >= 32 * t * k // int(group)  # a warp per (token, group)
         gemms = recorder.named("int4_gemm")
         for name, grid, block, args in gemms:
-            hi, qweight, group, out = args[0], args[4], int(args[7]), args[-1]
-            assert hi.shape == (tokens, qweight.shape[1] * 4) and out.shape == (tokens, qweight.shape[0])
-            assert args[2].shape == (tokens, qweight.shape[1] * 8 // group)
+            halves, qweight, group, out = args[0], args[3], int(args[6]), args[-1]
+            assert halves.shape == (tokens, qweight.shape[1] * 4)
+            assert out.shape == (tokens, qweight.shape[0])
+            assert args[1].shape == (tokens, qweight.shape[1] * 8 // group)
             assert grid[:2] == (math.ceil(out.shape[1] / geo.GEMM_TILE_N),
                                 math.ceil(tokens / geo.GEMM_TILE_T))
             assert block == geo.GEMM_THREADS
@@ -164,11 +166,82 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
         assert width == (geo.NORM_DECODE_SLICE if tokens <= geo.GEMV_MAX_TOKENS else c.hidden_size)
     (_, grid, block, (_, rows, out)), = recorder.named("gather_rows")
     assert grid[:2] == (rows.shape[0], math.ceil(out.shape[1] / block))
-    kind = "decode" if tokens <= ops.max_batch else "prefill"
-    assert len(recorder.named(f"attention_partial_{kind}")) == c.num_hidden_layers
-    for name, grid, block, args in recorder.named(f"attention_partial_{kind}"):
-        k_words, kv_heads, length = args[1], int(args[3]), int(args[4])
-        assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
+    if tokens > geo.GEMV_MAX_TOKENS:  # one sequence's prompt chunk: the tensor-core kernel
+        tiled = recorder.named("attention_tiled")
+        assert len(tiled) == c.num_hidden_layers and not recorder.named("attention_combine")
+        for name, grid, block, args in tiled:
+            q, k_words, kv_heads, length, slot, out = (args[0], args[1], int(args[3]),
+                                                       int(args[4]), int(args[6]), args[-1])
+            assert grid[:2] == (math.ceil(tokens / geo.ATTENTION_TILE_TOKENS),
+                                c.num_attention_heads) and block == geo.ATTENTION_TILED_THREADS
+            assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
+            assert slot == 0 and q.shape == out.shape == (tokens, c.q_size)
+    else:
+        kind = "decode" if tokens <= ops.max_batch else "prefill"
+        assert len(recorder.named(f"attention_partial_{kind}")) == c.num_hidden_layers
+        for name, grid, block, args in recorder.named(f"attention_partial_{kind}"):
+            k_words, kv_heads, length = args[1], int(args[3]), int(args[4])
+            assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
+
+
+def test_wide_decode_batches_multiply_tall_matrices_on_tensor_cores(ops, monkeypatch):
+    """Past one GEMV token tile, a tall matrix (here gate_up, made tall by lowering the bar)
+    goes through split_activations and int4_gemm, and the fp16 lm_head through fp16_gemm; the
+    others stay on the GEMVs."""
+    monkeypatch.setattr(geo, "GEMV_TALL_MIN_ROWS", 2 * ops.config.intermediate_size)
+    ops._launch = recorder = Recorder()
+    tokens = geo.GEMV_TOKEN_TILES[-1] + 1
+    Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
+                                              np.zeros(tokens), [tokens - 1]))
+    layers = ops.config.num_hidden_layers
+    gemms = recorder.named("int4_gemm")
+    assert len(gemms) == len(recorder.named("split_activations")) == layers
+    assert all(args[3].shape[0] == 2 * ops.config.intermediate_size for *_, args in gemms)
+    assert len([c for c in recorder.calls if c[0].startswith("int4_gemv_t")]) == 3 * layers
+    # the fp16 lm_head for as many logit rows (the fixture's workspace holds 4, so by hand)
+    lm_head, hidden = ops.weights[LM_HEAD], ops.config.hidden_size
+    rows = DeviceArray(0, (tokens, hidden), np.dtype(np.float32))
+    logits = DeviceArray(0, (tokens, lm_head.shape[0]), np.dtype(np.float32))
+    ops._matmul(rows, lm_head, logits, None)
+    (_, grid, block, (x, words, out)), = recorder.named("fp16_gemm")
+    assert (x, out) == (rows, logits) and words.shape == (lm_head.shape[0], hidden // 2)
+    assert grid[:2] == (math.ceil(words.shape[0] / geo.GEMM_TILE_N), 1) and block == geo.GEMM_THREADS
+    ops._matmul(rows.rows(tokens - 1), lm_head, logits.rows(tokens - 1), None)
+    assert recorder.calls[-1][0] == f"fp16_matmul_t{geo.GEMV_TOKEN_TILES[-1]}"
+
+
+def test_batch_invariant_decode_stays_on_the_gemvs(ops, monkeypatch):
+    """With batch_invariant (zse-run --batch-invariant) every decode batch takes the GEMV tiles,
+    whose per-token arithmetic does not depend on the batch; prefill chunks still take the GEMM."""
+    monkeypatch.setattr(geo, "GEMV_TALL_MIN_ROWS", 2 * ops.config.intermediate_size)
+    monkeypatch.setattr(ops, "batch_invariant", True)
+    ops._launch = recorder = Recorder()
+    tokens = geo.GEMV_TOKEN_TILES[-1] + 1
+    Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
+                                              np.zeros(tokens), [tokens - 1]))
+    assert not recorder.named("int4_gemm") and not recorder.named("split_activations")
+    lm_head, hidden = ops.weights[LM_HEAD], ops.config.hidden_size
+    ops._matmul(DeviceArray(0, (tokens, hidden), np.dtype(np.float32)), lm_head,
+                DeviceArray(0, (tokens, lm_head.shape[0]), np.dtype(np.float32)), None)
+    assert recorder.calls[-1][0] == f"fp16_matmul_t{geo.GEMV_TOKEN_TILES[-1]}"
+    tokens = geo.GEMV_MAX_TOKENS + 1
+    Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
+                                              np.zeros(tokens), [tokens - 1]))
+    assert len(recorder.named("int4_gemm")) == 4 * ops.config.num_hidden_layers
+
+
+def test_prefill_of_several_sequences_splits_attention_over_keys(ops):
+    """attention_tiled stages one slot's keys for all of a block's tokens, so a chunk that mixes
+    sequences goes through the per-token kernel pair instead."""
+    ops._launch = recorder = Recorder()
+    tokens = 2 * geo.GEMV_MAX_TOKENS
+    slots = np.repeat([0, 1], tokens // 2).astype(np.int32)
+    positions = np.tile(np.arange(tokens // 2), 2)
+    Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), positions, slots, [tokens - 1]))
+    layers = ops.config.num_hidden_layers
+    assert not recorder.named("attention_tiled")
+    assert len(recorder.named("attention_partial_prefill")) == len(
+        recorder.named("attention_combine")) == layers
 
 
 def test_sampling_launch_matches_its_kernel(ops):

@@ -12,8 +12,9 @@ from numba import config, cuda
 
 from zse_convert.quantize import quantize_int4
 from zse_runtime.kernels.geometry import GEMM_TILE_N, GEMM_TILE_T, GEMV_ROWS
-from zse_runtime.kernels import (activation, attention, embedding, gemm_int4, gemv_fp16, gemv_int4,
-                                 quantize_activations, rmsnorm, rope_cache, sampling)
+from zse_runtime.kernels import (activation, attention, attention_tiled, embedding, gemm_fp16,
+                                 gemm_int4, gemv_fp16, gemv_int4, quantize_activations, rmsnorm,
+                                 rope_cache, sampling)
 from zse_runtime.sampling import SamplingParams, sample, uniform
 from zse_runtime.zsefile import dequantize_int4
 
@@ -159,36 +160,43 @@ def test_int4_gemv_tiles_agree_bit_for_bit():
 
 def _split_activations(x, group):
     tokens, cols = x.shape
-    hi, lo = np.zeros((tokens, cols // 2), np.uint32), np.zeros((tokens, cols // 2), np.uint32)
+    halves = np.zeros((tokens, cols // 2), np.uint32)
     xsum = np.full((tokens, cols // group), np.nan, np.float32)
     unscale = np.full_like(xsum, np.nan)
     warps = tokens * cols // group  # a warp per (token, group); 3 per block leaves idle ones
-    jit(gemm_int4, "split_activations")[-(-warps // 3), 96](x, group, hi, lo, xsum, unscale)
-    return hi, lo, xsum, unscale
+    jit(gemm_int4, "split_activations")[-(-warps // 3), 96](x, group, halves, xsum, unscale)
+    return halves, xsum, unscale
 
 
-def test_split_activations_is_exact_to_22_bits():
-    """hi + lo, scaled back, restores x to ~2^-22 relative in every group, whatever its
-    magnitude (1e6 would overflow float16 unscaled; 1e-6 would lose its bits in subnormals),
-    in the GEMM's order (k = j with k = j + 4 in each chunk of 8; 4 chunks' pairs adjacent)."""
+def _restore(halves, unscale, group):
+    """split_activations' float16 pairs, in the GEMM's order (k = j with k = j + 4 in each chunk
+    of 8; 4 chunks' pairs adjacent), back to [T, K] float64 values of x."""
+    tokens, cols = halves.shape[0], 2 * halves.shape[1]
+    # [t, quad, j, chunk % 4, (k = j, k = j + 4)] -> [t, quad, chunk % 4, (k = j, k = j + 4), j]
+    pairs = halves.view(np.float16).astype(np.float64).reshape(tokens, cols // 32, 4, 4, 2)
+    return pairs.transpose(0, 1, 3, 4, 2).reshape(tokens, cols) * np.repeat(unscale, group, axis=1)
+
+
+def test_split_activations_rounds_to_float16_in_every_group():
+    """Each value comes back as x rounded to float16's 11 bits, whatever its group's magnitude
+    (1e6 would overflow float16 unscaled; 1e-6 would lose its bits in subnormals)."""
     x = rng.standard_normal((2, 128)).astype(np.float32)
     x[0, :64] *= 1e6
     x[1, 64:] *= 1e-6
     x[1, :64] = 0.0
-    hi, lo, xsum, unscale = _split_activations(x, 64)
-    def halves(words):  # [t, quad, j, chunk % 4, (k = j, k = j + 4)] -> [t, chunk, half, j]
-        pairs = words.view(np.float16).astype(np.float64).reshape(2, 4, 4, 4, 2)
-        return pairs.transpose(0, 1, 3, 4, 2).reshape(2, 16, 2, 4)
-    restored = (halves(hi) + halves(lo)).reshape(2, 128)
-    restored *= np.repeat(unscale, 64, axis=1)
-    np.testing.assert_allclose(restored, x, rtol=2**-21, atol=0)
-    np.testing.assert_allclose(xsum, x.reshape(2, 2, 64).sum(-1), rtol=1e-5)
+    halves, xsum, unscale = _split_activations(x, 64)
+    restored = _restore(halves, unscale, 64)
+    np.testing.assert_allclose(restored, x, rtol=2**-11, atol=0)
+    # the group sums are of the rounded values: the GEMM's zero points then see x as rounded
+    np.testing.assert_allclose(xsum, restored.reshape(2, 2, 64).sum(-1), rtol=1e-6)
     assert unscale[1, 0] == 1.0  # an all-zero group is left as it is
 
 
 def test_int4_gemm_ragged_tiles():
-    """Tensor-core GEMM (its mma emulated): partial tiles in both directions, two groups, bias,
-    against float64."""
+    """Tensor-core GEMM (its mma emulated): partial tiles in both directions, two groups, bias.
+    Its arithmetic is exact but for float16's rounding of x (float32 sums): against the float64
+    product of the dequantized weights and x so rounded to 1e-5, and against the float64
+    product of x to float16's accuracy."""
     tokens, rows, cols, group = 40, 70, 64, 32
     weight, dense = _int4(rows, cols, group)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
@@ -196,12 +204,29 @@ def test_int4_gemm_ragged_tiles():
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((tokens, rows), np.nan, np.float32)
     grid = (-(-rows // GEMM_TILE_N), -(-tokens // GEMM_TILE_T))
+    halves, xsum, unscale = _split_activations(x, group)
     jit(gemm_int4, "int4_gemm")[grid, gemm_int4.THREADS](
-        *_split_activations(x, group), weight.qweight, weight.scales, weight.zeros, group, bias, 1,
-        out)
+        halves, xsum, unscale, weight.qweight, weight.scales, weight.zeros, group, bias, 1, out)
+    model = _restore(halves, unscale, group) @ dense.astype(np.float64).T + bias
     expected = x.astype(np.float64) @ dense.astype(np.float64).T + bias
-    error = np.abs(out - expected).max(1) / np.abs(expected).max(1)  # per token: its own scale
-    assert error.max() < 1e-5, error
+    largest = np.abs(expected).max(1, keepdims=True)  # per token: its own scale
+    assert (np.abs(out - model) / largest).max() < 1e-5
+    assert (np.abs(out - expected) / largest).max() < 2e-3
+
+
+def test_fp16_gemm_ragged_tiles():
+    """The fp16 lm_head on tensor cores (mma emulated): partial tiles of rows and tokens, K in
+    two runs of 32; exact but for float16's rounding of x (float32 sums)."""
+    tokens, rows, cols = 20, 70, 64
+    weight = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float16)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    out = np.full((tokens, rows), np.nan, np.float32)
+    grid = (-(-rows // GEMM_TILE_N), -(-tokens // GEMM_TILE_T))
+    jit(gemm_fp16, "fp16_gemm")[grid, gemm_fp16.THREADS](x, weight.view(np.uint32), out)
+    dense = weight.astype(np.float64).T
+    largest = np.abs(x @ dense).max(1, keepdims=True)
+    assert (np.abs(out - x.astype(np.float16).astype(np.float64) @ dense) / largest).max() < 1e-5
+    assert (np.abs(out - x.astype(np.float64) @ dense) / largest).max() < 2e-3
 
 
 @pytest.mark.parametrize("tile,tokens", [(1, 1), (4, 5), (8, 3)])
@@ -378,3 +403,30 @@ def test_device_uniform_matches_host():
     out = np.zeros(4, np.float32)
     draw[1, 4](seeds, steps, out)
     assert out.tolist() == [uniform(int(s), int(t)) for s, t in zip(seeds, steps)]
+
+
+@pytest.mark.parametrize("dim,tokens,window,start", [(32, 70, 0, 0), (64, 20, 50, 100)])
+def test_attention_tiled_prefill_chunk(dim, tokens, window, start):
+    """Tensor-core prefill attention (mma emulated) against float64: a chunk of one sequence,
+    ragged in tokens (70 = 64 + 6) and in keys; one that continues earlier keys in the cache
+    with a sliding window; a second slot and keys past the chunk that must not be read. Q and P
+    enter the products as float16, so the tolerance is float16's."""
+    heads, kv_heads, slots, length, slot = 2, 1, 2, 192, 1
+    k_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
+    v_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
+    positions = np.arange(start, start + tokens, dtype=np.int32)
+    q = (rng.standard_normal((tokens, heads * dim)) * 2).astype(np.float32)
+    out = np.full((tokens, heads * dim), np.nan, np.float32)
+    words = lambda cache: cache.view(np.uint32).reshape(-1, dim // 2)
+    grid = (-(-tokens // attention_tiled.TILE_TOKENS), heads)
+    jit(attention_tiled, "attention_tiled")[grid, attention_tiled.THREADS](
+        q, words(k_cache), words(v_cache), kv_heads, length, positions, slot, window, out)
+    for t in range(tokens):
+        first = max(0, positions[t] - window + 1) if window else 0
+        for h in range(heads):
+            keys = k_cache[slot, 0, first:positions[t] + 1].astype(np.float64)
+            values = v_cache[slot, 0, first:positions[t] + 1].astype(np.float64)
+            scores = keys @ q[t, h * dim:(h + 1) * dim] / np.sqrt(dim)
+            weights = np.exp(scores - scores.max())
+            expected = weights @ values / weights.sum()
+            np.testing.assert_allclose(out[t, h * dim:(h + 1) * dim], expected, rtol=0, atol=4e-3)

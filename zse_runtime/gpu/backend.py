@@ -52,6 +52,24 @@ def int4_gemv_plan(rows: int, tokens: int) -> tuple[str, int, int, int]:
     return f"int4_gemv_t{tile}_r{block_rows}", block_rows, tile, threads
 
 
+def int4_through_gemm(rows: int, tokens: int, batch_invariant: bool = False) -> bool:
+    """Whether an INT4 matrix multiplies `tokens` rows on tensor cores (int4_gemm, float16
+    activations) rather than through the GEMV token tiles: every prefill-sized batch, and, unless
+    decode must be batch-invariant, decode batches wider than one GEMV tile for the tall matrices
+    (gate_up, an INT4 lm_head), where the GEMV's passes over the weights cost more (H200,
+    2026-11-30: gate_up at 16 / 32 tokens 167 / 187 us against 210 / 415; the lm_head 570 / 604
+    against 816 / 1631)."""
+    return tokens > geo.GEMV_MAX_TOKENS or (not batch_invariant and rows >= geo.GEMV_TALL_MIN_ROWS
+                                             and tokens > geo.GEMV_TOKEN_TILES[-1])
+
+
+def fp16_through_gemm(cols: int, tokens: int, batch_invariant: bool = False) -> bool:
+    """Whether an fp16 matrix (the lm_head) multiplies `tokens` rows on tensor cores (fp16_gemm,
+    whose lanes read K in runs of 32) rather than through the GEMV token tiles, which read the
+    weights once per tile of 8: past one tile, unless decode must be batch-invariant."""
+    return not batch_invariant and tokens > geo.GEMV_TOKEN_TILES[-1] and cols % 32 == 0
+
+
 def cache_words(cache: DeviceArray) -> DeviceArray:
     """A float16 KV cache [S, KVH, L, D] as attention_partial reads it: [S * KVH * L, D / 2]
     pairs of halves."""
@@ -125,8 +143,9 @@ class GpuOps:
     """Implements model.Ops on one GPU. Use `GpuOps.open(...)`."""
 
     def __init__(self, context: driver.Context, zse: ZseFile, config: ModelConfig, slots: int,
-                 max_len: int, startup):
+                 max_len: int, startup, batch_invariant: bool = False):
         self.context, self.config, self.slots, self.max_len = context, config, slots, max_len
+        self.batch_invariant = batch_invariant  # decode batches stay on the GEMV tiles
         t = time.perf_counter()
         self.kernels = KernelLibrary(context.info.compute_capability)
         # no kernel has a stack frame (tests/test_prebuilt_kernels.py): reserve what they use
@@ -192,8 +211,7 @@ class GpuOps:
         arena.add("xstep", (gemv_tokens, widest // 32), np.float32)
         arena.add("xsum", (gemv_tokens, widest // 32), np.float32)
         # prefill GEMM inputs as float16 pairs (kernels/gemm_int4.py); groups hold >= 32 inputs
-        arena.add("x_hi", (T, widest // 2), np.uint32)
-        arena.add("x_lo", (T, widest // 2), np.uint32)
+        arena.add("x_halves", (T, widest // 2), np.uint32)
         arena.add("group_sum", (T, widest // 32), np.float32)
         arena.add("group_unscale", (T, widest // 32), np.float32)
         arena.add("part_max", (partial_rows * c.num_attention_heads,), np.float32)
@@ -374,6 +392,14 @@ class GpuOps:
         producers quantize) rather than the tensor-core GEMM."""
         return tokens <= geo.GEMV_MAX_TOKENS
 
+    def _tiled_attention_serves(self, batch: Batch) -> bool:
+        """Whether attention_tiled computes this batch's attention: a prompt chunk of one
+        sequence (its tokens share a KV-cache slot) that goes through the GEMM, which reads the
+        output as floats (no GEMV digits to write), with a head the kernel's fragments cover."""
+        dim = self.config.head_dim
+        return (not self._through_gemv(batch.tokens.size) and dim % 8 == 0
+                and dim <= geo.ATTENTION_MAX_HEAD_DIM and bool((batch.slots == batch.slots[0]).all()))
+
     def _digits(self, T: int, K: int) -> tuple[DeviceArray, ...]:
         """The INT4 GEMV's input digits for a [T, K] activation (kernels/quantize_activations.py):
         contiguous prefixes of the workspace."""
@@ -418,19 +444,25 @@ class GpuOps:
         if not isinstance(w, Int4Device):  # an fp16 lm_head (logit rows only), as pairs of halves
             tile = gemv_token_tile(T)
             words = DeviceArray(w.pointer, (w.shape[0], w.shape[1] // 2), np.dtype(np.uint32))
+            if fp16_through_gemm(w.shape[1], T, self.batch_invariant):
+                self._launch("fp16_gemm", (math.ceil(w.shape[0] / geo.GEMM_TILE_N),
+                                           math.ceil(T / geo.GEMM_TILE_T)),
+                             geo.GEMM_THREADS, x, words, out)
+                return
             self._launch(f"fp16_matmul_t{tile}",
                          (math.ceil(w.shape[0] / geo.GEMV_ROWS), math.ceil(T / tile)),
                          geo.FP16_GEMV_THREADS, x, words, out)
             return
         weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                   bias if bias is not None else self._no_bias, np.int32(bias is not None))
-        if self._through_gemv(T):  # decode: one pass over the weights per token tile
+        if not int4_through_gemm(w.rows, T, self.batch_invariant):
+            # decode: one pass over the weights per token tile
             activations = x.digits if isinstance(x, QuantizedActivation) \
                 else self._quantize_activations(x)
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
                          *activations, *weight, out)
-        else:  # prefill: tensor cores
+        else:  # prefill, and wide decode batches of tall matrices: tensor cores
             split = self._split_activations(x, w.group_size)
             self._launch("int4_gemm", (math.ceil(w.rows / geo.GEMM_TILE_N),
                                        math.ceil(T / geo.GEMM_TILE_T)),
@@ -445,11 +477,10 @@ class GpuOps:
         return digits
 
     def _split_activations(self, x: DeviceArray, group_size: int) -> tuple[DeviceArray, ...]:
-        """x [T, K] as the prefill GEMM's float16 pairs, group sums and group scales, in the
+        """x [T, K] as the prefill GEMM's float16 pairs, group sums and group unscales, in the
         workspace (contiguous prefixes)."""
         (T, K), u32, f32 = x.shape, np.dtype(np.uint32), np.dtype(np.float32)
-        split = (DeviceArray(self.buffers["x_hi"].pointer, (T, K // 2), u32),
-                 DeviceArray(self.buffers["x_lo"].pointer, (T, K // 2), u32),
+        split = (DeviceArray(self.buffers["x_halves"].pointer, (T, K // 2), u32),
                  DeviceArray(self.buffers["group_sum"].pointer, (T, K // group_size), f32),
                  DeviceArray(self.buffers["group_unscale"].pointer, (T, K // group_size), f32))
         self._launch("split_activations", *split_launch(T, K, group_size), x,
@@ -469,6 +500,15 @@ class GpuOps:
 
     def attention(self, q: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
         c, T, P = self.config, q.shape[0], self.parts_now
+        if self._tiled_attention_serves(batch):
+            out = self.buffers["attended"].rows(T)
+            self._launch("attention_tiled", (math.ceil(T / geo.ATTENTION_TILE_TOKENS),
+                                             c.num_attention_heads), geo.ATTENTION_TILED_THREADS,
+                         q, self.kv_words(layer, 0), self.kv_words(layer, 1),
+                         np.int32(c.num_key_value_heads), np.int32(self.max_len),
+                         self._meta("positions", T), np.int32(batch.slots[0]),
+                         np.int32(self.window), out)
+            return out
         items, f32 = T * c.num_attention_heads, np.dtype(np.float32)
         # contiguous prefixes of the workspace, viewed with this step's partition count
         part_max = DeviceArray(self.buffers["part_max"].pointer, (items, P), f32)

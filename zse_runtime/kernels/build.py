@@ -21,7 +21,7 @@ from pathlib import Path
 
 PREBUILT = Path(__file__).resolve().parent / "prebuilt"
 MODULES = ("embedding", "gather", "rmsnorm", "quantize_activations", "gemv_int4", "gemm_int4",
-           "gemv_fp16", "rope_cache", "attention", "activation", "sampling")
+           "gemv_fp16", "gemm_fp16", "rope_cache", "attention", "attention_tiled", "activation", "sampling")
 ARCHITECTURES = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 PTX_COMPUTE_CAPABILITY = (7, 5)
 INDEX = "index.json"

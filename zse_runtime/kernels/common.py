@@ -46,6 +46,19 @@ if config.ENABLE_CUDASIM:
             total |= uint32(values[lane ^ flip])
         return total
 
+    @cuda.jit(device=True, inline="always")
+    def quad_sum(value):
+        values = _warp_values(value)
+        base = cuda.threadIdx.x % WARP // 4 * 4
+        return float32(values[base]) + float32(values[base + 1]) + float32(values[base + 2]) \
+            + float32(values[base + 3])
+
+    @cuda.jit(device=True, inline="always")
+    def quad_max(value):
+        values = _warp_values(value)
+        base = cuda.threadIdx.x % WARP // 4 * 4
+        return float32(max(values[base], values[base + 1], values[base + 2], values[base + 3]))
+
 else:
 
     @cuda.jit(device=True, inline="always")
@@ -74,6 +87,19 @@ else:
         value |= uint32(cuda.shfl_xor_sync(FULL_MASK, int32(value), 2))
         value |= uint32(cuda.shfl_xor_sync(FULL_MASK, int32(value), 4))
         return value
+
+    @cuda.jit(device=True, inline="always")
+    def quad_sum(value):
+        """Sum over the 4 lanes of this lane's quad (lanes 4i .. 4i + 3, which share a row of an
+        mma accumulator fragment); every lane of the quad gets it."""
+        value += cuda.shfl_xor_sync(FULL_MASK, value, 1)
+        return value + cuda.shfl_xor_sync(FULL_MASK, value, 2)
+
+    @cuda.jit(device=True, inline="always")
+    def quad_max(value):
+        """Maximum over this lane's quad (float32), as quad_sum."""
+        value = max(value, cuda.shfl_xor_sync(FULL_MASK, value, 1))
+        return max(value, cuda.shfl_xor_sync(FULL_MASK, value, 2))
 
 
 @cuda.jit(device=True, inline="always")

@@ -1,12 +1,17 @@
 """INT4 GEMM for prefill on tensor cores: out[T, N] = x[T, K] @ dequant(W[N, K]).T (+ bias).
 
-The products go through `mma.sync.m16n8k8` (fp16 inputs, fp32 accumulators; sm_75+) without
-losing float32 accuracy:
+The products go through `mma.sync.m16n8k8` (fp16 inputs, fp32 accumulators; sm_75+):
   - weights enter as their 4-bit codes q, which float16 holds exactly; the scale and zero point
     are applied per quantization group in float32: sum_k (q - z) s x = s (sum_k q x - z sum_k x);
-  - activations enter as two float16 terms, x * 2^e = hi + lo (hi = fp16(x 2^e), lo = fp16 of the
-    rest), so each tile is two products and x keeps ~22 significant bits; 2^e is chosen per token
-    and group so that no value overflows float16 (split_activations below).
+  - activations enter as float16, x * 2^e rounded (11 significant bits, as fp16 inference
+    engines compute; llama.cpp's integer GEMMs use 8), with 2^e chosen per token and group so
+    that the group's largest value lands in [2^14, 2^15): nothing overflows, and values down to
+    2^-24 of it keep all their bits (split_activations below). sum_k x is summed over the
+    rounded values too, so the result is exactly dequant(W) x' for the rounded x' and each
+    rounding error weighs by q - z (|q - z| <= 8), not by q (up to 15): on a random 4-layer
+    qwen2, summing x itself gave 2.7x the logit error (CPU emulation, docs/kernel-notes.md).
+    The decode GEMVs keep ~15 bits (quantize_activations.py). Two float16 terms per value
+    (hi + lo) kept float32 accuracy, at 15-24% more time (H200, docs/kernel-notes.md).
 
 Layout. K runs in chunks of 8 (one weight word). Within a chunk the products pair k = j with
 k = j + 4 (j < 4): a weight word's nibbles j and j + 4 then form one fp16x2 register with two
@@ -33,9 +38,9 @@ THREADS = (GEMM_TILE_N // WARP_ROWS) * (GEMM_TILE_T // WARP_TOKENS) * WARP
 SCALE_BITS = 141  # x 2^(141 - exponent of max|x|): max|x| lands in [2^14, 2^15), below fp16's 2^16
 
 
-def split_activations(x, group_size, hi, lo, xsum, unscale):
-    """x [T, K] f32 -> hi, lo [T, K/2] u32 (fp16 pairs in the GEMM's order), xsum [T, K/group]
-    f32 (sum of the group's x), unscale [T, K/group] f32 (2^-e, the inverse of the group's
+def split_activations(x, group_size, halves, xsum, unscale):
+    """x [T, K] f32 -> halves [T, K/2] u32 (fp16 pairs in the GEMM's order), xsum [T, K/group]
+    f32 (sum of the group's x as rounded), unscale [T, K/group] f32 (2^-e, the inverse of the group's
     factor). A warp per (token, group): a lane per pair of the group's values (group_size / 64
     pairs per lane), the group's max and sum by shuffles. 1-D grid of warps over T * K/group;
     a multiple of 32 threads per block."""
@@ -47,40 +52,34 @@ def split_activations(x, group_size, hi, lo, xsum, unscale):
     group = item % groups
     pairs = group_size // 2  # pair p of a group: chunk p // 4, values j = p % 4 and j + 4
     largest = float32(0.0)
-    total = float32(0.0)
     for p in range(lane, pairs, WARP):
         if active:
             k = group * group_size + 8 * (p // 4) + p % 4
-            a = x[t, k]
-            b = x[t, k + 4]
-            largest = max(largest, max(abs(a), abs(b)))
-            total += a + b
+            largest = max(largest, max(abs(x[t, k]), abs(x[t, k + 4])))
     largest = warp_max(largest)
-    total = warp_sum(total)
     factor = float32(1.0)
     inverse = float32(1.0)
     if largest > float32(0.0):  # 2^(SCALE_BITS - exponent) and its inverse, from bit patterns
         biased = min(max(SCALE_BITS + 127 - int(float_bits(largest) >> uint32(23)), 1), 253)
         factor = bits_as_float(uint32(biased) << uint32(23))
         inverse = bits_as_float(uint32(254 - biased) << uint32(23))
+    total = float32(0.0)  # of the scaled, rounded values: exact products of 2^e
     for p in range(lane, pairs, WARP):
         if active:
             chunk = group * group_size // 8 + p // 4
             j = p % 4
-            a = x[t, 8 * chunk + j] * factor
-            b = x[t, 8 * chunk + j + 4] * factor
-            pair = floats_as_halves(a, b)
-            a_hi, b_hi = halves_as_floats(pair)
-            word = 16 * (chunk // 4) + 4 * j + chunk % 4
-            hi[t, word] = pair
-            lo[t, word] = floats_as_halves(a - a_hi, b - b_hi)
+            pair = floats_as_halves(x[t, 8 * chunk + j] * factor, x[t, 8 * chunk + j + 4] * factor)
+            halves[t, 16 * (chunk // 4) + 4 * j + chunk % 4] = pair
+            a, b = halves_as_floats(pair)
+            total += a + b
+    total = warp_sum(total)
     if active and lane == 0:
-        xsum[t, group] = total
+        xsum[t, group] = total * inverse
         unscale[t, group] = inverse
 
 
-def int4_gemm(hi, lo, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):
-    """out [T, N] f32 from split_activations' hi, lo, xsum, unscale [T, ...] and qweight [N, K/8]
+def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):
+    """out [T, N] f32 from split_activations' halves, xsum, unscale [T, ...] and qweight [N, K/8]
     u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias). Grid
     (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T)), block THREADS."""
     lane = cuda.threadIdx.x % WARP
@@ -88,7 +87,7 @@ def int4_gemm(hi, lo, xsum, unscale, qweight, scales, zeros, group_size, bias, h
     group = lane // 4  # a fragment's row (A) or token (B) within its tile
     pair = lane % 4  # which k pair of the chunk; D's token columns 2 pair, 2 pair + 1
     rows = qweight.shape[0]
-    tokens = hi.shape[0]
+    tokens = halves.shape[0]
     row0 = cuda.blockIdx.x * GEMM_TILE_N + (warp // (GEMM_TILE_T // WARP_TOKENS)) * WARP_ROWS
     tok0 = cuda.blockIdx.y * GEMM_TILE_T + (warp % (GEMM_TILE_T // WARP_TOKENS)) * WARP_TOKENS
     words_per_group = group_size // 8
@@ -101,8 +100,7 @@ def int4_gemm(hi, lo, xsum, unscale, qweight, scales, zeros, group_size, bias, h
     partial = cuda.local.array((M_TILES, N_TILES, 4), float32)  # this group's sum q x 2^e
     acc = cuda.local.array((M_TILES, N_TILES, 4), float32)
     a_words = cuda.local.array((A_REGISTERS, 4), uint32)  # 4 chunks of each fragment row
-    hi_words = cuda.local.array((N_TILES, 4), uint32)
-    lo_words = cuda.local.array((N_TILES, 4), uint32)
+    x_words = cuda.local.array((N_TILES, 4), uint32)
     a = cuda.local.array(A_REGISTERS, uint32)
     for i in range(M_TILES):
         for j in range(N_TILES):
@@ -115,24 +113,17 @@ def int4_gemm(hi, lo, xsum, unscale, qweight, scales, zeros, group_size, bias, h
                 (a_words[i, 0], a_words[i, 1], a_words[i, 2],
                  a_words[i, 3]) = load_u32x4(qweight, a_rows[i], 4 * quad)
             for j in range(N_TILES):
-                (hi_words[j, 0], hi_words[j, 1], hi_words[j, 2],
-                 hi_words[j, 3]) = load_u32x4(hi, b_tokens[j], 16 * quad + 4 * pair)
-                (lo_words[j, 0], lo_words[j, 1], lo_words[j, 2],
-                 lo_words[j, 3]) = load_u32x4(lo, b_tokens[j], 16 * quad + 4 * pair)
+                (x_words[j, 0], x_words[j, 1], x_words[j, 2],
+                 x_words[j, 3]) = load_u32x4(halves, b_tokens[j], 16 * quad + 4 * pair)
             for chunk in range(4):
                 for i in range(A_REGISTERS):
                     a[i] = codes_as_halves(a_words[i, chunk], pair)
                 for i in range(M_TILES):
                     for j in range(N_TILES):
-                        d0, d1, d2, d3 = mma_m16n8k8(a[2 * i], a[2 * i + 1], hi_words[j, chunk],
-                                                     partial[i, j, 0], partial[i, j, 1],
-                                                     partial[i, j, 2], partial[i, j, 3])
-                        d0, d1, d2, d3 = mma_m16n8k8(a[2 * i], a[2 * i + 1], lo_words[j, chunk],
-                                                     d0, d1, d2, d3)
-                        partial[i, j, 0] = d0
-                        partial[i, j, 1] = d1
-                        partial[i, j, 2] = d2
-                        partial[i, j, 3] = d3
+                        (partial[i, j, 0], partial[i, j, 1], partial[i, j, 2],
+                         partial[i, j, 3]) = mma_m16n8k8(a[2 * i], a[2 * i + 1], x_words[j, chunk],
+                                                         partial[i, j, 0], partial[i, j, 1],
+                                                         partial[i, j, 2], partial[i, j, 3])
         # the group ends: apply its scales and zero points in float32
         for i in range(M_TILES):
             for half in range(2):
@@ -162,8 +153,8 @@ def int4_gemm(hi, lo, xsum, unscale, qweight, scales, zeros, group_size, bias, h
 
 KERNELS = {
     "split_activations": (split_activations, "void(float32[:, ::1], int32, uint32[:, ::1], "
-                                             "uint32[:, ::1], float32[:, ::1], float32[:, ::1])"),
-    "int4_gemm": (int4_gemm, "void(uint32[:, ::1], uint32[:, ::1], float32[:, ::1], "
-                             "float32[:, ::1], uint32[:, ::1], float16[:, ::1], float16[:, ::1], "
-                             "int32, float32[::1], int32, float32[:, ::1])"),
+                                             "float32[:, ::1], float32[:, ::1])"),
+    "int4_gemm": (int4_gemm, "void(uint32[:, ::1], float32[:, ::1], float32[:, ::1], "
+                             "uint32[:, ::1], float16[:, ::1], float16[:, ::1], int32, "
+                             "float32[::1], int32, float32[:, ::1])"),
 }

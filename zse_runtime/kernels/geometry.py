@@ -37,6 +37,11 @@ ATTENTION_MAX_HEAD_DIM = 128
 # (latency), 16 for prefill (56 registers instead of 127 on sm_90: 9 blocks per SM, not 4)
 ATTENTION_DECODE_KEY_WORDS = 64
 ATTENTION_PREFILL_KEY_WORDS = 16
+# attention_tiled (prefill chunks of one sequence on tensor cores): a block per (64 tokens, head),
+# a warp per 16 of the tokens; key and value tiles of 64 keys staged in shared memory
+ATTENTION_TILE_TOKENS = 64
+ATTENTION_TILE_KEYS = 64
+ATTENTION_TILED_THREADS = 128
 
 # sample_tokens: a block per sequence; a power of two.
 SAMPLING_THREADS = 1024
