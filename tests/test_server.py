@@ -25,8 +25,9 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen2_zse):
+    # --batch-invariant is accepted on every backend (the CPU's decode is batch-invariant anyway)
     live = LiveServer(tiny_qwen2_zse, "--served-model-name", MODEL, "--max-num-seqs", "4",
-                      "--max-model-len", "256").wait_ready()
+                      "--max-model-len", "256", "--batch-invariant").wait_ready()
     yield live
     live.stop()
 

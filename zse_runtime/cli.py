@@ -24,12 +24,12 @@ app = typer.Typer(add_completion=False)
 log = logging.getLogger("zse")
 
 
-def _load(state, path: str, device: str, max_model_len: Optional[int], slots: int,
-          cache_dir: Optional[Path], on_failure, imported: threading.Event) -> None:
+def _load(state, path: str, open_options: dict, on_failure, imported: threading.Event) -> None:
+    """Open the engine (Engine.open's keyword arguments in `open_options`) and attach it."""
     from .gpu.starter import ContextStarter
 
     # the context's driver calls run while the engine's modules import
-    context_starter = ContextStarter() if device != "cpu" else None
+    context_starter = ContextStarter() if open_options["device"] != "cpu" else None
     from .source import redact
 
     try:
@@ -40,8 +40,7 @@ def _load(state, path: str, device: str, max_model_len: Optional[int], slots: in
                      time.perf_counter() - _PROCESS_START)
         finally:
             imported.set()
-        state.attach(Engine.open(path, device=device, max_model_len=max_model_len, slots=slots,
-                                 cache_dir=cache_dir, context_starter=context_starter))
+        state.attach(Engine.open(path, context_starter=context_starter, **open_options))
         log.info("ready in %.2f s since process start (%s)",
                  time.perf_counter() - _PROCESS_START, state.engine.startup)
     except Exception as exc:  # noqa: BLE001 - any load failure ends the process, clearly
@@ -75,6 +74,11 @@ def main(
     cache_dir: Optional[Path] = typer.Option(
         None, help="Keep a verified copy of a remote FILE here; reused while its ETag or "
         "revision is unchanged."),
+    batch_invariant: bool = typer.Option(
+        False, "--batch-invariant",
+        help="Give every request exactly the tokens it would get alone: decode batches of more "
+        "than 8 sequences stay on the kernels whose per-token arithmetic does not depend on the "
+        "batch (slower at high concurrency)."),
 ) -> None:
     """Serve FILE through an OpenAI-compatible HTTP API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,7 +104,9 @@ def main(
     # hands it over sooner. _load restores the default once the engine is ready.
     sys.setswitchinterval(STARTUP_SWITCH_INTERVAL_S)
     loader = threading.Thread(target=_load, name="zse-loader", daemon=True,
-                              args=(state, file, device, max_model_len, max_num_seqs, cache_dir,
+                              args=(state, file, dict(device=device, max_model_len=max_model_len,
+                                                      slots=max_num_seqs, cache_dir=cache_dir,
+                                                      batch_invariant=batch_invariant),
                                     stop_server, engine_imported))
     loader.start()
     # Imports hold the GIL: importing the HTTP stack beside the engine's imports would only slow

@@ -74,7 +74,8 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, device: str = "auto", max_model_len: int | None = None,
              slots: int = 1, cache_dir: str | Path | None = None,
-             context_starter: ContextStarter | None = None) -> "Engine":
+             context_starter: ContextStarter | None = None,
+             batch_invariant: bool = False) -> "Engine":
         """Validate the file, load it onto `device` ("cuda", "cpu", or "auto": a GPU if present)
         and get every kernel ready, so the first request runs at full speed.
 
@@ -83,7 +84,11 @@ class Engine:
         stream, verified, onto the device. With `cache_dir` a
         verified copy is kept there and reused while the object's ETag/commit is unchanged.
         `context_starter`: a CUDA context the caller began creating earlier (zse-run does, before
-        it imports this module); otherwise it starts here, beside the manifest read."""
+        it imports this module); otherwise it starts here, beside the manifest read.
+        `batch_invariant`: on a GPU, decode every sequence with the same arithmetic at any batch
+        size (the GEMV token tiles throughout), so a request's tokens do not depend on what else
+        runs; otherwise batches of more than 8 sequences multiply the tall matrices on tensor
+        cores, with float16 activations (faster). The CPU backend is batch-invariant anyway."""
         started = time.perf_counter()
         startup = StartupTimes()
         if device not in DEVICES:
@@ -107,7 +112,7 @@ class Engine:
             from .gpu.backend import GpuOps, OutOfDeviceMemory
 
             try:
-                ops = GpuOps(context, zse, config, slots, max_len, startup)
+                ops = GpuOps(context, zse, config, slots, max_len, startup, batch_invariant)
             except OutOfDeviceMemory as exc:
                 raise EngineError(str(exc)) from None
             finally:
