@@ -433,14 +433,14 @@ def small_kernels(gpu: Gpu, rng) -> None:
     gate_up = rng.standard_normal((tokens, 2 * inter)).astype(np.float32)
     dg, act = gpu.put(gate_up), gpu.empty((tokens, inter), np.float32)
     digits = empty_digits(gpu, tokens, inter)
-    gpu.launch("silu_mul", 256, geo.ELEMENTWISE_THREADS, dg, act, np.int32(1), *digits)
+    silu_grid = lambda T: (T, math.ceil(inter / geo.ROW_THREADS))
+    gpu.launch("silu_mul", silu_grid(tokens), geo.ROW_THREADS, dg, act, np.int32(1), *digits)
     g, u = gate_up[:, :inter], gate_up[:, inter:]
     err = rel_error(gpu.get(act), g / (1 + np.exp(-g)) * u)
     digits_ok = fused_digits_exact(gpu, act, digits)
     one = [d.rows(1) for d in digits]
-    ms = gpu.time_ms(lambda: gpu.launch("silu_mul", math.ceil(inter / geo.ELEMENTWISE_THREADS),
-                                        geo.ELEMENTWISE_THREADS, dg.rows(1), act.rows(1),
-                                        np.int32(1), *one))
+    ms = gpu.time_ms(lambda: gpu.launch("silu_mul", silu_grid(1), geo.ROW_THREADS, dg.rows(1),
+                                        act.rows(1), np.int32(1), *one))
     record("silu_mul 5x18944", err < 1e-5 and digits_ok,
            f"rel err {err:.1e}; {ms * 1000:.1f} us for one token, with its digits "
            f"({'exact' if digits_ok else 'DIFFER'})", us=ms * 1000, digits_exact=digits_ok)

@@ -307,17 +307,18 @@ def test_attention_split_over_partitions(kind, window, partition, length):
 
 
 def test_silu_mul():
-    """A grid smaller than the work (grid-stride), a block past the end; fused digits."""
+    """A thread per value over (tokens, blocks of the row), the last block past the row's end
+    by a whole warp; fused digits."""
     gate_up = rng.standard_normal((3, 192)).astype(np.float32)
     out = np.full((3, 96), np.nan, np.float32)
     digits = _empty_digits(3, 96)
-    jit(activation, "silu_mul")[2, 64](gate_up, out, 1, *digits)
+    jit(activation, "silu_mul")[(3, 2), 64](gate_up, out, 1, *digits)
     gate, up = gate_up[:, :96], gate_up[:, 96:]
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
     _assert_digits_equal(digits, out)
     out[:] = np.nan
     untouched = _no_digits()
-    jit(activation, "silu_mul")[2, 64](gate_up, out, 0, *untouched)
+    jit(activation, "silu_mul")[(3, 2), 64](gate_up, out, 0, *untouched)
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
     assert not untouched[0].any()
 

@@ -532,9 +532,8 @@ class GpuOps:
     def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
         T = gate_up.shape[0]
         out, digits = self._producing(self.buffers["act"].rows(T), self._through_gemv(T))
-        total = T * self.config.intermediate_size
-        blocks = min(math.ceil(total / geo.ELEMENTWISE_THREADS), 65535)
-        self._launch("silu_mul", blocks, geo.ELEMENTWISE_THREADS, gate_up, out, *digits)
+        self._launch("silu_mul", (T, math.ceil(self.config.intermediate_size / geo.ROW_THREADS)),
+                     geo.ROW_THREADS, gate_up, out, *digits)
         return out
 
     def logits(self, x: DeviceArray, rows) -> DeviceArray:

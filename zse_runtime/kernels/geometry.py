@@ -60,6 +60,6 @@ LAUNCH_BOUNDS = {"sample_tokens": SAMPLING_THREADS}
 UNBOUNDED_MAX_THREADS = 256
 
 # kernels with a thread per value of a row over a (rows, ceil(width / ROW_THREADS)) grid
-# (embedding, rope, gather)
+# (embedding, rope, gather, silu_mul)
 ROW_THREADS = 256
 ELEMENTWISE_THREADS = 256
