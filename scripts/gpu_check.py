@@ -32,6 +32,10 @@ from zse_runtime.zsefile import Int4Weight, dequantize_int4  # noqa: E402
 
 RESULTS: list[dict] = []
 TOLERANCE = 1e-3  # max |logit difference| / max |reference logit|, as on the CPU backend
+# Prefill chunks round the GEMM's inputs, q and the softmax weights to float16 (gemm_int4.py,
+# attention_tiled.py). A CPU emulation of exactly that rounding moved the random 4-layer qwen2's
+# prefill logits from 4.6e-4 to 8.7e-4; the H200 gave 1.0e-3 (float32 prefill: 4.8e-4).
+PREFILL_TOLERANCE = 2e-3
 
 
 def record(name: str, ok: bool, detail: str, **numbers) -> None:
@@ -530,7 +534,8 @@ def _engine_vs_transformers(label: str, zse_path: Path, checkpoint: Path, prompt
                 got = engine.ops.to_host(engine.forward(Batch.of(ids, np.arange(n), np.zeros(n),
                                                                  rows)))
                 err = max(err, rel_error(got, ref_logits[rows]))
-            record(f"{label}: prefill logits ({prompt_name}, {n} tokens)", err <= TOLERANCE,
+            tolerance = PREFILL_TOLERANCE if n > geo.GEMV_MAX_TOKENS else TOLERANCE
+            record(f"{label}: prefill logits ({prompt_name}, {n} tokens)", err <= tolerance,
                    f"max rel err {err:.1e} at 12 positions", rel_err=err)
         expected = []
         with torch.no_grad():
