@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from zse_runtime.config import ModelConfig
-from zse_runtime.gpu.backend import GpuOps, Int4Device
+from zse_runtime.gpu.backend import GpuOps, Int4Device, gemv_token_tile
 from zse_runtime.gpu.loader import device_window_start
 from zse_runtime.gpu.kernels import DeviceArray
 from zse_runtime.kernels import build
@@ -190,7 +190,7 @@ def test_wide_decode_batches_multiply_tall_matrices_on_tensor_cores(ops, monkeyp
     others stay on the GEMVs."""
     monkeypatch.setattr(geo, "GEMV_TALL_MIN_ROWS", 2 * ops.config.intermediate_size)
     ops._launch = recorder = Recorder()
-    tokens = geo.GEMV_TOKEN_TILES[-1] + 1
+    tokens = geo.INT4_TALL_GEMM_MIN_TOKENS
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
                                               np.zeros(tokens), [tokens - 1]))
     layers = ops.config.num_hidden_layers
@@ -198,6 +198,10 @@ def test_wide_decode_batches_multiply_tall_matrices_on_tensor_cores(ops, monkeyp
     assert len(gemms) == len(recorder.named("split_activations")) == layers
     assert all(args[3].shape[0] == 2 * ops.config.intermediate_size for *_, args in gemms)
     assert len([c for c in recorder.calls if c[0].startswith("int4_gemv_t")]) == 3 * layers
+    recorder.calls.clear()  # one token fewer: every matrix on the GEMVs
+    Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens - 1), np.arange(tokens - 1),
+                                              np.zeros(tokens - 1), [tokens - 2]))
+    assert not recorder.named("int4_gemm")
     # the fp16 lm_head for as many logit rows (the fixture's workspace holds 4, so by hand)
     lm_head, hidden = ops.weights[LM_HEAD], ops.config.hidden_size
     rows = DeviceArray(0, (tokens, hidden), np.dtype(np.float32))
@@ -206,8 +210,9 @@ def test_wide_decode_batches_multiply_tall_matrices_on_tensor_cores(ops, monkeyp
     (_, grid, block, (x, words, out)), = recorder.named("fp16_gemm")
     assert (x, out) == (rows, logits) and words.shape == (lm_head.shape[0], hidden // 2)
     assert grid[:2] == (math.ceil(words.shape[0] / geo.GEMM_TILE_N), 1) and block == geo.GEMM_THREADS
-    ops._matmul(rows.rows(tokens - 1), lm_head, logits.rows(tokens - 1), None)
-    assert recorder.calls[-1][0] == f"fp16_matmul_t{geo.GEMV_TOKEN_TILES[-1]}"
+    fewer = geo.FP16_GEMM_MIN_TOKENS - 1
+    ops._matmul(rows.rows(fewer), lm_head, logits.rows(fewer), None)
+    assert recorder.calls[-1][0] == f"fp16_matmul_t{gemv_token_tile(fewer)}"
 
 
 def test_batch_invariant_decode_stays_on_the_gemvs(ops, monkeypatch):
@@ -216,7 +221,7 @@ def test_batch_invariant_decode_stays_on_the_gemvs(ops, monkeypatch):
     monkeypatch.setattr(geo, "GEMV_TALL_MIN_ROWS", 2 * ops.config.intermediate_size)
     monkeypatch.setattr(ops, "batch_invariant", True)
     ops._launch = recorder = Recorder()
-    tokens = geo.GEMV_TOKEN_TILES[-1] + 1
+    tokens = geo.INT4_TALL_GEMM_MIN_TOKENS
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
                                               np.zeros(tokens), [tokens - 1]))
     assert not recorder.named("int4_gemm") and not recorder.named("split_activations")

@@ -54,20 +54,19 @@ def int4_gemv_plan(rows: int, tokens: int) -> tuple[str, int, int, int]:
 
 def int4_through_gemm(rows: int, tokens: int, batch_invariant: bool = False) -> bool:
     """Whether an INT4 matrix multiplies `tokens` rows on tensor cores (int4_gemm, float16
-    activations) rather than through the GEMV token tiles: every prefill-sized batch, and, unless
-    decode must be batch-invariant, decode batches wider than one GEMV tile for the tall matrices
-    (gate_up, an INT4 lm_head), where the GEMV's passes over the weights cost more (H200,
-    2026-11-30: gate_up at 16 / 32 tokens 167 / 187 us against 210 / 415; the lm_head 570 / 604
-    against 816 / 1631)."""
+    activations) rather than through the GEMV token tiles: every prefill-sized batch, and,
+    unless decode must be batch-invariant, the wider decode batches of the tall matrices
+    (gate_up, an INT4 lm_head), where the GEMV's passes over the weights cost more
+    (geometry.py has the measurements)."""
     return tokens > geo.GEMV_MAX_TOKENS or (not batch_invariant and rows >= geo.GEMV_TALL_MIN_ROWS
-                                             and tokens > geo.GEMV_TOKEN_TILES[-1])
+                                             and tokens >= geo.INT4_TALL_GEMM_MIN_TOKENS)
 
 
 def fp16_through_gemm(cols: int, tokens: int, batch_invariant: bool = False) -> bool:
     """Whether an fp16 matrix (the lm_head) multiplies `tokens` rows on tensor cores (fp16_gemm,
     whose lanes read K in runs of 32) rather than through the GEMV token tiles, which read the
-    weights once per tile of 8: past one tile, unless decode must be batch-invariant."""
-    return not batch_invariant and tokens > geo.GEMV_TOKEN_TILES[-1] and cols % 32 == 0
+    weights once per tile: unless decode must be batch-invariant, from FP16_GEMM_MIN_TOKENS on."""
+    return not batch_invariant and tokens >= geo.FP16_GEMM_MIN_TOKENS and cols % 32 == 0
 
 
 def cache_words(cache: DeviceArray) -> DeviceArray:

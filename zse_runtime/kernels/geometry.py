@@ -22,8 +22,14 @@ GEMV_TALL_THREADS = 64
 GEMV_TOKEN_TILES = (1, 4, 8)
 FP16_GEMV_THREADS = 256
 
-# Up to this many tokens (every decode bucket), the GEMV token tiles beat the tiled GEMM.
+# Up to this many tokens (every decode bucket), the GEMV token tiles beat the tiled GEMM...
 GEMV_MAX_TOKENS = 32
+# ... except for the tall matrices (gate_up, an INT4 lm_head) from this many tokens on, and the
+# fp16 lm_head (fp16_gemm) from this many (H200, 2026-11-30, same run: gate_up 167 / 170 / 194 us
+# on tensor cores at 8 / 16 / 32 tokens against 108 / 210 / 415 through the GEMV tile; the fp16
+# lm_head 550 / 555 / 567 us against 718 / 1428 / 2855, and 485 us through the 4-token tile)
+INT4_TALL_GEMM_MIN_TOKENS = 9
+FP16_GEMM_MIN_TOKENS = 5
 
 # attention_partial: a block per (token x head, partition of keys); each of its warps scores 32
 # keys at once, so a decode partition is one batch per warp (H200, 2026-11-30: 64-key partitions
