@@ -198,7 +198,7 @@ def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[D
 
 @check("int4_gemv")
 def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
-    from zse_runtime.gpu.backend import int4_gemv_plan
+    from zse_runtime.gpu.backend import gemm_splits, int4_gemv_plan
 
     for name, (rows, cols) in SHAPES_7B.items():
         weight = random_int4(rng, rows, cols)
@@ -245,18 +245,28 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
                         _bandwidth(f"  sweep {kernel} {name} T={T} ({other} thr)", weight_bytes,
                                    ms, copy_gbps, err, err < 1e-4, kernel=kernel, shape=name,
                                    tokens=T, threads=other, sweep=True)
-        for T in (8, 16, 32):  # the tensor-core GEMM at decode batch sizes, for the dispatch
-            grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
-            split = split_on_device(gpu, dx.rows(T), 128)
-            gemm_args = lambda i, T: (*split, *devices[i % copies], np.int32(128),
-                                      dbias, np.int32(1), out.rows(T))
-            gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, *gemm_args(0, T))
-            err = rel_error(gpu.get(out)[:T], expected[:T])
-            counter = iter(range(10**9))
-            ms = gpu.time_ms(lambda: gpu.launch("int4_gemm", grid, geo.GEMM_THREADS,
-                                                *gemm_args(next(counter), T)), 30)
-            _bandwidth(f"int4_gemm {name} {rows}x{cols} T={T}", weight_bytes, ms, copy_gbps, err,
-                       err < GEMM_TOLERANCE, kernel="int4_gemm", shape=name, tokens=T)
+        groups, sms = cols // 128, gpu.context.info.multiprocessors
+        partials = gpu.empty((gemm_splits(rows, 1, groups, sms) * BATCHES[-1], rows), np.float32)
+        for T in (8, 16, 32):  # the tensor-core GEMM at decode batch sizes, as the backend splits it
+            for splits in sorted({1, gemm_splits(rows, T, groups, sms)}):
+                grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T), splits)
+                split = split_on_device(gpu, dx.rows(T), 128)
+                target = out.rows(T) if splits == 1 else partials.rows(splits * T)
+
+                def run(i, T=T, grid=grid, split=split, target=target, splits=splits):
+                    gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, *split, *devices[i % copies],
+                               np.int32(128), dbias, np.int32(1), target)
+                    if splits > 1:
+                        gpu.launch("sum_splits", (T, math.ceil(rows / geo.ROW_THREADS)),
+                                   geo.ROW_THREADS, target, np.int32(splits), out.rows(T))
+
+                run(0)
+                err = rel_error(gpu.get(out)[:T], expected[:T])
+                counter = iter(range(10**9))
+                ms = gpu.time_ms(lambda: run(next(counter)), 30)
+                _bandwidth(f"int4_gemm {name} {rows}x{cols} T={T} split {splits}", weight_bytes, ms,
+                           copy_gbps, err, err < GEMM_TOLERANCE, kernel="int4_gemm", shape=name,
+                           tokens=T, splits=splits)
         gpu.free_all()
     # the quantizer's own cost, per GEMV input width
     for cols in (3584, 18944):

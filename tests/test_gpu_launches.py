@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from zse_runtime.config import ModelConfig
-from zse_runtime.gpu.backend import GpuOps, Int4Device, gemv_token_tile
+from zse_runtime.gpu.backend import GpuOps, Int4Device, gemm_splits, gemv_token_tile
 from zse_runtime.gpu.loader import device_window_start
 from zse_runtime.gpu.kernels import DeviceArray
 from zse_runtime.kernels import build
@@ -76,7 +76,7 @@ def ops(tmp_path_factory):
     ops.zse_path = path
     ops.config, ops.slots, ops.max_len = ModelConfig.from_manifest(zse.model_config), 4, 256
     ops.window, ops.max_batch, ops.max_tokens, ops.capturing = 0, 4, 512, False
-    ops.batch_invariant = False
+    ops.batch_invariant, ops.multiprocessors = False, 132
     ops.context = SimpleNamespace(memory_info=lambda: (1 << 40, 1 << 40))
     ops.window_start = device_window_start(zse)
     ops._plan_memory(zse)
@@ -137,14 +137,24 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
             assert xsum.shape == unscale.shape == (t, k // int(group))
             assert grid[0] * block >= 32 * t * k // int(group)  # a warp per (token, group)
         gemms = recorder.named("int4_gemm")
-        for name, grid, block, args in gemms:
+        for index, (name, grid, block, args) in enumerate(recorder.calls):
+            if name != "int4_gemm":
+                continue
             halves, qweight, group, out = args[0], args[3], int(args[6]), args[-1]
+            rows, splits = qweight.shape[0], grid[2]
             assert halves.shape == (tokens, qweight.shape[1] * 4)
-            assert out.shape == (tokens, qweight.shape[0])
             assert args[1].shape == (tokens, qweight.shape[1] * 8 // group)
-            assert grid[:2] == (math.ceil(out.shape[1] / geo.GEMM_TILE_N),
-                                math.ceil(tokens / geo.GEMM_TILE_T))
-            assert block == geo.GEMM_THREADS
+            assert grid == (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(tokens / geo.GEMM_TILE_T),
+                            gemm_splits(rows, tokens, qweight.shape[1] * 8 // group, 132))
+            assert block == geo.GEMM_THREADS and out.shape == (splits * tokens, rows)
+            if splits > 1:  # the runs over K go to the workspace, then are added into the output
+                assert out.pointer == ops.buffers["gemm_partials"].pointer
+                assert out.nbytes <= ops.buffers["gemm_partials"].nbytes
+                name, grid, block, (partials, count, summed) = recorder.calls[index + 1]
+                assert name == "sum_splits" and partials == out and int(count) == splits
+                assert summed.shape == (tokens, rows) and summed.pointer != out.pointer
+                assert grid[:2] == (tokens, math.ceil(rows / block))
+        assert any(grid[2] > 1 for _, grid, _, _ in gemms)  # the toy's grids are small
         assert len(gemms) == linears
         for name, (out_at, flag_at) in producers.items():
             assert all(int(args[flag_at]) == 0 for _, _, _, args in recorder.named(name))
@@ -184,24 +194,24 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
             assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
 
 
-def test_wide_decode_batches_multiply_tall_matrices_on_tensor_cores(ops, monkeypatch):
-    """Past one GEMV token tile, a tall matrix (here gate_up, made tall by lowering the bar)
-    goes through split_activations and int4_gemm, and the fp16 lm_head through fp16_gemm; the
-    others stay on the GEMVs."""
-    monkeypatch.setattr(geo, "GEMV_TALL_MIN_ROWS", 2 * ops.config.intermediate_size)
+def test_wide_decode_batches_multiply_on_tensor_cores(ops):
+    """Past one GEMV token tile, every INT4 matrix goes through split_activations and int4_gemm,
+    and the fp16 lm_head through fp16_gemm; up to it, through the GEMVs."""
     ops._launch = recorder = Recorder()
-    tokens = geo.INT4_TALL_GEMM_MIN_TOKENS
+    tokens = geo.INT4_GEMM_MIN_TOKENS
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
                                               np.zeros(tokens), [tokens - 1]))
     layers = ops.config.num_hidden_layers
-    gemms = recorder.named("int4_gemm")
-    assert len(gemms) == len(recorder.named("split_activations")) == layers
-    assert all(args[3].shape[0] == 2 * ops.config.intermediate_size for *_, args in gemms)
-    assert len([c for c in recorder.calls if c[0].startswith("int4_gemv_t")]) == 3 * layers
+    assert len(recorder.named("int4_gemm")) == len(recorder.named("split_activations")) == 4 * layers
+    assert not [c for c in recorder.calls if c[0].startswith("int4_gemv_t")]
+    for producer, (_, flag_at) in {"add_rmsnorm": (7, 8), "attention_combine": (6, 7),
+                                   "silu_mul": (1, 2)}.items():  # no digits to write
+        assert all(int(args[flag_at]) == 0 for _, _, _, args in recorder.named(producer))
     recorder.calls.clear()  # one token fewer: every matrix on the GEMVs
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens - 1), np.arange(tokens - 1),
                                               np.zeros(tokens - 1), [tokens - 2]))
     assert not recorder.named("int4_gemm")
+    assert len([c for c in recorder.calls if c[0].startswith("int4_gemv_t")]) == 4 * layers
     # the fp16 lm_head for as many logit rows (the fixture's workspace holds 4, so by hand)
     lm_head, hidden = ops.weights[LM_HEAD], ops.config.hidden_size
     rows = DeviceArray(0, (tokens, hidden), np.dtype(np.float32))
@@ -218,10 +228,9 @@ def test_wide_decode_batches_multiply_tall_matrices_on_tensor_cores(ops, monkeyp
 def test_batch_invariant_decode_stays_on_the_gemvs(ops, monkeypatch):
     """With batch_invariant (zse-run --batch-invariant) every decode batch takes the GEMV tiles,
     whose per-token arithmetic does not depend on the batch; prefill chunks still take the GEMM."""
-    monkeypatch.setattr(geo, "GEMV_TALL_MIN_ROWS", 2 * ops.config.intermediate_size)
     monkeypatch.setattr(ops, "batch_invariant", True)
     ops._launch = recorder = Recorder()
-    tokens = geo.INT4_TALL_GEMM_MIN_TOKENS
+    tokens = geo.GEMV_MAX_TOKENS
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
                                               np.zeros(tokens), [tokens - 1]))
     assert not recorder.named("int4_gemm") and not recorder.named("split_activations")

@@ -192,21 +192,29 @@ def test_split_activations_rounds_to_float16_in_every_group():
     assert unscale[1, 0] == 1.0  # an all-zero group is left as it is
 
 
-def test_int4_gemm_ragged_tiles():
-    """Tensor-core GEMM (its mma emulated): partial tiles in both directions, two groups, bias.
-    Its arithmetic is exact but for float16's rounding of x (float32 sums): against the float64
-    product of the dequantized weights and x so rounded to 1e-5, and against the float64
-    product of x to float16's accuracy."""
-    tokens, rows, cols, group = 40, 70, 64, 32
+@pytest.mark.parametrize("splits", [1, 3])
+def test_int4_gemm_ragged_tiles(splits):
+    """Tensor-core GEMM (its mma emulated): partial tiles in both directions, four groups, bias,
+    whole or split over K (3 runs of 2, 2 and 0 groups, added by sum_splits). Its arithmetic is
+    exact but for float16's rounding of x (float32 sums): against the float64 product of the
+    dequantized weights and x so rounded to 1e-5, and against the float64 product of x to
+    float16's accuracy."""
+    tokens, rows, cols, group = 40, 70, 128, 32
     weight, dense = _int4(rows, cols, group)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
     x[3] *= 1e4  # one token with large activations
     bias = rng.standard_normal(rows).astype(np.float32)
-    out = np.full((tokens, rows), np.nan, np.float32)
-    grid = (-(-rows // GEMM_TILE_N), -(-tokens // GEMM_TILE_T))
+    partials = np.full((splits * tokens, rows), np.nan, np.float32)
+    grid = (-(-rows // GEMM_TILE_N), -(-tokens // GEMM_TILE_T), splits)
     halves, xsum, unscale = _split_activations(x, group)
     jit(gemm_int4, "int4_gemm")[grid, gemm_int4.THREADS](
-        halves, xsum, unscale, weight.qweight, weight.scales, weight.zeros, group, bias, 1, out)
+        halves, xsum, unscale, weight.qweight, weight.scales, weight.zeros, group, bias, 1,
+        partials)
+    out = partials
+    if splits > 1:
+        out = np.full((tokens, rows), np.nan, np.float32)
+        jit(gemm_int4, "sum_splits")[(tokens, -(-rows // 64)), 64](partials, splits, out)
+        assert not partials[2 * tokens:].any()  # the empty run wrote zeros, no bias
     model = _restore(halves, unscale, group) @ dense.astype(np.float64).T + bias
     expected = x.astype(np.float64) @ dense.astype(np.float64).T + bias
     largest = np.abs(expected).max(1, keepdims=True)  # per token: its own scale

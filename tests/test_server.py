@@ -406,6 +406,58 @@ def test_the_engine_thread_binds_the_device(tiny_qwen2_zse, monkeypatch):
     assert bound == ["zse-engine"]
 
 
+def _run_scheduler(engine, prompts, max_tokens):
+    """Submit every prompt at once (the engine thread admits them together) and return each
+    request's greedy tokens."""
+    from zse_runtime.scheduler import FinishEvent, Request, Scheduler
+    from zse_runtime.sampling import SamplingParams
+
+    scheduler = Scheduler(engine, max_waiting=len(prompts))
+    outputs = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+
+    def emitter(out):
+        return lambda event: finished.release() if isinstance(event, FinishEvent) \
+            else out.append(event.token)
+
+    try:
+        with scheduler._wake:  # held: the engine thread admits all of them in one pass
+            for ids, out in zip(prompts, outputs):
+                scheduler.submit(Request(ids, SamplingParams(0.0), max_tokens, emitter(out)))
+        for _ in prompts:
+            assert finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    return outputs
+
+
+def test_short_prompts_share_a_prefill_chunk(tiny_qwen2_zse, monkeypatch):
+    """Unless the engine is batch-invariant, waiting prompts are prefilled together, up to one
+    chunk of tokens, each from its own KV slot and position, and each request samples from its
+    own last row; a batch-invariant engine prefills one request per forward."""
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", slots=4)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (7, 12, 5)]
+    solo = [list(engine.generate(ids, 4, ignore_eos=True)) for ids in prompts]
+    forwards = []
+    forward = engine.forward
+    monkeypatch.setattr(engine, "forward", lambda batch: (forwards.append(batch), forward(batch))[1])
+    assert engine.batch_invariant  # the CPU backend: one request per prefill
+    assert _run_scheduler(engine, prompts, 4) == solo
+    # prefill forwards, one prompt each (decode steps of 1-3 tokens run between them)
+    assert [b.tokens.size for b in forwards if b.tokens.size > 3] == [7, 12, 5]
+    forwards.clear()
+    monkeypatch.setattr(Engine, "batch_invariant", property(lambda self: False))
+    assert _run_scheduler(engine, prompts, 4) == solo  # the CPU's rows do not depend on the batch
+    packed = forwards[0]
+    assert packed.tokens.tolist() == sum(prompts, [])
+    assert packed.positions.tolist() == [p for ids in prompts for p in range(len(ids))]
+    assert len(set(packed.slots[:7])) == len(set(packed.slots[7:19])) == 1
+    assert len(set(packed.slots.tolist())) == 3
+    assert packed.logit_rows.tolist() == [6, 18, 23]
+    assert all(b.tokens.size == 3 for b in forwards[1:])  # then decode steps of all three
+
+
 def test_engine_failure_turns_health_503_and_requests_get_clear_errors(tiny_qwen2_zse, monkeypatch):
     """A step that raises (a lost device, say) fails the requests in flight with an error, and
     from then on /health is 503 naming the cause, so a load balancer stops routing here."""

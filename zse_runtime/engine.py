@@ -161,6 +161,17 @@ class Engine:
     def slots(self) -> int:
         return self._slots
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a sequence's arithmetic is the same at every batch size and composition (the
+        CPU backend's always is; a GPU's with Engine.open(batch_invariant=True))."""
+        return getattr(self.ops, "batch_invariant", True)
+
+    @property
+    def max_logit_rows(self) -> int:
+        """The most logit rows one forward may ask for."""
+        return getattr(self.ops, "max_batch", self._slots)
+
     def acquire_slot(self) -> int:
         if not self._free_slots:
             raise EngineError("all KV-cache slots are busy")

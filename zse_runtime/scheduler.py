@@ -1,8 +1,8 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
 One engine thread loops: admit waiting requests into free KV slots, run at most one prefill
-chunk (so a long prompt stalls running streams for one chunk, not its whole length), then one
-decode step for every running sequence. Tokens go back through each request's `emit`
+chunk (so a long prompt stalls running streams for one chunk, not its whole length; several
+short prompts share one), then one decode step for every running sequence. Tokens go back through each request's `emit`
 callback (the HTTP layer hands them to its event loop). The scheduler never touches HTTP; the
 engine never schedules.
 """
@@ -118,7 +118,7 @@ class Scheduler:
                 self._admit()
             try:
                 self._drop_cancelled()
-                self._prefill_one_chunk()
+                self._prefill_chunk()
                 self._decode_step()
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
                 log.exception("engine step failed")
@@ -152,17 +152,42 @@ class Scheduler:
             self.running.remove(request)
             self._finish(request, FinishEvent("cancelled"))
 
-    def _prefill_one_chunk(self) -> None:
-        request = next((r for r in self.running if r.prefilled < len(r.prompt_ids)), None)
-        if request is None:
+    def _prefill_chunk(self) -> None:
+        """One prefill forward over the next PREFILL_CHUNK prompt tokens of the requests that
+        have any left, in arrival order; a request whose prompt ends in the chunk samples its
+        first token from it. Several prompts share a chunk (one forward instead of one each)
+        unless the engine is batch-invariant: there a chunk holds one request's tokens, split
+        exactly as Engine.generate splits a prompt, so the request computes as it would alone."""
+        pending = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
+        if not pending:
             return
-        start = request.prefilled
-        chunk = request.prompt_ids[start:start + PREFILL_CHUNK]
-        logits = self.engine.forward(Batch.of(chunk, np.arange(start, start + len(chunk)),
-                                              np.full(len(chunk), request.slot), [len(chunk) - 1]))
-        request.prefilled += len(chunk)
-        if request.prefilled == len(request.prompt_ids):
-            self._accept([request], self._choose([request], logits))
+        if self.engine.batch_invariant:
+            pending = pending[:1]
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        taken: list[tuple[Request, int]] = []
+        done: list[Request] = []
+        rows: list[int] = []  # each done request's last prompt token in the chunk
+        for request in pending:
+            room = PREFILL_CHUNK - len(tokens)
+            if room == 0 or len(done) == self.engine.max_logit_rows:
+                break
+            start = request.prefilled
+            chunk = request.prompt_ids[start:start + room]
+            tokens += chunk
+            positions += range(start, start + len(chunk))
+            slots += [request.slot] * len(chunk)
+            taken.append((request, len(chunk)))
+            if start + len(chunk) == len(request.prompt_ids):
+                done.append(request)
+                rows.append(len(tokens) - 1)
+        logits = self.engine.forward(Batch.of(tokens, positions, slots,
+                                              rows or [len(tokens) - 1]))
+        for request, count in taken:
+            request.prefilled += count
+        if done:
+            self._accept(done, self._choose(done, logits))
 
     def _decode_step(self) -> None:
         batch = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.generated]

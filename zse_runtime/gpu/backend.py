@@ -52,14 +52,21 @@ def int4_gemv_plan(rows: int, tokens: int) -> tuple[str, int, int, int]:
     return f"int4_gemv_t{tile}_r{block_rows}", block_rows, tile, threads
 
 
-def int4_through_gemm(rows: int, tokens: int, batch_invariant: bool = False) -> bool:
-    """Whether an INT4 matrix multiplies `tokens` rows on tensor cores (int4_gemm, float16
-    activations) rather than through the GEMV token tiles: every prefill-sized batch, and,
-    unless decode must be batch-invariant, the wider decode batches of the tall matrices
-    (gate_up, an INT4 lm_head), where the GEMV's passes over the weights cost more
-    (geometry.py has the measurements)."""
-    return tokens > geo.GEMV_MAX_TOKENS or (not batch_invariant and rows >= geo.GEMV_TALL_MIN_ROWS
-                                             and tokens >= geo.INT4_TALL_GEMM_MIN_TOKENS)
+def int4_through_gemm(tokens: int, batch_invariant: bool = False) -> bool:
+    """Whether the INT4 matrices multiply a batch of `tokens` rows on tensor cores (int4_gemm,
+    float16 activations) rather than through the GEMV token tiles (integer digits written by
+    the producers): every prompt chunk, and decode batches past one GEMV tile unless decode
+    must be batch-invariant (geometry.py has the measurements)."""
+    return tokens > geo.GEMV_MAX_TOKENS or (not batch_invariant
+                                             and tokens >= geo.INT4_GEMM_MIN_TOKENS)
+
+
+def gemm_splits(rows: int, tokens: int, groups: int, multiprocessors: int) -> int:
+    """K splits of an int4_gemm launch: enough for GEMM_SPLIT_BLOCKS_PER_SM blocks per SM when
+    the row and token tiles alone are fewer (decode batches, 3584-row matrices), at most one
+    quantization group per split."""
+    tiles = math.ceil(rows / geo.GEMM_TILE_N) * math.ceil(tokens / geo.GEMM_TILE_T)
+    return max(1, min(groups, math.ceil(geo.GEMM_SPLIT_BLOCKS_PER_SM * multiprocessors / tiles)))
 
 
 def fp16_through_gemm(cols: int, tokens: int, batch_invariant: bool = False) -> bool:
@@ -111,6 +118,11 @@ class Int4Device:
     def rows(self) -> int:
         return self.qweight.shape[0]
 
+    @property
+    def groups(self) -> int:
+        """Quantization groups per row."""
+        return self.scales.shape[1]
+
 
 class Arena:
     """Carves typed arrays out of one device allocation, each aligned to 256 bytes."""
@@ -145,6 +157,7 @@ class GpuOps:
                  max_len: int, startup, batch_invariant: bool = False):
         self.context, self.config, self.slots, self.max_len = context, config, slots, max_len
         self.batch_invariant = batch_invariant  # decode batches stay on the GEMV tiles
+        self.multiprocessors = context.info.multiprocessors
         t = time.perf_counter()
         self.kernels = KernelLibrary(context.info.compute_capability)
         # no kernel has a stack frame (tests/test_prebuilt_kernels.py): reserve what they use
@@ -213,6 +226,9 @@ class GpuOps:
         arena.add("x_halves", (T, widest // 2), np.uint32)
         arena.add("group_sum", (T, widest // 32), np.float32)
         arena.add("group_unscale", (T, widest // 32), np.float32)
+        # split-K runs of small GEMM grids: splits x tiles < 2 x the blocks wanted (gemm_splits)
+        arena.add("gemm_partials", (2 * geo.GEMM_SPLIT_BLOCKS_PER_SM * self.multiprocessors
+                                    * geo.GEMM_TILE_N * geo.GEMM_TILE_T,), np.float32)
         arena.add("part_max", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_sum", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_acc", (partial_rows * c.num_attention_heads, c.head_dim), np.float32)
@@ -385,18 +401,18 @@ class GpuOps:
                          geo.ROW_THREADS, ids, parts[0], out)
         return out
 
-    @staticmethod
-    def _through_gemv(tokens: int) -> bool:
-        """Whether a batch this size multiplies through the INT4 GEMVs (whose inputs its
-        producers quantize) rather than the tensor-core GEMM."""
-        return tokens <= geo.GEMV_MAX_TOKENS
+    def _through_gemv(self, tokens: int) -> bool:
+        """Whether a batch this size multiplies through the INT4 GEMVs, whose inputs its
+        producers quantize, rather than the tensor-core GEMM."""
+        return not int4_through_gemm(tokens, self.batch_invariant)
 
     def _tiled_attention_serves(self, batch: Batch) -> bool:
-        """Whether attention_tiled computes this batch's attention: a prompt chunk of one
-        sequence (its tokens share a KV-cache slot) that goes through the GEMM, which reads the
-        output as floats (no GEMV digits to write), with a head the kernel's fragments cover."""
+        """Whether attention_tiled computes this batch's attention: a prompt chunk (more tokens
+        than a decode batch, so the GEMM reads the output as floats: no GEMV digits to write) of
+        one sequence (its tokens share a KV-cache slot), with a head the kernel's fragments
+        cover."""
         dim = self.config.head_dim
-        return (not self._through_gemv(batch.tokens.size) and dim % 8 == 0
+        return (batch.tokens.size > geo.GEMV_MAX_TOKENS and dim % 8 == 0
                 and dim <= geo.ATTENTION_MAX_HEAD_DIM and bool((batch.slots == batch.slots[0]).all()))
 
     def _digits(self, T: int, K: int) -> tuple[DeviceArray, ...]:
@@ -421,9 +437,9 @@ class GpuOps:
         # the kernel's blocks read the old residual while others write the new one: two buffers
         first, second = self.buffers["residual"].rows(T), self.buffers["residual_next"].rows(T)
         res_out = second if residual is not None and residual.pointer == first.pointer else first
-        decode = self._through_gemv(T)
-        width = geo.NORM_DECODE_SLICE if decode else hidden  # spread a decode row over SMs
-        out, digits = self._producing(self.buffers["normed"].rows(T), decode)
+        # spread a decode batch's rows over SMs
+        width = geo.NORM_DECODE_SLICE if T <= geo.GEMV_MAX_TOKENS else hidden
+        out, digits = self._producing(self.buffers["normed"].rows(T), self._through_gemv(T))
         self._launch("add_rmsnorm", (T, math.ceil(hidden / width)), geo.NORM_THREADS, delta,
                      residual if residual is not None else second,  # not read without one
                      self.weights[norm], np.float32(self.config.rms_norm_eps),
@@ -454,18 +470,23 @@ class GpuOps:
             return
         weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                   bias if bias is not None else self._no_bias, np.int32(bias is not None))
-        if not int4_through_gemm(w.rows, T, self.batch_invariant):
-            # decode: one pass over the weights per token tile
+        if self._through_gemv(T):  # decode: one pass over the weights per token tile
             activations = x.digits if isinstance(x, QuantizedActivation) \
                 else self._quantize_activations(x)
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
                          *activations, *weight, out)
-        else:  # prefill, and wide decode batches of tall matrices: tensor cores
+        else:  # prefill and wide decode batches: tensor cores
             split = self._split_activations(x, w.group_size)
+            splits = gemm_splits(w.rows, T, w.groups, self.multiprocessors)
+            partials = out if splits == 1 else DeviceArray(
+                self.buffers["gemm_partials"].pointer, (splits * T, w.rows), out.dtype)
             self._launch("int4_gemm", (math.ceil(w.rows / geo.GEMM_TILE_N),
-                                       math.ceil(T / geo.GEMM_TILE_T)),
-                         geo.GEMM_THREADS, *split, *weight, out)
+                                       math.ceil(T / geo.GEMM_TILE_T), splits),
+                         geo.GEMM_THREADS, *split, *weight, partials)
+            if splits > 1:
+                self._launch("sum_splits", (T, math.ceil(w.rows / geo.ROW_THREADS)),
+                             geo.ROW_THREADS, partials, np.int32(splits), out)
 
     def _quantize_activations(self, x: DeviceArray) -> tuple[DeviceArray, ...]:
         """x [T, K] as the INT4 GEMV's integer digits, for an input no producer quantized (the

@@ -79,9 +79,12 @@ def split_activations(x, group_size, halves, xsum, unscale):
 
 
 def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):
-    """out [T, N] f32 from split_activations' halves, xsum, unscale [T, ...] and qweight [N, K/8]
-    u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias). Grid
-    (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T)), block THREADS."""
+    """out [S * T, N] f32 from split_activations' halves, xsum, unscale [T, ...] and qweight
+    [N, K/8] u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias). Grid
+    (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T), S), block THREADS. With S = 1, out is the
+    product; with S > 1 (split-K, for grids too small to fill the GPU), block z sums the z-th
+    run of quantization groups into rows z T .. z T + T - 1 (the bias in run 0), and sum_splits
+    adds the runs."""
     lane = cuda.threadIdx.x % WARP
     warp = cuda.threadIdx.x // WARP
     group = lane // 4  # a fragment's row (A) or token (B) within its tile
@@ -91,6 +94,9 @@ def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, h
     row0 = cuda.blockIdx.x * GEMM_TILE_N + (warp // (GEMM_TILE_T // WARP_TOKENS)) * WARP_ROWS
     tok0 = cuda.blockIdx.y * GEMM_TILE_T + (warp % (GEMM_TILE_T // WARP_TOKENS)) * WARP_TOKENS
     words_per_group = group_size // 8
+    groups = qweight.shape[1] // words_per_group
+    per_split = (groups + cuda.gridDim.z - 1) // cuda.gridDim.z
+    first_group = cuda.blockIdx.z * per_split
     a_rows = cuda.local.array(A_REGISTERS, uint32)
     b_tokens = cuda.local.array(N_TILES, uint32)
     for i in range(A_REGISTERS):
@@ -107,7 +113,7 @@ def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, h
             for e in range(4):
                 partial[i, j, e] = float32(0.0)
                 acc[i, j, e] = float32(0.0)
-    for g in range(qweight.shape[1] // words_per_group):
+    for g in range(first_group, min(groups, first_group + per_split)):
         for quad in range(g * words_per_group // 4, (g + 1) * words_per_group // 4):
             for i in range(A_REGISTERS):
                 (a_words[i, 0], a_words[i, 1], a_words[i, 2],
@@ -146,9 +152,22 @@ def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, h
                         t = tok0 + 8 * j + 2 * pair + c
                         if t < tokens:
                             value = acc[i, j, 2 * half + c]
-                            if has_bias:
+                            if has_bias and cuda.blockIdx.z == 0:
                                 value += bias[n]
-                            out[t, n] = value
+                            out[cuda.blockIdx.z * tokens + t, n] = value
+
+
+def sum_splits(partials, splits, out):
+    """out [T, N] f32 = the sum over z < splits of partials [splits * T, N] rows z T + t, in order
+    of z (deterministic). Grid (T, ceil(N / block)), a thread per value."""
+    t = cuda.blockIdx.x
+    n = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    tokens = out.shape[0]
+    if n < out.shape[1]:
+        total = partials[t, n]
+        for z in range(1, splits):
+            total += partials[z * tokens + t, n]
+        out[t, n] = total
 
 
 KERNELS = {
@@ -157,4 +176,5 @@ KERNELS = {
     "int4_gemm": (int4_gemm, "void(uint32[:, ::1], float32[:, ::1], float32[:, ::1], "
                              "uint32[:, ::1], float16[:, ::1], float16[:, ::1], int32, "
                              "float32[::1], int32, float32[:, ::1])"),
+    "sum_splits": (sum_splits, "void(float32[:, ::1], int32, float32[:, ::1])"),
 }

@@ -22,14 +22,18 @@ GEMV_TALL_THREADS = 64
 GEMV_TOKEN_TILES = (1, 4, 8)
 FP16_GEMV_THREADS = 256
 
-# Up to this many tokens (every decode bucket), the GEMV token tiles beat the tiled GEMM...
+# Decode batches (up to GEMV_MAX_TOKENS, every decode bucket) can take the GEMV token tiles,
+# whose per-token arithmetic does not depend on the batch (zse-run --batch-invariant takes them
+# throughout). Otherwise the INT4 matrices take the tensor-core GEMM from INT4_GEMM_MIN_TOKENS
+# (the 8-token GEMV tile makes one pass over the weights per 8 tokens), and the fp16 lm_head
+# takes fp16_gemm from FP16_GEMM_MIN_TOKENS (H200, 2026-11-30, same run: 550 / 555 / 567 us at
+# 8 / 16 / 32 tokens against 718 / 1428 / 2855 through the 8-token tile, 485 through the 4-token
+# tile). A GEMM grid smaller than GEMM_SPLIT_BLOCKS_PER_SM blocks per SM splits K over
+# quantization groups (sum_splits adds the runs).
 GEMV_MAX_TOKENS = 32
-# ... except for the tall matrices (gate_up, an INT4 lm_head) from this many tokens on, and the
-# fp16 lm_head (fp16_gemm) from this many (H200, 2026-11-30, same run: gate_up 167 / 170 / 194 us
-# on tensor cores at 8 / 16 / 32 tokens against 108 / 210 / 415 through the GEMV tile; the fp16
-# lm_head 550 / 555 / 567 us against 718 / 1428 / 2855, and 485 us through the 4-token tile)
-INT4_TALL_GEMM_MIN_TOKENS = 9
+INT4_GEMM_MIN_TOKENS = 9
 FP16_GEMM_MIN_TOKENS = 5
+GEMM_SPLIT_BLOCKS_PER_SM = 2
 
 # attention_partial: a block per (token x head, partition of keys); each of its warps scores 32
 # keys at once, so a decode partition is one batch per warp (H200, 2026-11-30: 64-key partitions
