@@ -44,7 +44,7 @@ def source_digest() -> str:
 
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in ("common", "geometry", "memory", *MODULES):
+    for name in ("common", "geometry", "memory", "mma_tile", *MODULES):
         digest.update((here / f"{name}.py").read_bytes())
     digest.update(repr((ARCHITECTURES, PTX_COMPUTE_CAPABILITY, numba_cuda_version)).encode())
     return digest.hexdigest()

@@ -103,38 +103,34 @@ else:
 
 
 @cuda.jit(device=True, inline="always")
-def block_sum(value, scratch):
-    """Sum over the block; scratch is a float32 shared array of >= blockDim.x / 32 entries.
-    Every thread gets the total."""
-    value = warp_sum(value)
+def _block_reduce(value, scratch, take_max):
+    """Sum (or maximum, with take_max: a constant at every call site) over the block, through
+    the warps' partial results in scratch; every thread gets it."""
+    value = warp_max(value) if take_max else warp_sum(value)
     warp = cuda.threadIdx.x // WARP
     warps = (cuda.blockDim.x + WARP - 1) // WARP
     cuda.syncthreads()
     if cuda.threadIdx.x % WARP == 0:
         scratch[warp] = value
     cuda.syncthreads()
-    total = float32(0.0)
-    for w in range(warps):
-        total += scratch[w]
+    result = scratch[0]
+    for w in range(1, warps):
+        result = max(result, scratch[w]) if take_max else result + scratch[w]
     cuda.syncthreads()
-    return total
+    return result
+
+
+@cuda.jit(device=True, inline="always")
+def block_sum(value, scratch):
+    """Sum over the block; scratch is a float32 shared array of >= blockDim.x / 32 entries.
+    Every thread gets the total."""
+    return _block_reduce(value, scratch, False)
 
 
 @cuda.jit(device=True, inline="always")
 def block_max(value, scratch):
     """Maximum over the block (float32), as block_sum."""
-    value = warp_max(value)
-    warp = cuda.threadIdx.x // WARP
-    warps = (cuda.blockDim.x + WARP - 1) // WARP
-    cuda.syncthreads()
-    if cuda.threadIdx.x % WARP == 0:
-        scratch[warp] = value
-    cuda.syncthreads()
-    best = scratch[0]
-    for w in range(1, warps):
-        best = max(best, scratch[w])
-    cuda.syncthreads()
-    return best
+    return _block_reduce(value, scratch, True)
 
 
 @cuda.jit(device=True, inline="always")

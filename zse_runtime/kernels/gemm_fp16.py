@@ -15,34 +15,19 @@ computes 32 rows x 32 tokens as 2 x 4 tiles of 16 x 8; a block of 4 warps 64 row
 
 from numba import cuda, float32, uint32
 
-from .geometry import GEMM_TILE_N, GEMM_TILE_T, WARP
 from .memory import floats_as_halves, load_f32x4, load_u32x4_streaming, mma_m16n8k8
-
-WARP_ROWS = 32
-WARP_TOKENS = 32
-M_TILES = WARP_ROWS // 16
-N_TILES = WARP_TOKENS // 8
-A_REGISTERS = 2 * M_TILES  # rows group and group + 8 of each row tile
-THREADS = (GEMM_TILE_N // WARP_ROWS) * (GEMM_TILE_T // WARP_TOKENS) * WARP
+from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, store_tile, warp_tile
 
 
 def fp16_gemm(x, weight, out):
     """x [T, K] f32; weight [N, K/2] u32 (the fp16 matrix, two halves per word; K a multiple of
     32); out [T, N] f32. Grid (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T)), block THREADS."""
-    lane = cuda.threadIdx.x % WARP
-    warp = cuda.threadIdx.x // WARP
-    group = lane // 4  # a fragment's row (A) or token (B) within its tile
-    pair = lane % 4
+    pair = cuda.threadIdx.x % 4
     rows = weight.shape[0]
     tokens = x.shape[0]
-    row0 = cuda.blockIdx.x * GEMM_TILE_N + (warp // (GEMM_TILE_T // WARP_TOKENS)) * WARP_ROWS
-    tok0 = cuda.blockIdx.y * GEMM_TILE_T + (warp % (GEMM_TILE_T // WARP_TOKENS)) * WARP_TOKENS
     a_rows = cuda.local.array(A_REGISTERS, uint32)
     b_tokens = cuda.local.array(N_TILES, uint32)
-    for i in range(A_REGISTERS):
-        a_rows[i] = min(row0 + 16 * (i // 2) + 8 * (i % 2) + group, rows - 1)
-    for j in range(N_TILES):
-        b_tokens[j] = min(tok0 + 8 * j + group, tokens - 1)
+    row0, tok0 = warp_tile(rows, tokens, a_rows, b_tokens)
     acc = cuda.local.array((M_TILES, N_TILES, 4), float32)
     a_words = cuda.local.array((A_REGISTERS, 4), uint32)
     b_words = cuda.local.array((N_TILES, 4), uint32)
@@ -68,15 +53,7 @@ def fp16_gemm(x, weight, out):
                      acc[i, j, 3]) = mma_m16n8k8(a_words[2 * i, step], a_words[2 * i + 1, step],
                                                  b_words[j, step], acc[i, j, 0], acc[i, j, 1],
                                                  acc[i, j, 2], acc[i, j, 3])
-    for i in range(M_TILES):
-        for half in range(2):
-            n = row0 + 16 * i + 8 * half + group
-            if n < rows:
-                for j in range(N_TILES):
-                    for c in range(2):
-                        t = tok0 + 8 * j + 2 * pair + c
-                        if t < tokens:
-                            out[t, n] = acc[i, j, 2 * half + c]
+    store_tile(acc, row0, tok0, rows, tokens, out[0], 0, out, 0)  # no bias
 
 
 KERNELS = {

@@ -25,16 +25,11 @@ rows x 32 tokens as 2 x 4 tiles of 16 x 8, reading its fragments straight from g
 from numba import cuda, float32, uint32
 
 from .common import warp_max, warp_sum
-from .geometry import GEMM_TILE_N, GEMM_TILE_T, WARP
+from .geometry import WARP
 from .memory import (bits_as_float, codes_as_halves, float_bits, floats_as_halves,
                      halves_as_floats, load, load_u32x4, mma_m16n8k8)
+from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, store_tile, warp_tile
 
-WARP_ROWS = 32  # 2 tiles of 16 rows
-WARP_TOKENS = 32  # 4 tiles of 8 tokens
-M_TILES = WARP_ROWS // 16
-N_TILES = WARP_TOKENS // 8
-A_REGISTERS = 2 * M_TILES  # rows group and group + 8 of each row tile
-THREADS = (GEMM_TILE_N // WARP_ROWS) * (GEMM_TILE_T // WARP_TOKENS) * WARP
 SCALE_BITS = 141  # x 2^(141 - exponent of max|x|): max|x| lands in [2^14, 2^15), below fp16's 2^16
 
 
@@ -85,24 +80,16 @@ def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, h
     product; with S > 1 (split-K, for grids too small to fill the GPU), block z sums the z-th
     run of quantization groups into rows z T .. z T + T - 1 (the bias in run 0), and sum_splits
     adds the runs."""
-    lane = cuda.threadIdx.x % WARP
-    warp = cuda.threadIdx.x // WARP
-    group = lane // 4  # a fragment's row (A) or token (B) within its tile
-    pair = lane % 4  # which k pair of the chunk; D's token columns 2 pair, 2 pair + 1
+    pair = cuda.threadIdx.x % 4  # which k pair of the chunk; D's token columns 2 pair, + 1
     rows = qweight.shape[0]
     tokens = halves.shape[0]
-    row0 = cuda.blockIdx.x * GEMM_TILE_N + (warp // (GEMM_TILE_T // WARP_TOKENS)) * WARP_ROWS
-    tok0 = cuda.blockIdx.y * GEMM_TILE_T + (warp % (GEMM_TILE_T // WARP_TOKENS)) * WARP_TOKENS
+    a_rows = cuda.local.array(A_REGISTERS, uint32)
+    b_tokens = cuda.local.array(N_TILES, uint32)
+    row0, tok0 = warp_tile(rows, tokens, a_rows, b_tokens)
     words_per_group = group_size // 8
     groups = qweight.shape[1] // words_per_group
     per_split = (groups + cuda.gridDim.z - 1) // cuda.gridDim.z
     first_group = cuda.blockIdx.z * per_split
-    a_rows = cuda.local.array(A_REGISTERS, uint32)
-    b_tokens = cuda.local.array(N_TILES, uint32)
-    for i in range(A_REGISTERS):
-        a_rows[i] = min(row0 + 16 * (i // 2) + 8 * (i % 2) + group, rows - 1)
-    for j in range(N_TILES):
-        b_tokens[j] = min(tok0 + 8 * j + group, tokens - 1)
     partial = cuda.local.array((M_TILES, N_TILES, 4), float32)  # this group's sum q x 2^e
     acc = cuda.local.array((M_TILES, N_TILES, 4), float32)
     a_words = cuda.local.array((A_REGISTERS, 4), uint32)  # 4 chunks of each fragment row
@@ -143,18 +130,8 @@ def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, h
                         acc[i, j, e] += s * (partial[i, j, e] * load(unscale, t, g)
                                              - z * load(xsum, t, g))
                         partial[i, j, e] = float32(0.0)
-    for i in range(M_TILES):
-        for half in range(2):
-            n = row0 + 16 * i + 8 * half + group
-            if n < rows:
-                for j in range(N_TILES):
-                    for c in range(2):
-                        t = tok0 + 8 * j + 2 * pair + c
-                        if t < tokens:
-                            value = acc[i, j, 2 * half + c]
-                            if has_bias and cuda.blockIdx.z == 0:
-                                value += bias[n]
-                            out[cuda.blockIdx.z * tokens + t, n] = value
+    store_tile(acc, row0, tok0, rows, tokens, bias, has_bias != 0 and cuda.blockIdx.z == 0, out,
+               cuda.blockIdx.z * tokens)
 
 
 def sum_splits(partials, splits, out):
