@@ -198,7 +198,7 @@ def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[D
 
 @check("int4_gemv")
 def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
-    from zse_runtime.gpu.backend import gemm_splits, int4_gemv_plan
+    from zse_runtime.gpu.backend import int4_gemm_plan, int4_gemv_plan
 
     for name, (rows, cols) in SHAPES_7B.items():
         weight = random_int4(rng, rows, cols)
@@ -246,15 +246,27 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
                                    ms, copy_gbps, err, err < 1e-4, kernel=kernel, shape=name,
                                    tokens=T, threads=other, sweep=True)
         groups, sms = cols // 128, gpu.context.info.multiprocessors
-        partials = gpu.empty((gemm_splits(rows, 1, groups, sms) * BATCHES[-1], rows), np.float32)
-        for T in (8, 16, 32):  # the tensor-core GEMM at decode batch sizes, as the backend splits it
-            for splits in sorted({1, gemm_splits(rows, T, groups, sms)}):
-                grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T), splits)
+
+        def gemm_launches(T):
+            """The backend's launch (128 x 32 blocks, split-K) and 64 x 64 blocks beside it,
+            split as the backend would and whole."""
+            square = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
+            splits = max(1, min(groups, math.ceil(geo.GEMM_SPLIT_BLOCKS_PER_SM * sms
+                                                  / (square[0] * square[1]))))
+            return list(dict.fromkeys([int4_gemm_plan(rows, T, groups, sms),
+                                       ("int4_gemm", (*square, splits)),
+                                       ("int4_gemm", (*square, 1))]))
+
+        most = max(grid[2] for T in (8, 16, 32) for _, grid in gemm_launches(T))
+        partials = gpu.empty((most * BATCHES[-1], rows), np.float32)
+        for T in (8, 16, 32):  # the tensor-core GEMM at decode batch sizes
+            for kernel, grid in gemm_launches(T):
+                splits = grid[2]
                 split = split_on_device(gpu, dx.rows(T), 128)
                 target = out.rows(T) if splits == 1 else partials.rows(splits * T)
 
-                def run(i, T=T, grid=grid, split=split, target=target, splits=splits):
-                    gpu.launch("int4_gemm", grid, geo.GEMM_THREADS, *split, *devices[i % copies],
+                def run(i, T=T, kernel=kernel, grid=grid, split=split, target=target, splits=splits):
+                    gpu.launch(kernel, grid, geo.GEMM_THREADS, *split, *devices[i % copies],
                                np.int32(128), dbias, np.int32(1), target)
                     if splits > 1:
                         gpu.launch("sum_splits", (T, math.ceil(rows / geo.ROW_THREADS)),
@@ -264,8 +276,8 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
                 err = rel_error(gpu.get(out)[:T], expected[:T])
                 counter = iter(range(10**9))
                 ms = gpu.time_ms(lambda: run(next(counter)), 30)
-                _bandwidth(f"int4_gemm {name} {rows}x{cols} T={T} split {splits}", weight_bytes, ms,
-                           copy_gbps, err, err < GEMM_TOLERANCE, kernel="int4_gemm", shape=name,
+                _bandwidth(f"{kernel} {name} {rows}x{cols} T={T} split {splits}", weight_bytes, ms,
+                           copy_gbps, err, err < GEMM_TOLERANCE, kernel=kernel, shape=name,
                            tokens=T, splits=splits)
         gpu.free_all()
     # the quantizer's own cost, per GEMV input width

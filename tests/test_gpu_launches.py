@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from zse_runtime.config import ModelConfig
-from zse_runtime.gpu.backend import GpuOps, Int4Device, gemm_splits, gemv_token_tile
+from zse_runtime.gpu.backend import GpuOps, Int4Device, gemv_token_tile, int4_gemm_plan
 from zse_runtime.gpu.loader import device_window_start
 from zse_runtime.gpu.kernels import DeviceArray
 from zse_runtime.kernels import build
@@ -138,14 +138,14 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
             assert grid[0] * block >= 32 * t * k // int(group)  # a warp per (token, group)
         gemms = recorder.named("int4_gemm")
         for index, (name, grid, block, args) in enumerate(recorder.calls):
-            if name != "int4_gemm":
+            if not name.startswith("int4_gemm"):
                 continue
             halves, qweight, group, out = args[0], args[3], int(args[6]), args[-1]
             rows, splits = qweight.shape[0], grid[2]
             assert halves.shape == (tokens, qweight.shape[1] * 4)
             assert args[1].shape == (tokens, qweight.shape[1] * 8 // group)
-            assert grid == (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(tokens / geo.GEMM_TILE_T),
-                            gemm_splits(rows, tokens, qweight.shape[1] * 8 // group, 132))
+            assert (name, grid) == int4_gemm_plan(rows, tokens, qweight.shape[1] * 8 // group, 132)
+            assert grid[:2] == (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(tokens / geo.GEMM_TILE_T))
             assert block == geo.GEMM_THREADS and out.shape == (splits * tokens, rows)
             if splits > 1:  # the runs over K go to the workspace, then are added into the output
                 assert out.pointer == ops.buffers["gemm_partials"].pointer
@@ -202,7 +202,13 @@ def test_wide_decode_batches_multiply_on_tensor_cores(ops):
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
                                               np.zeros(tokens), [tokens - 1]))
     layers = ops.config.num_hidden_layers
-    assert len(recorder.named("int4_gemm")) == len(recorder.named("split_activations")) == 4 * layers
+    gemms = recorder.named("int4_gemm_t32")  # decode batches: 128-row x 32-token blocks
+    assert len(gemms) == len(recorder.named("split_activations")) == 4 * layers
+    for _, grid, _, args in gemms:
+        rows, groups = args[3].shape[0], args[4].shape[1]
+        assert grid == (math.ceil(rows / geo.GEMM_DECODE_TILE_N), 1,
+                        int4_gemm_plan(rows, tokens, groups, 132)[1][2])
+    assert not recorder.named("int4_gemm")
     assert not [c for c in recorder.calls if c[0].startswith("int4_gemv_t")]
     for producer, (_, flag_at) in {"add_rmsnorm": (7, 8), "attention_combine": (6, 7),
                                    "silu_mul": (1, 2)}.items():  # no digits to write
@@ -210,7 +216,7 @@ def test_wide_decode_batches_multiply_on_tensor_cores(ops):
     recorder.calls.clear()  # one token fewer: every matrix on the GEMVs
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens - 1), np.arange(tokens - 1),
                                               np.zeros(tokens - 1), [tokens - 2]))
-    assert not recorder.named("int4_gemm")
+    assert not [c for c in recorder.calls if c[0].startswith("int4_gemm")]
     assert len([c for c in recorder.calls if c[0].startswith("int4_gemv_t")]) == 4 * layers
     # the fp16 lm_head for as many logit rows (the fixture's workspace holds 4, so by hand)
     lm_head, hidden = ops.weights[LM_HEAD], ops.config.hidden_size
@@ -233,7 +239,8 @@ def test_batch_invariant_decode_stays_on_the_gemvs(ops, monkeypatch):
     tokens = geo.GEMV_MAX_TOKENS
     Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
                                               np.zeros(tokens), [tokens - 1]))
-    assert not recorder.named("int4_gemm") and not recorder.named("split_activations")
+    assert not [c for c in recorder.calls if c[0].startswith("int4_gemm")]
+    assert not recorder.named("split_activations")
     lm_head, hidden = ops.weights[LM_HEAD], ops.config.hidden_size
     ops._matmul(DeviceArray(0, (tokens, hidden), np.dtype(np.float32)), lm_head,
                 DeviceArray(0, (tokens, lm_head.shape[0]), np.dtype(np.float32)), None)

@@ -11,7 +11,8 @@ import pytest
 from numba import config, cuda
 
 from zse_convert.quantize import quantize_int4
-from zse_runtime.kernels.geometry import GEMM_TILE_N, GEMM_TILE_T, GEMV_ROWS
+from zse_runtime.kernels.geometry import (GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_TILE_N,
+                                          GEMM_TILE_T, GEMV_ROWS)
 from zse_runtime.kernels import (activation, attention, attention_tiled, embedding, gemm_fp16,
                                  gemm_int4, gemv_fp16, gemv_int4, quantize_activations, rmsnorm,
                                  rope_cache, sampling)
@@ -192,10 +193,13 @@ def test_split_activations_rounds_to_float16_in_every_group():
     assert unscale[1, 0] == 1.0  # an all-zero group is left as it is
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_int4_gemm_ragged_tiles(splits):
-    """Tensor-core GEMM (its mma emulated): partial tiles in both directions, four groups, bias,
-    whole or split over K (3 runs of 2, 2 and 0 groups, added by sum_splits). Its arithmetic is
+@pytest.mark.parametrize("kernel,tile_rows,tile_tokens,splits", [
+    ("int4_gemm", GEMM_TILE_N, GEMM_TILE_T, 1), ("int4_gemm", GEMM_TILE_N, GEMM_TILE_T, 3),
+    ("int4_gemm_t32", GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, 3)])
+def test_int4_gemm_ragged_tiles(kernel, tile_rows, tile_tokens, splits):
+    """Tensor-core GEMM (its mma emulated), in both block shapes: partial tiles in both
+    directions, four groups, bias, whole or split over K (3 runs of 2, 2 and 0 groups, added by
+    sum_splits). Its arithmetic is
     exact but for float16's rounding of x (float32 sums): against the float64 product of the
     dequantized weights and x so rounded to 1e-5, and against the float64 product of x to
     float16's accuracy."""
@@ -205,9 +209,9 @@ def test_int4_gemm_ragged_tiles(splits):
     x[3] *= 1e4  # one token with large activations
     bias = rng.standard_normal(rows).astype(np.float32)
     partials = np.full((splits * tokens, rows), np.nan, np.float32)
-    grid = (-(-rows // GEMM_TILE_N), -(-tokens // GEMM_TILE_T), splits)
+    grid = (-(-rows // tile_rows), -(-tokens // tile_tokens), splits)
     halves, xsum, unscale = _split_activations(x, group)
-    jit(gemm_int4, "int4_gemm")[grid, gemm_int4.THREADS](
+    jit(gemm_int4, kernel)[grid, gemm_int4.THREADS](
         halves, xsum, unscale, weight.qweight, weight.scales, weight.zeros, group, bias, 1,
         partials)
     out = partials

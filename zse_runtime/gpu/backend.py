@@ -61,12 +61,19 @@ def int4_through_gemm(tokens: int, batch_invariant: bool = False) -> bool:
                                              and tokens >= geo.INT4_GEMM_MIN_TOKENS)
 
 
-def gemm_splits(rows: int, tokens: int, groups: int, multiprocessors: int) -> int:
-    """K splits of an int4_gemm launch: enough for GEMM_SPLIT_BLOCKS_PER_SM blocks per SM when
-    the row and token tiles alone are fewer (decode batches, 3584-row matrices), at most one
-    quantization group per split."""
-    tiles = math.ceil(rows / geo.GEMM_TILE_N) * math.ceil(tokens / geo.GEMM_TILE_T)
-    return max(1, min(groups, math.ceil(geo.GEMM_SPLIT_BLOCKS_PER_SM * multiprocessors / tiles)))
+def int4_gemm_plan(rows: int, tokens: int, groups: int,
+                   multiprocessors: int) -> tuple[str, tuple[int, int, int]]:
+    """(kernel, grid) of an int4_gemm launch. Batches of up to GEMM_DECODE_TILE_T tokens take
+    the 128-row x 32-token blocks (no warp on padding tokens), longer ones 64 x 64. K is split
+    over quantization groups (grid z) until there are GEMM_SPLIT_BLOCKS_PER_SM blocks per SM,
+    if the row and token tiles alone are fewer (decode batches, 3584-row matrices)."""
+    decode = tokens <= geo.GEMM_DECODE_TILE_T
+    tile_rows = geo.GEMM_DECODE_TILE_N if decode else geo.GEMM_TILE_N
+    tile_tokens = geo.GEMM_DECODE_TILE_T if decode else geo.GEMM_TILE_T
+    tiles = (math.ceil(rows / tile_rows), math.ceil(tokens / tile_tokens))
+    wanted = geo.GEMM_SPLIT_BLOCKS_PER_SM * multiprocessors
+    splits = max(1, min(groups, math.ceil(wanted / (tiles[0] * tiles[1]))))
+    return ("int4_gemm_t32" if decode else "int4_gemm"), (*tiles, splits)
 
 
 def fp16_through_gemm(cols: int, tokens: int, batch_invariant: bool = False) -> bool:
@@ -226,7 +233,8 @@ class GpuOps:
         arena.add("x_halves", (T, widest // 2), np.uint32)
         arena.add("group_sum", (T, widest // 32), np.float32)
         arena.add("group_unscale", (T, widest // 32), np.float32)
-        # split-K runs of small GEMM grids: splits x tiles < 2 x the blocks wanted (gemm_splits)
+        # split-K runs of small GEMM grids: splits x tiles < 2 x the blocks wanted, and both
+        # block shapes hold 4096 outputs (int4_gemm_plan)
         arena.add("gemm_partials", (2 * geo.GEMM_SPLIT_BLOCKS_PER_SM * self.multiprocessors
                                     * geo.GEMM_TILE_N * geo.GEMM_TILE_T,), np.float32)
         arena.add("part_max", (partial_rows * c.num_attention_heads,), np.float32)
@@ -478,12 +486,11 @@ class GpuOps:
                          *activations, *weight, out)
         else:  # prefill and wide decode batches: tensor cores
             split = self._split_activations(x, w.group_size)
-            splits = gemm_splits(w.rows, T, w.groups, self.multiprocessors)
+            kernel, grid = int4_gemm_plan(w.rows, T, w.groups, self.multiprocessors)
+            splits = grid[2]
             partials = out if splits == 1 else DeviceArray(
                 self.buffers["gemm_partials"].pointer, (splits * T, w.rows), out.dtype)
-            self._launch("int4_gemm", (math.ceil(w.rows / geo.GEMM_TILE_N),
-                                       math.ceil(T / geo.GEMM_TILE_T), splits),
-                         geo.GEMM_THREADS, *split, *weight, partials)
+            self._launch(kernel, grid, geo.GEMM_THREADS, *split, *weight, partials)
             if splits > 1:
                 self._launch("sum_splits", (T, math.ceil(w.rows / geo.ROW_THREADS)),
                              geo.ROW_THREADS, partials, np.int32(splits), out)

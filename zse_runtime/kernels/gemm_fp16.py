@@ -15,8 +15,11 @@ computes 32 rows x 32 tokens as 2 x 4 tiles of 16 x 8; a block of 4 warps 64 row
 
 from numba import cuda, float32, uint32
 
+from .geometry import GEMM_TILE_N, GEMM_TILE_T
 from .memory import floats_as_halves, load_f32x4, load_u32x4_streaming, mma_m16n8k8
-from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, store_tile, warp_tile
+from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, make_warp_tile, store_tile
+
+warp_tile = make_warp_tile(GEMM_TILE_N, GEMM_TILE_T)
 
 
 def fp16_gemm(x, weight, out):

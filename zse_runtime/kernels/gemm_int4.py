@@ -25,10 +25,10 @@ rows x 32 tokens as 2 x 4 tiles of 16 x 8, reading its fragments straight from g
 from numba import cuda, float32, uint32
 
 from .common import warp_max, warp_sum
-from .geometry import WARP
+from .geometry import GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_TILE_N, GEMM_TILE_T, WARP
 from .memory import (bits_as_float, codes_as_halves, float_bits, floats_as_halves,
                      halves_as_floats, load, load_u32x4, mma_m16n8k8)
-from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, store_tile, warp_tile
+from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, make_warp_tile, store_tile
 
 SCALE_BITS = 141  # x 2^(141 - exponent of max|x|): max|x| lands in [2^14, 2^15), below fp16's 2^16
 
@@ -73,65 +73,71 @@ def split_activations(x, group_size, halves, xsum, unscale):
         unscale[t, group] = inverse
 
 
-def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):
-    """out [S * T, N] f32 from split_activations' halves, xsum, unscale [T, ...] and qweight
-    [N, K/8] u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias). Grid
-    (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T), S), block THREADS. With S = 1, out is the
-    product; with S > 1 (split-K, for grids too small to fill the GPU), block z sums the z-th
-    run of quantization groups into rows z T .. z T + T - 1 (the bias in run 0), and sum_splits
-    adds the runs."""
-    pair = cuda.threadIdx.x % 4  # which k pair of the chunk; D's token columns 2 pair, + 1
-    rows = qweight.shape[0]
-    tokens = halves.shape[0]
-    a_rows = cuda.local.array(A_REGISTERS, uint32)
-    b_tokens = cuda.local.array(N_TILES, uint32)
-    row0, tok0 = warp_tile(rows, tokens, a_rows, b_tokens)
-    words_per_group = group_size // 8
-    groups = qweight.shape[1] // words_per_group
-    per_split = (groups + cuda.gridDim.z - 1) // cuda.gridDim.z
-    first_group = cuda.blockIdx.z * per_split
-    partial = cuda.local.array((M_TILES, N_TILES, 4), float32)  # this group's sum q x 2^e
-    acc = cuda.local.array((M_TILES, N_TILES, 4), float32)
-    a_words = cuda.local.array((A_REGISTERS, 4), uint32)  # 4 chunks of each fragment row
-    x_words = cuda.local.array((N_TILES, 4), uint32)
-    a = cuda.local.array(A_REGISTERS, uint32)
-    for i in range(M_TILES):
-        for j in range(N_TILES):
-            for e in range(4):
-                partial[i, j, e] = float32(0.0)
-                acc[i, j, e] = float32(0.0)
-    for g in range(first_group, min(groups, first_group + per_split)):
-        for quad in range(g * words_per_group // 4, (g + 1) * words_per_group // 4):
-            for i in range(A_REGISTERS):
-                (a_words[i, 0], a_words[i, 1], a_words[i, 2],
-                 a_words[i, 3]) = load_u32x4(qweight, a_rows[i], 4 * quad)
-            for j in range(N_TILES):
-                (x_words[j, 0], x_words[j, 1], x_words[j, 2],
-                 x_words[j, 3]) = load_u32x4(halves, b_tokens[j], 16 * quad + 4 * pair)
-            for chunk in range(4):
-                for i in range(A_REGISTERS):
-                    a[i] = codes_as_halves(a_words[i, chunk], pair)
-                for i in range(M_TILES):
-                    for j in range(N_TILES):
-                        (partial[i, j, 0], partial[i, j, 1], partial[i, j, 2],
-                         partial[i, j, 3]) = mma_m16n8k8(a[2 * i], a[2 * i + 1], x_words[j, chunk],
-                                                         partial[i, j, 0], partial[i, j, 1],
-                                                         partial[i, j, 2], partial[i, j, 3])
-        # the group ends: apply its scales and zero points in float32
+def _make_int4_gemm(tile_rows, tile_tokens):
+    """int4_gemm for blocks of tile_rows x tile_tokens."""
+    warp_tile = make_warp_tile(tile_rows, tile_tokens)
+
+    def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):
+        """out [S * T, N] f32 from split_activations' halves, xsum, unscale [T, ...] and qweight
+        [N, K/8] u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias). Grid
+        (ceil(N / tile_rows), ceil(T / tile_tokens), S), block THREADS. With S = 1, out is the
+        product; with S > 1 (split-K, for grids too small to fill the GPU), block z sums the z-th
+        run of quantization groups into rows z T .. z T + T - 1 (the bias in run 0), and sum_splits
+        adds the runs."""
+        pair = cuda.threadIdx.x % 4  # which k pair of the chunk; D's token columns 2 pair, + 1
+        rows = qweight.shape[0]
+        tokens = halves.shape[0]
+        a_rows = cuda.local.array(A_REGISTERS, uint32)
+        b_tokens = cuda.local.array(N_TILES, uint32)
+        row0, tok0 = warp_tile(rows, tokens, a_rows, b_tokens)
+        words_per_group = group_size // 8
+        groups = qweight.shape[1] // words_per_group
+        per_split = (groups + cuda.gridDim.z - 1) // cuda.gridDim.z
+        first_group = cuda.blockIdx.z * per_split
+        partial = cuda.local.array((M_TILES, N_TILES, 4), float32)  # this group's sum q x 2^e
+        acc = cuda.local.array((M_TILES, N_TILES, 4), float32)
+        a_words = cuda.local.array((A_REGISTERS, 4), uint32)  # 4 chunks of each fragment row
+        x_words = cuda.local.array((N_TILES, 4), uint32)
+        a = cuda.local.array(A_REGISTERS, uint32)
         for i in range(M_TILES):
-            for half in range(2):
-                n = a_rows[2 * i + half]
-                s = float32(load(scales, n, g))
-                z = float32(load(zeros, n, g))
+            for j in range(N_TILES):
+                for e in range(4):
+                    partial[i, j, e] = float32(0.0)
+                    acc[i, j, e] = float32(0.0)
+        for g in range(first_group, min(groups, first_group + per_split)):
+            for quad in range(g * words_per_group // 4, (g + 1) * words_per_group // 4):
+                for i in range(A_REGISTERS):
+                    (a_words[i, 0], a_words[i, 1], a_words[i, 2],
+                     a_words[i, 3]) = load_u32x4(qweight, a_rows[i], 4 * quad)
                 for j in range(N_TILES):
-                    for c in range(2):
-                        t = min(tok0 + 8 * j + 2 * pair + c, tokens - 1)
-                        e = 2 * half + c
-                        acc[i, j, e] += s * (partial[i, j, e] * load(unscale, t, g)
-                                             - z * load(xsum, t, g))
-                        partial[i, j, e] = float32(0.0)
-    store_tile(acc, row0, tok0, rows, tokens, bias, has_bias != 0 and cuda.blockIdx.z == 0, out,
-               cuda.blockIdx.z * tokens)
+                    (x_words[j, 0], x_words[j, 1], x_words[j, 2],
+                     x_words[j, 3]) = load_u32x4(halves, b_tokens[j], 16 * quad + 4 * pair)
+                for chunk in range(4):
+                    for i in range(A_REGISTERS):
+                        a[i] = codes_as_halves(a_words[i, chunk], pair)
+                    for i in range(M_TILES):
+                        for j in range(N_TILES):
+                            (partial[i, j, 0], partial[i, j, 1], partial[i, j, 2],
+                             partial[i, j, 3]) = mma_m16n8k8(a[2 * i], a[2 * i + 1], x_words[j, chunk],
+                                                             partial[i, j, 0], partial[i, j, 1],
+                                                             partial[i, j, 2], partial[i, j, 3])
+            # the group ends: apply its scales and zero points in float32
+            for i in range(M_TILES):
+                for half in range(2):
+                    n = a_rows[2 * i + half]
+                    s = float32(load(scales, n, g))
+                    z = float32(load(zeros, n, g))
+                    for j in range(N_TILES):
+                        for c in range(2):
+                            t = min(tok0 + 8 * j + 2 * pair + c, tokens - 1)
+                            e = 2 * half + c
+                            acc[i, j, e] += s * (partial[i, j, e] * load(unscale, t, g)
+                                                 - z * load(xsum, t, g))
+                            partial[i, j, e] = float32(0.0)
+        store_tile(acc, row0, tok0, rows, tokens, bias, has_bias != 0 and cuda.blockIdx.z == 0, out,
+                   cuda.blockIdx.z * tokens)
+
+    return int4_gemm
 
 
 def sum_splits(partials, splits, out):
@@ -147,11 +153,13 @@ def sum_splits(partials, splits, out):
         out[t, n] = total
 
 
+_GEMM_SIGNATURE = ("void(uint32[:, ::1], float32[:, ::1], float32[:, ::1], uint32[:, ::1], "
+                   "float16[:, ::1], float16[:, ::1], int32, float32[::1], int32, float32[:, ::1])")
+
 KERNELS = {
     "split_activations": (split_activations, "void(float32[:, ::1], int32, uint32[:, ::1], "
                                              "float32[:, ::1], float32[:, ::1])"),
-    "int4_gemm": (int4_gemm, "void(uint32[:, ::1], float32[:, ::1], float32[:, ::1], "
-                             "uint32[:, ::1], float16[:, ::1], float16[:, ::1], int32, "
-                             "float32[::1], int32, float32[:, ::1])"),
+    "int4_gemm": (_make_int4_gemm(GEMM_TILE_N, GEMM_TILE_T), _GEMM_SIGNATURE),
+    "int4_gemm_t32": (_make_int4_gemm(GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T), _GEMM_SIGNATURE),
     "sum_splits": (sum_splits, "void(float32[:, ::1], int32, float32[:, ::1])"),
 }

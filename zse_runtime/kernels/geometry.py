@@ -8,6 +8,10 @@ WARP = 32
 GEMM_TILE_T = 64
 GEMM_TILE_N = 64
 GEMM_THREADS = 128
+# int4_gemm_t32, for decode batches of up to 32 tokens: the same 4 warps side by side over rows,
+# so none computes padding tokens
+GEMM_DECODE_TILE_T = 32
+GEMM_DECODE_TILE_N = 128
 
 # int4_gemv_t*_r*: a block per GEMV_ROWS rows (its warps split K), one kernel per token tile size;
 # at batch 1, matrices of >= GEMV_TALL_MIN_ROWS rows take GEMV_TALL_ROWS rows per block. Threads
