@@ -458,6 +458,32 @@ def test_short_prompts_share_a_prefill_chunk(tiny_qwen2_zse, monkeypatch):
     assert all(b.tokens.size == 3 for b in forwards[1:])  # then decode steps of all three
 
 
+def test_a_packed_prefill_chunk_is_bounded(tiny_qwen2_zse, monkeypatch):
+    """A packed chunk stops at PREFILL_CHUNK tokens (the request it cuts continues in the next
+    chunk from where it stopped) and at the logit rows a forward may ask for."""
+    from zse_runtime import scheduler as scheduling
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", slots=4)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (6, 9, 4, 5)]
+    solo = [list(engine.generate(ids, 3, ignore_eos=True)) for ids in prompts]
+    forwards = []
+    forward = engine.forward
+    monkeypatch.setattr(engine, "forward", lambda batch: (forwards.append(batch), forward(batch))[1])
+    monkeypatch.setattr(Engine, "batch_invariant", property(lambda self: False))
+    monkeypatch.setattr(Engine, "max_logit_rows", property(lambda self: 2))
+    monkeypatch.setattr(scheduling, "PREFILL_CHUNK", 12)
+    assert _run_scheduler(engine, prompts, 3) == solo
+    first, second, third = [b for b in forwards if b.tokens.size > 4]  # decode steps between
+    assert first.tokens.tolist() == prompts[0] + prompts[1][:6]  # 12 tokens: the second is cut
+    assert first.logit_rows.tolist() == [5]
+    # the rest of the second prompt, then whole prompts until two requests are done (the cap)
+    assert second.tokens.tolist() == prompts[1][6:] + prompts[2]
+    assert second.positions.tolist() == [6, 7, 8, 0, 1, 2, 3]
+    assert second.logit_rows.tolist() == [2, 6]
+    assert third.tokens.tolist() == prompts[3] and third.logit_rows.tolist() == [4]
+
+
 def test_engine_failure_turns_health_503_and_requests_get_clear_errors(tiny_qwen2_zse, monkeypatch):
     """A step that raises (a lost device, say) fails the requests in flight with an error, and
     from then on /health is 503 naming the cause, so a load balancer stops routing here."""
