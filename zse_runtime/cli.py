@@ -76,9 +76,9 @@ def main(
         "revision is unchanged."),
     batch_invariant: bool = typer.Option(
         False, "--batch-invariant",
-        help="Give every request exactly the tokens it would get alone: decode batches of more "
-        "than 8 sequences stay on the kernels whose per-token arithmetic does not depend on the "
-        "batch (slower at high concurrency)."),
+        help="Give every request exactly the tokens it would get alone: each prompt is "
+        "prefilled on its own, and decode batches of more than 8 sequences stay on the kernels "
+        "whose per-token arithmetic does not depend on the batch (slower at high concurrency)."),
 ) -> None:
     """Serve FILE through an OpenAI-compatible HTTP API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -86,9 +86,10 @@ class Engine:
         `context_starter`: a CUDA context the caller began creating earlier (zse-run does, before
         it imports this module); otherwise it starts here, beside the manifest read.
         `batch_invariant`: on a GPU, decode every sequence with the same arithmetic at any batch
-        size (the GEMV token tiles throughout), so a request's tokens do not depend on what else
-        runs; otherwise batches of more than 8 sequences multiply the tall matrices on tensor
-        cores, with float16 activations (faster). The CPU backend is batch-invariant anyway."""
+        size (the GEMV token tiles throughout) and let the scheduler prefill one prompt per chunk,
+        so a request's tokens do not depend on what else runs; otherwise decode batches of more
+        than 8 sequences multiply on tensor cores, with float16 activations, and prompts share
+        prefill chunks (faster). The CPU backend is batch-invariant anyway."""
         started = time.perf_counter()
         startup = StartupTimes()
         if device not in DEVICES:
