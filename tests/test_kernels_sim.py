@@ -14,8 +14,8 @@ from zse_convert.quantize import quantize_int4
 from zse_runtime.kernels.geometry import (GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_TILE_N,
                                           GEMM_TILE_T, GEMV_ROWS)
 from zse_runtime.kernels import (activation, attention, attention_tiled, embedding, gemm_fp16,
-                                 gemm_int4, gemv_fp16, gemv_int4, quantize_activations, rmsnorm,
-                                 rope_cache, sampling)
+                                 gemm_int4, gemv_fp16, gemv_int4, mma_tile, quantize_activations,
+                                 rmsnorm, rope_cache, sampling)
 from zse_runtime.sampling import SamplingParams, sample, uniform
 from zse_runtime.zsefile import dequantize_int4
 
@@ -211,7 +211,7 @@ def test_int4_gemm_ragged_tiles(kernel, tile_rows, tile_tokens, splits):
     partials = np.full((splits * tokens, rows), np.nan, np.float32)
     grid = (-(-rows // tile_rows), -(-tokens // tile_tokens), splits)
     halves, xsum, unscale = _split_activations(x, group)
-    jit(gemm_int4, kernel)[grid, gemm_int4.THREADS](
+    jit(gemm_int4, kernel)[grid, mma_tile.THREADS](
         halves, xsum, unscale, weight.qweight, weight.scales, weight.zeros, group, bias, 1,
         partials)
     out = partials
@@ -234,7 +234,7 @@ def test_fp16_gemm_ragged_tiles():
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
     out = np.full((tokens, rows), np.nan, np.float32)
     grid = (-(-rows // GEMM_TILE_N), -(-tokens // GEMM_TILE_T))
-    jit(gemm_fp16, "fp16_gemm")[grid, gemm_fp16.THREADS](x, weight.view(np.uint32), out)
+    jit(gemm_fp16, "fp16_gemm")[grid, mma_tile.THREADS](x, weight.view(np.uint32), out)
     dense = weight.astype(np.float64).T
     largest = np.abs(x @ dense).max(1, keepdims=True)
     assert (np.abs(out - x.astype(np.float16).astype(np.float64) @ dense) / largest).max() < 1e-5

@@ -17,14 +17,15 @@ from numba import cuda, float32, uint32
 
 from .geometry import GEMM_TILE_N, GEMM_TILE_T
 from .memory import floats_as_halves, load_f32x4, load_u32x4_streaming, mma_m16n8k8
-from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, make_warp_tile, store_tile
+from .mma_tile import A_REGISTERS, M_TILES, N_TILES, make_warp_tile, store_tile
 
 warp_tile = make_warp_tile(GEMM_TILE_N, GEMM_TILE_T)
 
 
 def fp16_gemm(x, weight, out):
     """x [T, K] f32; weight [N, K/2] u32 (the fp16 matrix, two halves per word; K a multiple of
-    32); out [T, N] f32. Grid (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T)), block THREADS."""
+    32); out [T, N] f32. Grid (ceil(N / GEMM_TILE_N), ceil(T / GEMM_TILE_T)), block
+    mma_tile.THREADS."""
     pair = cuda.threadIdx.x % 4
     rows = weight.shape[0]
     tokens = x.shape[0]

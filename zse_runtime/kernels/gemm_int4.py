@@ -28,7 +28,7 @@ from .common import warp_max, warp_sum
 from .geometry import GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_TILE_N, GEMM_TILE_T, WARP
 from .memory import (bits_as_float, codes_as_halves, float_bits, floats_as_halves,
                      halves_as_floats, load, load_u32x4, mma_m16n8k8)
-from .mma_tile import A_REGISTERS, M_TILES, N_TILES, THREADS, make_warp_tile, store_tile
+from .mma_tile import A_REGISTERS, M_TILES, N_TILES, make_warp_tile, store_tile
 
 SCALE_BITS = 141  # x 2^(141 - exponent of max|x|): max|x| lands in [2^14, 2^15), below fp16's 2^16
 
@@ -79,11 +79,11 @@ def _make_int4_gemm(tile_rows, tile_tokens):
 
     def int4_gemm(halves, xsum, unscale, qweight, scales, zeros, group_size, bias, has_bias, out):
         """out [S * T, N] f32 from split_activations' halves, xsum, unscale [T, ...] and qweight
-        [N, K/8] u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias). Grid
-        (ceil(N / tile_rows), ceil(T / tile_tokens), S), block THREADS. With S = 1, out is the
-        product; with S > 1 (split-K, for grids too small to fill the GPU), block z sums the z-th
-        run of quantization groups into rows z T .. z T + T - 1 (the bias in run 0), and sum_splits
-        adds the runs."""
+        [N, K/8] u32, scales, zeros [N, K/group] f16, bias [N] f32 (read only when has_bias).
+        Grid (ceil(N / tile_rows), ceil(T / tile_tokens), S), block mma_tile.THREADS. With S = 1,
+        out is the product; with S > 1 (split-K, for grids too small to fill the GPU), block z
+        sums the z-th run of quantization groups into rows z T .. z T + T - 1 (the bias in run
+        0), and sum_splits adds the runs."""
         pair = cuda.threadIdx.x % 4  # which k pair of the chunk; D's token columns 2 pair, + 1
         rows = qweight.shape[0]
         tokens = halves.shape[0]
