@@ -86,6 +86,11 @@ def synthetic_model_config(preset: str, layers: int | None) -> dict[str, Any]:
     return {**canonical_config(synthetic.preset_config(preset, layers)), "source_dtype": "synthetic"}
 
 
+def lm_head_suffix(lm_head: str) -> str:
+    """What a built model's file name adds for an lm_head other than the default fp16."""
+    return "" if lm_head == "float16" else f"-lmhead-{lm_head}"
+
+
 def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
                log: Callable[[str], None]) -> Models:
     """make_synthetic_zse.write_random_zse: random INT4 codes written straight into a .zse, with
@@ -94,8 +99,7 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
 
     from tests.checkpoints import CHAT_TEMPLATE
 
-    suffix = "" if lm_head == "float16" else f"-lmhead-{lm_head}"
-    path = work / f"{preset}-l{layers or 'all'}{suffix}-direct.zse"
+    path = work / f"{preset}-l{layers or 'all'}{lm_head_suffix(lm_head)}-direct.zse"
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and sidecar.is_file():
         made = json.loads(sidecar.read_text())
@@ -148,7 +152,7 @@ def checkpoint_and_conversion(work: Path, preset: str, layers: int | None,
     if zse is not None:
         provenance["conversion"] = {"given": str(zse)}
         return Models(zse, checkpoint, provenance)
-    zse = work / f"{checkpoint.name}{'' if lm_head == 'float16' else '-lmhead-' + lm_head}.zse"
+    zse = work / f"{checkpoint.name}{lm_head_suffix(lm_head)}.zse"
     sidecar = zse.with_name(zse.name + ".json")
     source_id = str(checkpoint.resolve())
     if zse.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("source") == source_id:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
 
 from zse_runtime.gpu import driver  # noqa: E402
-from zse_runtime.gpu.backend import cache_words, quantize_launch, split_launch  # noqa: E402
+from zse_runtime.gpu.backend import (cache_words, int4_through_gemm, quantize_launch,  # noqa: E402
+                                     split_launch)
 from zse_runtime.gpu.kernels import DeviceArray, KernelLibrary, download, upload  # noqa: E402
 from zse_runtime.kernels import geometry as geo  # noqa: E402
 from zse_runtime.zsefile import Int4Weight, dequantize_int4  # noqa: E402
@@ -198,7 +199,7 @@ def split_on_device(gpu: Gpu, dx: DeviceArray, group: int, into=None) -> tuple[D
 
 @check("int4_gemv")
 def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
-    from zse_runtime.gpu.backend import int4_gemm_plan, int4_gemv_plan
+    from zse_runtime.gpu.backend import gemm_splits, int4_gemm_plan, int4_gemv_plan
 
     for name, (rows, cols) in SHAPES_7B.items():
         weight = random_int4(rng, rows, cols)
@@ -251,10 +252,8 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
             """The backend's launch (128 x 32 blocks, split-K) and 64 x 64 blocks beside it,
             split as the backend would and whole."""
             square = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
-            splits = max(1, min(groups, math.ceil(geo.GEMM_SPLIT_BLOCKS_PER_SM * sms
-                                                  / (square[0] * square[1]))))
             return list(dict.fromkeys([int4_gemm_plan(rows, T, groups, sms),
-                                       ("int4_gemm", (*square, splits)),
+                                       ("int4_gemm", (*square, gemm_splits(square, groups, sms))),
                                        ("int4_gemm", (*square, 1))]))
 
         most = max(grid[2] for T in (8, 16, 32) for _, grid in gemm_launches(T))
@@ -293,7 +292,7 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
 
 @check("fp16_matmul")
 def fp16_lm_head(gpu: Gpu, copy_gbps: float | None, rng) -> None:
-    from zse_runtime.gpu.backend import gemv_token_tile
+    from zse_runtime.gpu.backend import fp16_through_gemm, gemv_token_tile
 
     rows, cols = SHAPES_7B["lm_head"]
     weight = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float16)
@@ -310,8 +309,8 @@ def fp16_lm_head(gpu: Gpu, copy_gbps: float | None, rng) -> None:
         grid = (math.ceil(rows / geo.GEMV_ROWS), math.ceil(T / tile))
         runs.append((f"fp16_matmul_t{tile}", T, lambda grid=grid, tile=tile, T=T: gpu.launch(
             f"fp16_matmul_t{tile}", grid, geo.FP16_GEMV_THREADS, x_of(T), words, out_of(T))))
-    for T in BATCHES:  # the tensor-core kernel the backend takes past one GEMV tile
-        if T >= geo.GEMV_TOKEN_TILES[-1]:
+    for T in BATCHES:  # the tensor-core kernel, where the backend takes it
+        if fp16_through_gemm(cols, T):
             grid = (math.ceil(rows / geo.GEMM_TILE_N), math.ceil(T / geo.GEMM_TILE_T))
             runs.append(("fp16_gemm", T, lambda grid=grid, T=T: gpu.launch(
                 "fp16_gemm", grid, geo.GEMM_THREADS, x_of(T), words, out_of(T))))
@@ -556,7 +555,7 @@ def _engine_vs_transformers(label: str, zse_path: Path, checkpoint: Path, prompt
                 got = engine.ops.to_host(engine.forward(Batch.of(ids, np.arange(n), np.zeros(n),
                                                                  rows)))
                 err = max(err, rel_error(got, ref_logits[rows]))
-            tolerance = PREFILL_TOLERANCE if n > geo.GEMV_MAX_TOKENS else TOLERANCE
+            tolerance = PREFILL_TOLERANCE if int4_through_gemm(n) else TOLERANCE
             record(f"{label}: prefill logits ({prompt_name}, {n} tokens)", err <= tolerance,
                    f"max rel err {err:.1e} at 12 positions", rel_err=err)
         expected = []

@@ -62,9 +62,9 @@ def concurrency_check(work: Path) -> None:
         tokens = list(engine.generate(ids, max_tokens, ignore_eos=True))
         solo.append("".join(decoder.push(t) for t in tokens) + decoder.flush())
     del engine
-    # with --batch-invariant every stream must equal its solo run; by default the 16-sequence
-    # decode batches multiply the fp16 lm_head on tensor cores (float16 activations), which may
-    # change a token where two logits nearly tie: counted, not required
+    # with --batch-invariant every stream must equal its solo run; by default prompts share
+    # prefill chunks and the 16-sequence decode batches multiply on tensor cores (float16
+    # activations), which may change a token where two logits nearly tie: counted, not required
     for port, flags in ((8301, ("--batch-invariant",)), (8303, ())):
         process, ready = start_server(model, port, "--max-num-seqs", "16", "--max-model-len",
                                       "2048", *flags)

@@ -71,9 +71,15 @@ def int4_gemm_plan(rows: int, tokens: int, groups: int,
     tile_rows = geo.GEMM_DECODE_TILE_N if decode else geo.GEMM_TILE_N
     tile_tokens = geo.GEMM_DECODE_TILE_T if decode else geo.GEMM_TILE_T
     tiles = (math.ceil(rows / tile_rows), math.ceil(tokens / tile_tokens))
+    return ("int4_gemm_t32" if decode else "int4_gemm"), (*tiles, gemm_splits(tiles, groups,
+                                                                             multiprocessors))
+
+
+def gemm_splits(tiles: tuple[int, int], groups: int, multiprocessors: int) -> int:
+    """K splits for a GEMM grid of tiles (row tiles, token tiles): enough for
+    GEMM_SPLIT_BLOCKS_PER_SM blocks per SM, at most one quantization group per split."""
     wanted = geo.GEMM_SPLIT_BLOCKS_PER_SM * multiprocessors
-    splits = max(1, min(groups, math.ceil(wanted / (tiles[0] * tiles[1]))))
-    return ("int4_gemm_t32" if decode else "int4_gemm"), (*tiles, splits)
+    return max(1, min(groups, math.ceil(wanted / (tiles[0] * tiles[1]))))
 
 
 def fp16_through_gemm(cols: int, tokens: int, batch_invariant: bool = False) -> bool:
