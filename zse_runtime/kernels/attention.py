@@ -16,7 +16,7 @@ import math
 
 from numba import cuda, float32, uint32
 
-from .common import WARP, block_max, block_sum, warp_max
+from .common import WARP, block_max, block_sum, first_key, warp_max
 from .geometry import ATTENTION_DECODE_KEY_WORDS, ATTENTION_PREFILL_KEY_WORDS
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
@@ -52,7 +52,7 @@ def _make_attention_partial(key_words):
         h = item % heads
         kv = h // (heads // kv_heads)
         position = positions[t]
-        start = max(0, position - window + 1) if window > 0 else 0
+        start = first_key(position, window)
         lo = start + part * partition
         hi = min(position + 1, lo + partition)
         if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
@@ -160,7 +160,7 @@ def attention_combine(part_max, part_sum, part_acc, positions, window, partition
     t = item // heads
     h = item % heads
     position = positions[t]
-    start = max(0, position - window + 1) if window > 0 else 0
+    start = first_key(position, window)
     parts = min(part_max.shape[1], (position - start + partition) // partition)
     scratch = cuda.shared.array(WARPS, float32)
     scales = cuda.shared.array(THREADS, float32)  # one chunk of partitions' weights

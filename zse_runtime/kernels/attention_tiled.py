@@ -21,7 +21,7 @@ import math
 
 from numba import cuda, float32, uint32
 
-from .common import WARP, quad_max, quad_sum, warp_max
+from .common import WARP, first_key, quad_max, quad_sum, warp_max
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_TILE_KEYS as TILE_KEYS
 from .geometry import ATTENTION_TILE_TOKENS as TILE_TOKENS
@@ -60,15 +60,15 @@ def attention_tiled(q, k_words, v_words, kv_heads, length, positions, slot, wind
 
     # The block's keys: from the earliest first key to the last position of its tokens. Every
     # warp reduces the same 64 tokens, so no barrier is needed.
-    first_key = float32(math.inf)
+    earliest = float32(math.inf)
     last_key = float32(-math.inf)
     for i in range(2):
         t = tok0 + lane + WARP * i
         if t < tokens and t < tok0 + TILE_TOKENS:
             position = positions[t]
-            first_key = min(first_key, float32(max(0, position - window + 1) if window > 0 else 0))
+            earliest = min(earliest, float32(first_key(position, window)))
             last_key = max(last_key, float32(position))
-    lo = int(-warp_max(-first_key))
+    lo = int(-warp_max(-earliest))
     hi = int(warp_max(last_key)) + 1
 
     # this lane's two rows
@@ -78,8 +78,8 @@ def attention_tiled(q, k_words, v_words, kv_heads, length, positions, slot, wind
     t_b = min(row_b, tokens - 1)
     pos_a = positions[t_a]
     pos_b = positions[t_b]
-    start_a = max(0, pos_a - window + 1) if window > 0 else 0
-    start_b = max(0, pos_b - window + 1) if window > 0 else 0
+    start_a = first_key(pos_a, window)
+    start_b = first_key(pos_b, window)
 
     # Q's A fragments for every k step: rows g and g + 8, dimensions 8 s + 2 p and + 1
     scale = float32(1.0) / math.sqrt(float32(dim))

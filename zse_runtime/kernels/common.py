@@ -103,6 +103,13 @@ else:
 
 
 @cuda.jit(device=True, inline="always")
+def first_key(position, window):
+    """The first key a token at `position` attends to: 0, or with a sliding window of `window`
+    keys (window > 0) the first of the last `window`."""
+    return max(0, position - window + 1) if window > 0 else 0
+
+
+@cuda.jit(device=True, inline="always")
 def _block_reduce(value, scratch, take_max):
     """Sum (or maximum, with take_max: a constant at every call site) over the block, through
     the warps' partial results in scratch; every thread gets it."""
