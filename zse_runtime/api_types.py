@@ -90,14 +90,10 @@ class CompletionRequest(_Sampling, kw_only=True):
         if isinstance(prompt, list):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            if isinstance(prompt[0], (str, list)):
-                if len(prompt) != 1:
-                    raise ValueError("batched prompts are not supported: send one prompt per request")
-                inner = prompt[0]
-                if not (isinstance(inner, str) or (isinstance(inner, list) and _token_ids(inner))):
-                    raise ValueError("prompt must be a string, a list of token ids, or a list "
-                                     "holding one of either")
-            elif not _token_ids(prompt):
+            if isinstance(prompt[0], (str, list)) and len(prompt) != 1:
+                raise ValueError("batched prompts are not supported: send one prompt per request")
+            one = self.single_prompt
+            if not (isinstance(one, str) or (isinstance(one, list) and _token_ids(one))):
                 raise ValueError("prompt must be a string, a list of token ids, or a list "
                                  "holding one of either")
 
