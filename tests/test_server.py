@@ -431,6 +431,14 @@ def _run_scheduler(engine, prompts, max_tokens):
     return outputs
 
 
+def _record_forwards(engine, monkeypatch) -> list:
+    """The batches of every engine.forward call from now on, in order."""
+    forwards = []
+    forward = engine.forward
+    monkeypatch.setattr(engine, "forward", lambda batch: (forwards.append(batch), forward(batch))[1])
+    return forwards
+
+
 def test_short_prompts_share_a_prefill_chunk(tiny_qwen2_zse, monkeypatch):
     """Unless the engine is batch-invariant, waiting prompts are prefilled together, up to one
     chunk of tokens, each from its own KV slot and position, and each request samples from its
@@ -439,9 +447,7 @@ def test_short_prompts_share_a_prefill_chunk(tiny_qwen2_zse, monkeypatch):
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 300, n).tolist() for n in (7, 12, 5)]
     solo = [list(engine.generate(ids, 4, ignore_eos=True)) for ids in prompts]
-    forwards = []
-    forward = engine.forward
-    monkeypatch.setattr(engine, "forward", lambda batch: (forwards.append(batch), forward(batch))[1])
+    forwards = _record_forwards(engine, monkeypatch)
     assert engine.batch_invariant  # the CPU backend: one request per prefill
     assert _run_scheduler(engine, prompts, 4) == solo
     # prefill forwards, one prompt each (decode steps of 1-3 tokens run between them)
@@ -467,9 +473,7 @@ def test_a_packed_prefill_chunk_is_bounded(tiny_qwen2_zse, monkeypatch):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 300, n).tolist() for n in (6, 9, 4, 5)]
     solo = [list(engine.generate(ids, 3, ignore_eos=True)) for ids in prompts]
-    forwards = []
-    forward = engine.forward
-    monkeypatch.setattr(engine, "forward", lambda batch: (forwards.append(batch), forward(batch))[1])
+    forwards = _record_forwards(engine, monkeypatch)
     monkeypatch.setattr(Engine, "batch_invariant", property(lambda self: False))
     monkeypatch.setattr(Engine, "max_logit_rows", property(lambda self: 2))
     monkeypatch.setattr(scheduling, "PREFILL_CHUNK", 12)
