@@ -10,7 +10,7 @@ as the PTX ISA lays out m16n8k8.
 
 from numba import cuda
 
-from .geometry import GEMM_TILE_N, GEMM_TILE_T, WARP
+from .geometry import GEMM_THREADS, GEMM_TILE_N, GEMM_TILE_T, WARP
 
 WARP_ROWS = 32  # 2 tiles of 16 rows
 WARP_TOKENS = 32  # 4 tiles of 8 tokens
@@ -18,6 +18,7 @@ M_TILES = WARP_ROWS // 16
 N_TILES = WARP_TOKENS // 8
 A_REGISTERS = 2 * M_TILES  # rows group and group + 8 of each row tile
 THREADS = (GEMM_TILE_N // WARP_ROWS) * (GEMM_TILE_T // WARP_TOKENS) * WARP  # 4 warps
+assert THREADS == GEMM_THREADS, "the backend launches these blocks with geometry.GEMM_THREADS"
 
 
 def make_warp_tile(tile_rows, tile_tokens):
