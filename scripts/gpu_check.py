@@ -495,6 +495,28 @@ def small_kernels(gpu: Gpu, rng) -> None:
     gpu.free_all()
 
 
+def _sampling_args(gpu: Gpu, logits: DeviceArray, params, step: int) -> tuple:
+    """The arguments every sampling kernel takes (kernels/sampling.py), for `params` per row."""
+    rows, vocab = logits.shape
+    blocks, histograms = geo.sampling_blocks(vocab), geo.SAMPLING_HISTOGRAMS
+    return (logits, gpu.put(np.array([p.temperature for p in params], np.float32)),
+            gpu.put(np.array([p.top_k for p in params], np.int32)),
+            gpu.put(np.array([p.top_p for p in params], np.float32)),
+            gpu.put(np.array([p.seed for p in params], np.uint64)),
+            gpu.put(np.full(rows, step, np.uint64)), gpu.empty((rows,), np.int32),
+            gpu.empty((rows, blocks), np.float32), gpu.empty((rows, blocks), np.int32),
+            gpu.empty((rows, histograms, geo.SAMPLING_BINS), np.uint32),
+            gpu.empty((rows, histograms, geo.SAMPLING_BINS), np.uint64),
+            gpu.empty((rows, histograms + 1, geo.SAMPLING_STATE_FIELDS), np.uint64),
+            gpu.empty((rows, blocks), np.uint64))
+
+
+def _launch_sampling(gpu: Gpu, args: tuple) -> None:
+    rows, vocab = args[0].shape
+    for name, grid, step in geo.sampling_launches(rows, geo.sampling_blocks(vocab)):
+        gpu.launch(name, grid, geo.SAMPLING_THREADS, *args, np.int32(step))
+
+
 @check("sampling")
 def sampling_kernel(gpu: Gpu, rng) -> None:
     from cuda.bindings import driver as cu
@@ -507,26 +529,33 @@ def sampling_kernel(gpu: Gpu, rng) -> None:
     agree, trials = 0, 0
     for trial in range(8):
         logits = (rng.standard_normal((4, vocab)) * 2.5).astype(np.float32)
-        dl, fresh = gpu.put(logits), gpu.put(logits)
-        out = gpu.empty((4,), np.int32)
-        args = (dl, gpu.put(np.array([p.temperature for p in params], np.float32)),
-                gpu.put(np.array([p.top_k for p in params], np.int32)),
-                gpu.put(np.array([p.top_p for p in params], np.float32)),
-                gpu.put(np.array([p.seed for p in params], np.uint64)),
-                gpu.put(np.full(4, trial, np.uint64)), out)
-        gpu.launch("sample_tokens", 4, geo.SAMPLING_THREADS, *args)
-        got = gpu.get(out)
+        args = _sampling_args(gpu, gpu.put(logits), params, trial)
+        _launch_sampling(gpu, args)
+        got = gpu.get(args[6])
         expected = [sample(logits[i], params[i], trial) for i in range(4)]
         agree += int(np.sum(got == expected))
         trials += 4
-        if trial == 0:  # on a fresh copy each replay: the kernel overwrites logits in place
-            ms = gpu.time_ms(lambda: (driver.check(cu.cuMemcpyDtoDAsync(
-                dl.pointer, fresh.pointer, dl.nbytes, gpu.stream.handle)),
-                gpu.launch("sample_tokens", 4, geo.SAMPLING_THREADS, *args)), 10)
         gpu.free_all()
-    record("sample_tokens 4x152064", agree >= trials - 1,
-           f"{agree}/{trials} draws equal the CPU reference; {ms * 1000:.0f} us for 4 rows",
-           us=ms * 1000)
+    record("sampling 4x152064", agree >= trials - 1,
+           f"{agree}/{trials} draws equal the CPU reference (greedy, top-p, top-k, both)")
+    # GPU time per pass, on a fresh copy of the logits each replay (the kernels consume them);
+    # the copy alone is timed too
+    cases = (("greedy", 1, SamplingParams(0.0)), ("T 0.7 top_p 0.9", 1, SamplingParams(0.7, top_p=0.9, seed=1)),
+             ("top_k 40 top_p 0.95", 1, SamplingParams(0.8, top_k=40, top_p=0.95, seed=2)),
+             ("greedy", 32, SamplingParams(0.0)), ("T 0.7 top_p 0.9", 32, SamplingParams(0.7, top_p=0.9, seed=1)))
+    for label, rows, param in cases:
+        logits = gpu.put((rng.standard_normal((rows, vocab)) * 2.5).astype(np.float32))
+        fresh = gpu.put(gpu.get(logits))
+        args = _sampling_args(gpu, logits, [param] * rows, 0)
+        copy = lambda: driver.check(cu.cuMemcpyDtoDAsync(logits.pointer, fresh.pointer,
+                                                          logits.nbytes, gpu.stream.handle))
+        copy_ms = gpu.time_ms(copy, 10)
+        ms = gpu.time_ms(lambda: (copy(), _launch_sampling(gpu, args)), 10)
+        record(f"sampling {rows}x{vocab} {label}", True,
+               f"{(ms - copy_ms) * 1000:.1f} us ({ms * 1000:.1f} with the logits copy, "
+               f"{copy_ms * 1000:.1f} for the copy)", us=(ms - copy_ms) * 1000, rows=rows,
+               sampling=label)
+        gpu.free_all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,8 +60,8 @@ class Recorder:
                 assert np.asarray(arg).dtype == want, (name, position, arg, want)
         grid = (grid, 1, 1) if isinstance(grid, int) else (*grid, *(1,) * (3 - len(grid)))
         assert all(g >= 1 for g in grid) and block % 32 == 0, (name, grid, block)
-        # larger blocks only for kernels compiled to fit them (geometry.LAUNCH_BOUNDS)
-        assert block <= geo.LAUNCH_BOUNDS.get(name, geo.UNBOUNDED_MAX_THREADS), (name, block)
+        # the kernels are compiled without launch bounds (geometry.MAX_THREADS)
+        assert block <= geo.MAX_THREADS, (name, block)
         self.calls.append((name, grid, block, args))
 
     def named(self, name):
@@ -269,8 +269,12 @@ def test_sampling_launch_matches_its_kernel(ops):
     ops._launch = recorder = Recorder()
     ops.prepare(Batch.of([5], [0], [0], [0]))
     ops.sample(ops.buffers["logits"].rows(1), [SamplingParams(0.7, top_p=0.9, seed=1)], [0])
-    (name, grid, block, args), = recorder.named("sample_tokens")
-    assert block == geo.SAMPLING_THREADS and grid[0] == 1 and args[0].shape == (1, 512)
+    blocks = geo.sampling_blocks(ops.config.vocab_size)
+    assert [(name, grid[:2], block, args[-1]) for name, grid, block, args in recorder.calls] == [
+        (name, (*grid, 1)[:2], geo.SAMPLING_THREADS, step)
+        for name, grid, step in geo.sampling_launches(1, blocks)]
+    for name, grid, block, args in recorder.calls:
+        assert args[0].shape == (1, 512) and args[7].shape == args[12].shape == (1, blocks)
 
 
 def test_weights_are_views_of_the_file_layout(ops):

@@ -12,7 +12,9 @@ from numba import config, cuda
 
 from zse_convert.quantize import quantize_int4
 from zse_runtime.kernels.geometry import (GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_TILE_N,
-                                          GEMM_TILE_T, GEMV_ROWS)
+                                          GEMM_TILE_T, GEMV_ROWS, SAMPLING_BINS,
+                                          SAMPLING_HISTOGRAMS, SAMPLING_STATE_FIELDS,
+                                          sampling_launches)
 from zse_runtime.kernels import (activation, attention, attention_tiled, embedding, gemm_fp16,
                                  gemm_int4, gemv_fp16, gemv_int4, mma_tile, quantize_activations,
                                  rmsnorm, rope_cache, sampling)
@@ -335,31 +337,38 @@ def test_silu_mul():
     assert not untouched[0].any()
 
 
+def _sample_on_device(logits, params, steps, threads=32, blocks=3):
+    """The sampling launches (geometry.sampling_launches) over rows of `logits`, each row cut
+    into `blocks` slices of blocks of `threads`."""
+    rows = len(params)
+    out = np.full(rows, -1, np.int32)
+    args = (logits.copy(),  # consumed
+            np.array([p.temperature for p in params], np.float32),
+            np.array([p.top_k for p in params], np.int32),
+            np.array([p.top_p for p in params], np.float32),
+            np.array([p.seed for p in params], np.uint64), np.asarray(steps, np.uint64), out,
+            np.full((rows, blocks), np.nan, np.float32), np.full((rows, blocks), -1, np.int32),
+            np.full((rows, SAMPLING_HISTOGRAMS, SAMPLING_BINS), 7, np.uint32),  # cleared first
+            np.full((rows, SAMPLING_HISTOGRAMS, SAMPLING_BINS), 7, np.uint64),
+            np.zeros((rows, SAMPLING_HISTOGRAMS + 1, SAMPLING_STATE_FIELDS), np.uint64),
+            np.zeros((rows, blocks), np.uint64))
+    for name, grid, step in sampling_launches(rows, blocks):
+        jit(sampling, name)[grid, threads](*args, np.int32(step))
+    return out
+
+
 def test_sampling_matches_the_reference():
     vocab = 300
     logits = (rng.standard_normal((6, vocab)) * 3).astype(np.float32)
-    logits[0, [17, 250]] = logits[0].max() + 1  # a tie: the lowest index wins
+    logits[0, [17, 250]] = logits[0].max() + 1  # a tie across slices: the lowest index wins
     params = [SamplingParams(0.0), SamplingParams(0.0), SamplingParams(1.0, seed=7),
               SamplingParams(0.7, top_k=20, seed=8), SamplingParams(1.3, top_p=0.8, seed=9),
               SamplingParams(0.9, top_k=50, top_p=0.5, seed=2**63 + 5)]
-    steps = np.array([0, 1, 2, 3, 4, 2**40], np.uint64)
-    expected = [sample(logits[i], params[i], int(steps[i])) for i in range(6)]
-    out = np.full(6, -1, np.int32)
-    jit(sampling, "sample_tokens")[6, 64](
-        logits.copy(), np.array([p.temperature for p in params], np.float32),
-        np.array([p.top_k for p in params], np.int32), np.array([p.top_p for p in params], np.float32),
-        np.array([p.seed for p in params], np.uint64), steps, out)  # logits are consumed
+    steps = [0, 1, 2, 3, 4, 2**40]
+    expected = [sample(logits[i], params[i], steps[i]) for i in range(6)]
+    out = _sample_on_device(logits, params, steps)
     assert out.tolist() == expected
     assert out[0] == 17
-
-
-def _sample_on_device(logits, params, steps, threads):
-    out = np.full(len(params), -1, np.int32)
-    jit(sampling, "sample_tokens")[len(params), threads](
-        logits.copy(), np.array([p.temperature for p in params], np.float32),
-        np.array([p.top_k for p in params], np.int32), np.array([p.top_p for p in params], np.float32),
-        np.array([p.seed for p in params], np.uint64), np.asarray(steps, np.uint64), out)
-    return out
 
 
 def test_sampling_cutoffs_match_the_reference_across_shapes():
@@ -379,18 +388,20 @@ def test_sampling_cutoffs_match_the_reference_across_shapes():
               SamplingParams(1.0, top_p=0.5, seed=8)]
     steps = list(range(8))
     expected = [sample(logits[i], params[i], steps[i]) for i in range(8)]
-    assert _sample_on_device(logits, params, steps, 64).tolist() == expected
+    assert _sample_on_device(logits, params, steps, 32, 4).tolist() == expected
 
 
-def test_sampled_token_does_not_depend_on_the_block_size():
-    """Masses are summed as integers: the same seed draws the same token at any thread count."""
+def test_sampled_token_does_not_depend_on_the_launch_geometry():
+    """Masses are summed as integers: the same seed draws the same token at any thread count
+    and any number of slices per row."""
     logits = (rng.standard_normal((4, 600)) * 2).astype(np.float32)
     params = [SamplingParams(0.8, top_p=0.9, seed=s) for s in (11, 12)] + [
         SamplingParams(1.0, top_k=50, seed=13), SamplingParams(1.1, seed=14)]
     steps = [5, 6, 7, 8]
-    draws = {threads: _sample_on_device(logits, params, steps, threads).tolist()
-             for threads in (32, 128)}
-    assert draws[32] == draws[128]
+    draws = {(threads, blocks): _sample_on_device(logits, params, steps, threads, blocks).tolist()
+             for threads, blocks in ((32, 1), (64, 1), (32, 5))}
+    assert len({tuple(d) for d in draws.values()}) == 1, draws
+    assert draws[32, 1] == [sample(logits[i], params[i], steps[i]) for i in range(4)]
 
 
 def test_sampling_survives_nan_and_underflow():
@@ -401,7 +412,7 @@ def test_sampling_survives_nan_and_underflow():
     logits[1] = -1e30
     logits[1, 5] = 0.0
     params = [SamplingParams(1.0, seed=3), SamplingParams(1e-30, top_p=0.5, seed=4)]
-    assert _sample_on_device(logits, params, [1, 2], 64).tolist() == [77, 5]
+    assert _sample_on_device(logits, params, [1, 2], 32, 4).tolist() == [77, 5]
 
 
 def test_device_uniform_matches_host():

@@ -248,6 +248,15 @@ class GpuOps:
         arena.add("part_acc", (partial_rows * c.num_attention_heads, c.head_dim), np.float32)
         arena.add("last_hidden", (B, c.hidden_size), np.float32)
         arena.add("logits", (B, c.vocab_size), np.float32)
+        # sampling: per row, each slice's arg max and kept mass, the radix histograms and the
+        # search state between launches (kernels/sampling.py)
+        blocks, histograms = geo.sampling_blocks(c.vocab_size), geo.SAMPLING_HISTOGRAMS
+        arena.add("sample_part_best", (B, blocks), np.float32)
+        arena.add("sample_part_index", (B, blocks), np.int32)
+        arena.add("sample_hist_count", (B, histograms, geo.SAMPLING_BINS), np.uint32)
+        arena.add("sample_hist_mass", (B, histograms, geo.SAMPLING_BINS), np.uint64)
+        arena.add("sample_state", (B, histograms + 1, geo.SAMPLING_STATE_FIELDS), np.uint64)
+        arena.add("sample_block_mass", (B, blocks), np.uint64)
         arena.add("rope_cos", (self.max_len, c.head_dim // 2), np.float32)
         arena.add("rope_sin", (self.max_len, c.head_dim // 2), np.float32)
         arena.add("no_bias", (1,), np.float32)
@@ -590,9 +599,13 @@ class GpuOps:
 
     def _launch_sampling(self, logits: DeviceArray) -> None:
         B = logits.shape[0]
-        self._launch("sample_tokens", B, geo.SAMPLING_THREADS, logits,
-                     self._meta("temperature", B), self._meta("top_k", B), self._meta("top_p", B),
-                     self._meta("seeds", B), self._meta("steps", B), self._meta("ids", B))
+        args = (logits, self._meta("temperature", B), self._meta("top_k", B),
+                self._meta("top_p", B), self._meta("seeds", B), self._meta("steps", B),
+                self._meta("ids", B), *(self.buffers[f"sample_{name}"].rows(B) for name in (
+                    "part_best", "part_index", "hist_count", "hist_mass", "state", "block_mass")))
+        blocks = self.buffers["sample_part_best"].shape[1]
+        for name, grid, step in geo.sampling_launches(B, blocks):
+            self._launch(name, grid, geo.SAMPLING_THREADS, *args, np.int32(step))
         ids_offset = self.meta["ids"][1].pointer - self.buffers["meta"].pointer
         self.stream.copy_to_host(self.meta_host.pointer + ids_offset, self.meta["ids"][1].pointer,
                                  B * 4)

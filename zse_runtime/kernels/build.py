@@ -54,12 +54,9 @@ def compile_all() -> tuple[dict[str, str], dict[str, str]]:
     """Returns (kernel -> PTX text, kernel -> mangled entry name)."""
     from numba import cuda
 
-    from .geometry import LAUNCH_BOUNDS
-
     ptx, entries = {}, {}
     for name, (function, signature) in kernel_table().items():
-        text, _ = cuda.compile_ptx(function, signature, cc=PTX_COMPUTE_CAPABILITY, lineinfo=False,
-                                   launch_bounds=LAUNCH_BOUNDS.get(name))
+        text, _ = cuda.compile_ptx(function, signature, cc=PTX_COMPUTE_CAPABILITY, lineinfo=False)
         found = re.findall(r"\.entry\s+([\w$]+)\s*\(", text)
         assert len(found) == 1, f"{name}: expected one entry point, found {found}"
         ptx[name], entries[name] = text, found[0]

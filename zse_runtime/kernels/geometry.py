@@ -57,8 +57,36 @@ ATTENTION_TILE_TOKENS = 64
 ATTENTION_TILE_KEYS = 64
 ATTENTION_TILED_THREADS = 128
 
-# sample_tokens: a block per sequence; a power of two.
-SAMPLING_THREADS = 1024
+# Sampling (kernels/sampling.py): a row's vocabulary is cut into slices of at most
+# SAMPLING_SLICE values, a block of SAMPLING_THREADS (a power of two) each, so one row spreads
+# over ~40 SMs (152064 values) instead of one; the pick kernel scans one block mass per thread,
+# hence at most SAMPLING_THREADS slices. Radix selection builds up to SAMPLING_HISTOGRAMS
+# histograms per row per step (top-k's three digits, then top-p's last two).
+SAMPLING_THREADS = 256
+SAMPLING_SLICE = 4096
+SAMPLING_HISTOGRAMS = 5
+SAMPLING_BINS = 2048  # the widest digit: 11 bits
+SAMPLING_STATE_FIELDS = 8
+
+
+def sampling_blocks(vocab: int) -> int:
+    """Slices (blocks) per row of a sampling launch."""
+    blocks = -(-vocab // SAMPLING_SLICE)
+    if blocks > SAMPLING_THREADS:
+        raise ValueError(f"a vocabulary of {vocab} needs {blocks} sampling slices; at most "
+                         f"{SAMPLING_THREADS} are supported")
+    return blocks
+
+
+def sampling_launches(rows: int, blocks: int) -> list[tuple[str, tuple, int]]:
+    """(kernel, grid, step) of one sampling pass over `rows` rows, in launch order; every
+    kernel takes the same arguments (kernels/sampling.py)."""
+    grid = (rows, blocks)
+    return ([("sample_max", grid, 0), ("sample_exp", grid, 0)]
+            + [("sample_refine", grid, step) for step in range(1, SAMPLING_HISTOGRAMS)]
+            + [("sample_sums", grid, SAMPLING_HISTOGRAMS),
+               ("sample_pick", (rows,), SAMPLING_HISTOGRAMS)])
+
 
 # add_rmsnorm: blocks of NORM_THREADS over (token row, slice of the row); a decode step's rows
 # are cut into slices of NORM_DECODE_SLICE values (one per thread), a prefill chunk's are whole
@@ -66,12 +94,11 @@ SAMPLING_THREADS = 1024
 NORM_THREADS = 256
 NORM_DECODE_SLICE = 256
 
-# Kernels launched with more than 256 threads per block are compiled for that size (PTX
-# .maxntid), so the compiler keeps registers x threads within the SM's 64K registers; with 256 or
-# fewer even 255 registers a thread fit. (Linked without a bound, a 1024-thread add_rmsnorm took
-# 88 registers and its launch failed with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES on the H200.)
-LAUNCH_BOUNDS = {"sample_tokens": SAMPLING_THREADS}
-UNBOUNDED_MAX_THREADS = 256
+# No kernel is launched with more than MAX_THREADS threads per block: with 256 even 255
+# registers a thread fit the SM's 64K, so the kernels are compiled without launch bounds.
+# (A 1024-thread add_rmsnorm took 88 registers and its launch failed with
+# CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES on the H200.)
+MAX_THREADS = 256
 
 # kernels with a thread per value of a row over a (rows, ceil(width / ROW_THREADS)) grid
 # (embedding, rope, gather, silu_mul)
