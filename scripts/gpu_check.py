@@ -225,7 +225,7 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
 
         solo = None
         for T in BATCHES:
-            kernel, block_rows, tile, threads = int4_gemv_plan(rows, T)
+            kernel, block_rows, tile, threads = int4_gemv_plan(rows, cols, T)
             grid = (math.ceil(rows / block_rows), math.ceil(T / tile))
             got, ms = timed(kernel, grid, threads, T)
             err = rel_error(got, expected[:T])
@@ -379,14 +379,18 @@ def attention(gpu: Gpu, rng) -> None:
         pmax, psum = gpu.empty((items, parts), np.float32), gpu.empty((items, parts), np.float32)
         pacc, out = gpu.empty((items, parts, dim), np.float32), gpu.empty((tokens, heads * dim), np.float32)
         digits = empty_digits(gpu, tokens, heads * dim)
-        partial = lambda variant=kind: gpu.launch(
-            f"attention_partial_{variant}", (items, parts), geo.ATTENTION_THREADS, dq,
-            cache_words(dk), cache_words(dv), np.int32(kv_heads), np.int32(length), dpos, dslots,
-            np.int32(0), np.int32(partition), pmax, psum, pacc)
-        combine = lambda: gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum,
-                                     pacc, dpos, np.int32(0), np.int32(partition), out,
-                                     np.int32(1), *digits)
-        run = lambda: (partial(), combine())
+        partial_args = (dq, cache_words(dk), cache_words(dv), np.int32(kv_heads), np.int32(length),
+                        dpos, dslots, np.int32(0), np.int32(partition), pmax, psum, pacc)
+        if kind == "decode":  # one launch: the last partition block per token-head merges
+            tickets = gpu.put(np.zeros(items, np.int32))
+            run = lambda: gpu.launch("attention_decode", (items, parts), geo.ATTENTION_THREADS,
+                                     *partial_args, tickets, out, np.int32(1), *digits)
+        else:
+            run = lambda: (
+                gpu.launch("attention_partial_prefill", (items, parts), geo.ATTENTION_THREADS,
+                           *partial_args),
+                gpu.launch("attention_combine", items, geo.ATTENTION_THREADS, pmax, psum, pacc,
+                           dpos, np.int32(0), np.int32(partition), out, np.int32(1), *digits))
         run()
         got = gpu.get(out)
         digits_ok = fused_digits_exact(gpu, out, digits)
@@ -398,9 +402,10 @@ def attention(gpu: Gpu, rng) -> None:
                 w = np.exp(scores - scores.max())
                 ref = w @ v[1, h // 7, :pos[t] + 1].astype(np.float32) / w.sum()
                 err = max(err, rel_error(got[t, h * dim:(h + 1) * dim], ref))
-        ms, partial_ms = gpu.time_ms(run, 20), gpu.time_ms(partial, 20)
-        other = "prefill" if kind == "decode" else "decode"
-        other_ms = gpu.time_ms(lambda: partial(other), 20)
+        ms = gpu.time_ms(run, 20)
+        if kind == "decode":  # every replay left the tickets at zero
+            tickets_ok = not gpu.get(tickets).any()
+            digits_ok = digits_ok and tickets_ok
         where = f"positions {positions}" if tokens < 8 else f"positions {positions[0]}-{positions[-1]}"
         if kind == "prefill":  # the tensor-core kernel for one sequence's chunk
             tiled_out = gpu.empty((tokens, heads * dim), np.float32)
@@ -418,11 +423,12 @@ def attention(gpu: Gpu, rng) -> None:
                    f"rel err {tiled_err:.1e} against attention_partial (float32 throughout); "
                    f"{tiled_ms * 1000:.1f} us against {ms * 1000:.1f} us", us=tiled_ms * 1000,
                    split_us=ms * 1000, rel_err=tiled_err)
+        launches = "attention_decode" if kind == "decode" else "partial_prefill + combine"
         record(f"attention T={tokens} {where}", err < 1e-4 and digits_ok,
-               f"rel err {err:.1e}; {ms * 1000:.1f} us (partial_{kind} {partial_ms * 1000:.1f}, "
-               f"partial_{other} {other_ms * 1000:.1f}); fused digits "
-               f"{'exact' if digits_ok else 'DIFFER'}", us=ms * 1000, partial_us=partial_ms * 1000,
-               other_variant_us=other_ms * 1000, digits_exact=digits_ok)
+               f"rel err {err:.1e}; {ms * 1000:.1f} us ({launches}); fused digits "
+               f"{'exact' if digits_ok else 'DIFFER'}" + (
+                   "" if kind != "decode" else f"; tickets {'reset' if tickets_ok else 'LEFT SET'}"),
+               us=ms * 1000, launches=launches, digits_exact=digits_ok)
         gpu.free_all()
 
 

@@ -30,7 +30,7 @@ def main() -> None:
         bias = gpu.put(np.zeros(rows, np.float32))
         out = gpu.empty((8, rows), np.float32)
         for tokens in (1, 8):
-            kernel, block_rows, tile, threads = int4_gemv_plan(rows, tokens)
+            kernel, block_rows, tile, threads = int4_gemv_plan(rows, cols, tokens)
             gpu.launch(kernel, (math.ceil(rows / block_rows), 1), threads,
                        *(DeviceArray(a.pointer, (tokens, a.shape[1]), a.dtype)
                          for a in (xq, xstep, xsum)),

@@ -110,7 +110,8 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
     c = ops.config
     linears = 4 * c.num_hidden_layers  # qkv, o_proj, gate_up, down_proj (the lm_head is fp16)
     # producer -> (position of its output, of its quantize flag) in the argument list
-    producers = {"add_rmsnorm": (7, 8), "attention_combine": (6, 7), "silu_mul": (1, 2)}
+    producers = {"add_rmsnorm": (7, 8), "attention_decode": (13, 14), "attention_combine": (6, 7),
+                 "silu_mul": (1, 2)}
     if tokens <= geo.GEMV_MAX_TOKENS:
         assert not recorder.named("quantize_activations")  # every GEMV input comes quantized
         gemvs = 0
@@ -187,11 +188,17 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
             assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
             assert slot == 0 and q.shape == out.shape == (tokens, c.q_size)
     else:
-        kind = "decode" if tokens <= ops.max_batch else "prefill"
-        assert len(recorder.named(f"attention_partial_{kind}")) == c.num_hidden_layers
-        for name, grid, block, args in recorder.named(f"attention_partial_{kind}"):
+        # decode steps merge in the partition launch; chunks the tiled kernel does not take
+        # merge in a second one
+        decode = tokens <= ops.max_batch
+        partials = recorder.named("attention_decode" if decode else "attention_partial_prefill")
+        assert len(partials) == c.num_hidden_layers
+        assert len(recorder.named("attention_combine")) == (0 if decode else c.num_hidden_layers)
+        for name, grid, block, args in partials:
             k_words, kv_heads, length = args[1], int(args[3]), int(args[4])
             assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
+            if decode:  # a ticket per token-head
+                assert args[12].shape == (tokens * c.num_attention_heads,) == grid[:1]
 
 
 def test_wide_decode_batches_multiply_on_tensor_cores(ops):
@@ -210,7 +217,8 @@ def test_wide_decode_batches_multiply_on_tensor_cores(ops):
                         int4_gemm_plan(rows, tokens, groups, 132)[1][2])
     assert not recorder.named("int4_gemm")
     assert not [c for c in recorder.calls if c[0].startswith("int4_gemv_t")]
-    for producer, (_, flag_at) in {"add_rmsnorm": (7, 8), "attention_combine": (6, 7),
+    for producer, (_, flag_at) in {"add_rmsnorm": (7, 8), "attention_decode": (13, 14),
+                                   "attention_combine": (6, 7),
                                    "silu_mul": (1, 2)}.items():  # no digits to write
         assert all(int(args[flag_at]) == 0 for _, _, _, args in recorder.named(producer))
     recorder.calls.clear()  # one token fewer: every matrix on the GEMVs

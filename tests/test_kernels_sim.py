@@ -302,12 +302,19 @@ def test_attention_split_over_partitions(kind, window, partition, length):
     part_acc = np.full((tokens * heads, parts, dim), np.nan, np.float32)
     out = np.full((tokens, heads * dim), np.nan, np.float32)
     words = lambda cache: cache.view(np.uint32).reshape(-1, dim // 2)
-    jit(attention, f"attention_partial_{kind}")[(tokens * heads, parts), attention.THREADS](
-        q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids, window,
-        partition, part_max, part_sum, part_acc)
+    partial_args = (q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids,
+                    window, partition, part_max, part_sum, part_acc)
     digits = _empty_digits(tokens, heads * dim)
-    jit(attention, "attention_combine")[tokens * heads, attention.THREADS](
-        part_max, part_sum, part_acc, positions, window, partition, out, 1, *digits)
+    if kind == "decode":  # one launch: the last partition block of each token-head merges
+        tickets = np.zeros(tokens * heads, np.int32)
+        jit(attention, "attention_decode")[(tokens * heads, parts), attention.THREADS](
+            *partial_args, tickets, out, 1, *digits)
+        assert not tickets.any()  # reset for the next launch
+    else:
+        jit(attention, "attention_partial_prefill")[(tokens * heads, parts), attention.THREADS](
+            *partial_args)
+        jit(attention, "attention_combine")[tokens * heads, attention.THREADS](
+            part_max, part_sum, part_acc, positions, window, partition, out, 1, *digits)
     _assert_digits_equal(digits, out)
     for t in range(tokens):
         start = max(0, positions[t] - window + 1) if window else 0

@@ -96,16 +96,16 @@ def test_every_gemv_the_backend_plans_is_shipped():
     from zse_runtime.gpu.backend import DECODE_BUCKETS, gemv_token_tile, int4_gemv_plan
 
     entries = json.loads((build.PREBUILT / build.INDEX).read_text())["entries"]
-    rows_of_shapes = (4608, 3584, 37888, 152064, 64)
+    shapes = ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (152064, 3584), (64, 32))
     for tokens in range(1, DECODE_BUCKETS[-1] + 1):
         tile = gemv_token_tile(tokens)
         assert f"fp16_matmul_t{tile}" in entries
-        for rows in rows_of_shapes:
-            kernel, block_rows, plan_tile, threads = int4_gemv_plan(rows, tokens)
+        for rows, cols in shapes:
+            kernel, block_rows, plan_tile, threads = int4_gemv_plan(rows, cols, tokens)
             assert kernel in entries and plan_tile == tile and threads % 32 == 0
             assert kernel.endswith(f"_r{block_rows}")
             # warps split K: the same block size at every batch keeps batched == solo
-            assert threads == int4_gemv_plan(rows, 1)[3]
+            assert threads == int4_gemv_plan(rows, cols, 1)[3]
 
 
 EIATTR_FRAME_SIZE = 0x11

@@ -43,12 +43,13 @@ def gemv_token_tile(tokens: int) -> int:
     return next((tile for tile in geo.GEMV_TOKEN_TILES if tile >= tokens), geo.GEMV_TOKEN_TILES[-1])
 
 
-def int4_gemv_plan(rows: int, tokens: int) -> tuple[str, int, int, int]:
-    """(kernel, rows per block, token tile, threads per block) for an INT4 GEMV."""
+def int4_gemv_plan(rows: int, cols: int, tokens: int) -> tuple[str, int, int, int]:
+    """(kernel, rows per block, token tile, threads per block) for an INT4 GEMV of a
+    [rows, cols] matrix."""
     tile = gemv_token_tile(tokens)
     tall = rows >= geo.GEMV_TALL_MIN_ROWS
     block_rows = geo.GEMV_TALL_ROWS if tile == 1 and tall else geo.GEMV_ROWS
-    threads = geo.GEMV_TALL_THREADS if tall else geo.GEMV_THREADS
+    threads = geo.GEMV_MANY_ROWS_THREADS if rows > cols else geo.GEMV_THREADS
     return f"int4_gemv_t{tile}_r{block_rows}", block_rows, tile, threads
 
 
@@ -132,6 +133,10 @@ class Int4Device:
         return self.qweight.shape[0]
 
     @property
+    def cols(self) -> int:
+        return self.qweight.shape[1] * 8  # eight 4-bit codes per word
+
+    @property
     def groups(self) -> int:
         """Quantization groups per row."""
         return self.scales.shape[1]
@@ -207,6 +212,8 @@ class GpuOps:
         self.embed_staging = self._embed_staging_views()
         upload(self.stream, self.buffers["row_ids"].pointer,
                np.arange(self.max_tokens, dtype=np.int32))
+        upload(self.stream, self.buffers["attention_tickets"].pointer,
+               np.zeros(self.buffers["attention_tickets"].shape, np.int32))
         self.stream.synchronize()
         startup.mark("kv_cache+workspace", t)
 
@@ -246,6 +253,8 @@ class GpuOps:
         arena.add("part_max", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_sum", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_acc", (partial_rows * c.num_attention_heads, c.head_dim), np.float32)
+        # attention_decode's per token-head tickets: zeroed once, reset by the merging block
+        arena.add("attention_tickets", (B * c.num_attention_heads,), np.int32)
         arena.add("last_hidden", (B, c.hidden_size), np.float32)
         arena.add("logits", (B, c.vocab_size), np.float32)
         # sampling: per row, each slice's arg max and kept mass, the radix histograms and the
@@ -496,7 +505,7 @@ class GpuOps:
         if self._through_gemv(T):  # decode: one pass over the weights per token tile
             activations = x.digits if isinstance(x, QuantizedActivation) \
                 else self._quantize_activations(x)
-            kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, T)
+            kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, w.cols, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
                          *activations, *weight, out)
         else:  # prefill and wide decode batches: tensor cores
@@ -559,13 +568,16 @@ class GpuOps:
         # the combine quantizes a head's outputs: its blocks of 32 must not straddle heads
         out, digits = self._producing(self.buffers["attended"].rows(T),
                                       self._through_gemv(T) and c.head_dim % 32 == 0)
-        self._launch(f"attention_partial_{self.attention_kind(T)}", (items, P),
-                     geo.ATTENTION_THREADS, q,
-                     self.kv_words(layer, 0), self.kv_words(layer, 1),
-                     np.int32(c.num_key_value_heads), np.int32(self.max_len),
-                     self._meta("positions", T), self._meta("slots", T),
-                     np.int32(self.window), np.int32(self.partition_length(T)), part_max,
-                     part_sum, part_acc)
+        partial_args = (q, self.kv_words(layer, 0), self.kv_words(layer, 1),
+                        np.int32(c.num_key_value_heads), np.int32(self.max_len),
+                        self._meta("positions", T), self._meta("slots", T), np.int32(self.window),
+                        np.int32(self.partition_length(T)), part_max, part_sum, part_acc)
+        if self.attention_kind(T) == "decode":  # the last partition block merges
+            self._launch("attention_decode", (items, P), geo.ATTENTION_THREADS, *partial_args,
+                         self.buffers["attention_tickets"].rows(items), out, *digits)
+            return out
+        self._launch("attention_partial_prefill", (items, P), geo.ATTENTION_THREADS,
+                     *partial_args)
         self._launch("attention_combine", items, geo.ATTENTION_THREADS, part_max, part_sum,
                      part_acc, self._meta("positions", T), np.int32(self.window),
                      np.int32(self.partition_length(T)), out, *digits)

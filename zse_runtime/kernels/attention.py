@@ -1,26 +1,30 @@
 """Grouped-query attention over the KV cache, split along the keys (flash-decoding).
 
-attention_partial: block (token x head, partition) runs an online softmax over one partition of
-the token's keys (causal, optionally a sliding window) and writes the partition's (max, sum,
-unnormalised output) to a workspace. Each warp takes 32 keys at a time, a key per lane: a lane
+A block (token x head, partition) runs an online softmax over one partition of the token's keys
+(causal, optionally a sliding window) and writes the partition's (max, sum, unnormalised output)
+to a workspace. Each warp takes 32 keys at a time, a key per lane: a lane
 reads its key's row with 16-byte loads and computes the score against q (in shared memory), the
 batch's softmax weights go through shared memory, then every lane accumulates its slice of the
 head dimension over the 32 value rows. A lane issues a round of key loads (or 8 value rows)
-before it uses any, so a warp waits for memory a few times per 32 keys, not once per key. Two
-variants differ only in the words of a key row per round (`_make_attention_partial`).
-attention_combine: merges a token-head's partitions into the output (and its GEMV digits).
+before it uses any, so a warp waits for memory a few times per 32 keys, not once per key.
 Splitting keeps all SMs busy for long contexts, where one block per head would use 28 of 132.
+
+attention_decode (decode steps): the last of a token-head's partition blocks to finish (a ticket
+per token-head, taken after a memory fence) merges the partitions into the output and its GEMV
+digits, in the same launch. attention_partial_prefill + attention_combine (prompt chunks that
+attention_tiled does not take): the merge is a second launch. The two partition passes differ
+in the words of a key row loaded per round (`_make_partial`).
 """
 
 import math
 
-from numba import cuda, float32, uint32
+from numba import cuda, float32, int32, uint32
 
 from .common import WARP, block_max, block_sum, first_key, warp_max
 from .geometry import ATTENTION_DECODE_KEY_WORDS, ATTENTION_PREFILL_KEY_WORDS
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
-from .memory import halves_as_floats, load, load_u32x4
+from .memory import halves_as_floats, load, load_l2_f32, load_u32x4
 from .quantize_activations import quantize_lane
 
 WARPS = THREADS // WARP
@@ -30,19 +34,20 @@ MAX_DIMS_PER_LANE = 2 * MAX_WORDS_PER_LANE
 VALUE_ROWS = 8  # value rows a lane loads before it uses any
 
 
-def _make_attention_partial(key_words):
-    """attention_partial with `key_words` words of a key row loaded per round: all 64 (one
+def _make_partial(key_words):
+    """The partition pass with `key_words` words of a key row loaded per round: all 64 (one
     wait for memory per batch of keys) for decode, where a step has few blocks and latency
     is all; 16 for prefill, where 56 registers instead of 127 (sm_90) let 9 blocks share an SM
     instead of 4 (thousands of token x head blocks, each mostly waiting on memory)."""
 
-    def attention_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
-                          part_max, part_sum, part_acc):
+    @cuda.jit(device=True, inline="always")
+    def partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
+                part_max, part_sum, part_acc):
         """q [T, H * D] f32 (rotated); k_words, v_words [S * KVH * L, D / 2] u32: the f16 caches
         [S, KVH, L, D] as pairs of halves, with kv_heads = KVH and length = L; positions, slots [T]
         i32; window: 0, or attend to keys > position - window; partition: keys per partition;
         part_max, part_sum [T * H, P] f32; part_acc [T * H, P, D] f32. Grid (T * H, P), block
-        THREADS."""
+        THREADS. Returns whether the block's partition holds keys (block-uniform)."""
         item = cuda.blockIdx.x
         part = cuda.blockIdx.y
         heads = part_max.shape[0] // q.shape[0]
@@ -56,7 +61,7 @@ def _make_attention_partial(key_words):
         lo = start + part * partition
         hi = min(position + 1, lo + partition)
         if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
-            return  # context): nothing to write, attention_combine reads only used partitions
+            return False  # context): nothing to write, the merge reads only used partitions
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
         cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
@@ -143,35 +148,34 @@ def _make_attention_partial(key_words):
                 if warp_best[w] > -math.inf:
                     value += warp_acc[w, d] * math.exp(warp_best[w] - merged)
             part_acc[item, part, d] = value
+        return True
 
-    return attention_partial
+    return partial
 
 
-def attention_combine(part_max, part_sum, part_acc, positions, window, partition, out, quantize,
-                      xq, xstep, xsum):
-    """Merge partitions: out [T, H * D] f32; if quantize, also out as the o_proj GEMV's digits
-    xq, xstep, xsum (quantize_activations.py; D a multiple of 32). positions, window and
-    partition as attention_partial's: only the partitions that hold the token's keys are read
-    (a decode graph covers the longest context, so usually most are unused). Grid T * H, block
-    THREADS."""
-    item = cuda.blockIdx.x
+@cuda.jit(device=True, inline="always")
+def _used_partitions(position, window, partition, launched):
+    """Partitions holding a token's keys (the first ones; a decode graph launches more)."""
+    return min(launched, (position - first_key(position, window) + partition) // partition)
+
+
+@cuda.jit(device=True, inline="always")
+def _merge(item, t, h, parts, part_max, part_sum, part_acc, out, quantize, xq, xstep, xsum):
+    """out[t, h * D:(h + 1) * D] from the token-head's first `parts` partitions; if quantize,
+    also as the o_proj GEMV's digits xq, xstep, xsum (quantize_activations.py; D a multiple of
+    32). The partitions are read from L2: other blocks of the same launch may have written them."""
     dim = part_acc.shape[2]
-    heads = part_max.shape[0] // out.shape[0]
-    t = item // heads
-    h = item % heads
-    position = positions[t]
-    start = first_key(position, window)
-    parts = min(part_max.shape[1], (position - start + partition) // partition)
     scratch = cuda.shared.array(WARPS, float32)
     scales = cuda.shared.array(THREADS, float32)  # one chunk of partitions' weights
     best = float32(-math.inf)
     for p in range(cuda.threadIdx.x, parts, THREADS):
-        best = max(best, part_max[item, p])
+        best = max(best, load_l2_f32(part_max, (item, p)))
     best = block_max(best, scratch)
     total = float32(0.0)
     for p in range(cuda.threadIdx.x, parts, THREADS):
-        if part_max[item, p] > -math.inf:
-            total += part_sum[item, p] * math.exp(part_max[item, p] - best)
+        part_best = load_l2_f32(part_max, (item, p))
+        if part_best > -math.inf:
+            total += load_l2_f32(part_sum, (item, p)) * math.exp(part_best - best)
     total = block_sum(total, scratch)
     for start in range(0, dim, THREADS):  # block-uniform trip count, for quantize_lane
         d = start + cuda.threadIdx.x
@@ -180,30 +184,82 @@ def attention_combine(part_max, part_sum, part_acc, positions, window, partition
             p = first + cuda.threadIdx.x
             cuda.syncthreads()
             scales[cuda.threadIdx.x] = float32(0.0)
-            if p < parts and part_max[item, p] > -math.inf:
-                scales[cuda.threadIdx.x] = math.exp(part_max[item, p] - best) / total
+            if p < parts:
+                part_best = load_l2_f32(part_max, (item, p))
+                if part_best > -math.inf:
+                    scales[cuda.threadIdx.x] = math.exp(part_best - best) / total
             cuda.syncthreads()
             for k in range(min(THREADS, parts - first)):
                 weight = scales[k]
                 if weight != float32(0.0) and d < dim:
-                    value += part_acc[item, first + k, d] * weight
+                    value += load_l2_f32(part_acc, (item, first + k, d)) * weight
         if d < dim:
             out[t, h * dim + d] = value
         if quantize:
             quantize_lane(value, h * dim + d, d < dim, xq, xstep, xsum, t)
 
 
-_PARTIAL_SIGNATURE = ("void(float32[:, ::1], uint32[:, ::1], uint32[:, ::1], int32, int32, "
-                      "int32[::1], int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], "
-                      "float32[:, :, ::1])")
+_partial_decode = _make_partial(ATTENTION_DECODE_KEY_WORDS)
+_partial_prefill = _make_partial(ATTENTION_PREFILL_KEY_WORDS)
+
+
+def attention_partial_prefill(q, k_words, v_words, kv_heads, length, positions, slots, window,
+                              partition, part_max, part_sum, part_acc):
+    """The partition pass of a prompt chunk (`_make_partial` has the arguments); grid
+    (T * H, P)."""
+    _partial_prefill(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
+                     part_max, part_sum, part_acc)
+
+
+def attention_combine(part_max, part_sum, part_acc, positions, window, partition, out, quantize,
+                      xq, xstep, xsum):
+    """Merge partitions after attention_partial_prefill: out [T, H * D] f32, digits as
+    `_merge`'s. positions, window and partition as the partition pass's. Grid T * H, block
+    THREADS."""
+    item = cuda.blockIdx.x
+    heads = part_max.shape[0] // out.shape[0]
+    t = item // heads
+    parts = _used_partitions(positions[t], window, partition, part_max.shape[1])
+    _merge(item, t, item % heads, parts, part_max, part_sum, part_acc, out, quantize, xq, xstep,
+           xsum)
+
+
+def attention_decode(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
+                     part_max, part_sum, part_acc, tickets, out, quantize, xq, xstep, xsum):
+    """A decode step's attention in one launch: the partition pass (`_make_partial` has its
+    arguments), then the merge (`_merge`'s outputs) by the token-head's last block to finish.
+    tickets [T * H] i32, zero between launches (the merging block resets its entry). Grid
+    (T * H, P), block THREADS."""
+    if not _partial_decode(q, k_words, v_words, kv_heads, length, positions, slots, window,
+                           partition, part_max, part_sum, part_acc):
+        return
+    item = cuda.blockIdx.x
+    heads = part_max.shape[0] // q.shape[0]
+    t = item // heads
+    parts = _used_partitions(positions[t], window, partition, part_max.shape[1])
+    merges = cuda.shared.array(1, int32)
+    cuda.threadfence()  # this block's partition is visible device-wide before its ticket
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        merges[0] = int32(cuda.atomic.add(tickets, item, 1) == parts - 1)
+    cuda.syncthreads()
+    if merges[0] == 0:
+        return
+    if cuda.threadIdx.x == 0:
+        tickets[item] = 0
+    _merge(item, t, item % heads, parts, part_max, part_sum, part_acc, out, quantize, xq, xstep,
+           xsum)
+
+
+_PARTIAL_ARGS = ("float32[:, ::1], uint32[:, ::1], uint32[:, ::1], int32, int32, int32[::1], "
+                 "int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], float32[:, :, ::1]")
+_MERGE_OUTPUTS = "float32[:, ::1], int32, uint32[:, ::1], float32[:, ::1], float32[:, ::1]"
 
 KERNELS = {
-    "attention_partial_decode": (_make_attention_partial(ATTENTION_DECODE_KEY_WORDS),
-                                 _PARTIAL_SIGNATURE),
-    "attention_partial_prefill": (_make_attention_partial(ATTENTION_PREFILL_KEY_WORDS),
-                                  _PARTIAL_SIGNATURE),
+    "attention_decode": (attention_decode,
+                         f"void({_PARTIAL_ARGS}, int32[::1], {_MERGE_OUTPUTS})"),
+    "attention_partial_prefill": (attention_partial_prefill, f"void({_PARTIAL_ARGS})"),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
-                                             "float32[:, :, ::1], int32[::1], int32, int32, "
-                                             "float32[:, ::1], int32, uint32[:, ::1], "
-                                             "float32[:, ::1], float32[:, ::1])"),
+                                             f"float32[:, :, ::1], int32[::1], int32, int32, "
+                                             f"{_MERGE_OUTPUTS})"),
 }

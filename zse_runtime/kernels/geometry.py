@@ -16,13 +16,14 @@ GEMM_DECODE_TILE_N = 128
 # int4_gemv_t*_r*: a block per GEMV_ROWS rows (its warps split K), one kernel per token tile size;
 # at batch 1, matrices of >= GEMV_TALL_MIN_ROWS rows take GEMV_TALL_ROWS rows per block. Threads
 # per block by shape (the same for every token tile, so batched results equal solo ones bit for
-# bit): H200, 2026-11-30, the best of 64/128/256/512 at the 7B shapes for 1 and 8 tokens
-# (docs/kernel-notes.md, "dp4a").
+# bit): GEMV_THREADS, or GEMV_MANY_ROWS_THREADS for matrices with more rows than inputs. H200,
+# the best of 64/128/256/512 at the 7B shapes for 1 and 8 tokens (docs/kernel-notes.md, "dp4a";
+# qkv, 4608 x 3584, moved to 64 threads on 2026-11-30: 7.1 -> 5.8 us at batch 1).
 GEMV_ROWS = 4
 GEMV_TALL_ROWS = 8
 GEMV_TALL_MIN_ROWS = 16384
 GEMV_THREADS = 128
-GEMV_TALL_THREADS = 64
+GEMV_MANY_ROWS_THREADS = 64
 GEMV_TOKEN_TILES = (1, 4, 8)
 FP16_GEMV_THREADS = 256
 

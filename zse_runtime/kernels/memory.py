@@ -43,6 +43,10 @@ if config.ENABLE_CUDASIM:
         return array[row, col]
 
     @cuda.jit(device=True, inline="always")
+    def load_l2_f32(array, index):
+        return array[index]
+
+    @cuda.jit(device=True, inline="always")
     def bits_as_float(bits):
         return np.uint32(bits).view(np.float32)
 
@@ -147,6 +151,19 @@ else:
         return array.dtype(array, row, col), codegen
 
     @intrinsic
+    def _load_l2_f32(typingctx, array, index):
+        def codegen(context, builder, sig, args):
+            index_types = list(sig.args[1])
+            indices = [builder.extract_value(args[1], i) for i in range(len(index_types))]
+            pointer = _element_pointer(context, builder, sig.args[0], args[0], indices,
+                                       index_types)
+            asm = ir.InlineAsm(ir.FunctionType(ir.FloatType(), [pointer.type]),
+                               "ld.global.cg.f32 $0, [$1];", "=f,l")
+            return builder.call(asm, [pointer])
+
+        return types.float32(array, index), codegen
+
+    @intrinsic
     def _bits_as_float(typingctx, bits):
         def codegen(context, builder, sig, args):
             word = context.cast(builder, args[0], sig.args[0], types.uint32)
@@ -230,6 +247,9 @@ else:
     # accumulator + the dot product of 4 unsigned bytes with 4 signed bytes (dp4a, sm_61+)
     dot4_u8s8 = _dot4_u8s8
     load = _load  # array[row, col] without numba's negative-index wraparound
+    # array[index] (a tuple), float32, from L2 (.cg): never from an L1 line this SM may hold
+    # from before another block of the same launch wrote it (attention.py's last-block merge)
+    load_l2_f32 = _load_l2_f32
     float_bits = _float_bits  # the bit pattern of a float32, as a uint32
     bits_as_float = _bits_as_float  # the float32 with this bit pattern
     halves_as_floats = _halves_as_floats  # the two float16 halves of a uint32, low first
