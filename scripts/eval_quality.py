@@ -14,6 +14,10 @@ How each variant runs:
   zse gN / rtn gN   converted with zse-convert and run through ZSE's own CPU backend;
   gptq gN           the same, converted with --gptq (calibration text: the converter's default,
                     Python standard-library source, disjoint from the text scored here);
+  awq gN            the same, converted with --awq (same calibration text);
+  awqscale gN       the same, but AWQ's scales only: the group search is never weighted by the
+                    inputs' energy (ConvertOptions(awq_weighted_search=False));
+  awq+gptq gN       the same, converted with --awq --gptq;
   gguf q4_0 / q4_1  the same tensors quantized by the gguf package's reference quantizers,
                     dequantized, and run through transformers (ZSE cannot execute GGUF blocks).
 Quantized in every variant: the q/k/v, o, gate/up, down projections and lm_head; the embedding
@@ -148,9 +152,12 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
             started = time.perf_counter()
             scores = Scores()
             kind, spec = variant.split("-")
-            if kind in ("zse", "rtn", "gptq"):
+            if kind in ("zse", "rtn", "gptq", "awq", "awqscale", "awq+gptq"):
                 out = Path(tmp) / f"{variant}.zse"
-                extra = dict(gptq=True, **(gptq_options or {})) if kind == "gptq" else {}
+                extra = dict(gptq="gptq" in kind, awq="awq" in kind,
+                             awq_weighted_search=kind != "awqscale")
+                if kind not in ("zse", "rtn"):
+                    extra.update(gptq_options or {})
                 summary = convert(str(folder), out, ConvertOptions(
                     group_size=int(spec[1:]), clip_search=kind != "rtn", lm_head=lm_head, **extra))
                 with ZseFile(out) as zse:
@@ -169,8 +176,10 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
                     scores.add(hf_logprobs(model, w), ref, w)
                 del model
             results[variant] = {**scores.summary(), "bits_per_weight": round(bits, 3)}
-            if kind == "gptq":
+            if kind in ("gptq", "awq", "awqscale", "awq+gptq"):
                 results[variant]["gptq"] = summary["gptq"]
+                if summary["awq"]:
+                    results[variant]["awq"] = summary["awq"]
                 results[variant]["convert_seconds"] = summary["seconds"]
             log(f"  {variant}: ppl {results[variant]['perplexity']:.4f}, {bits:.2f} bits "
                 f"({time.perf_counter() - started:.0f} s)")
@@ -187,7 +196,7 @@ def main() -> int:
                                                "gptq-g128,gptq-g64,gguf-q4_0,gguf-q4_1")
     parser.add_argument("--lm-head", choices=["int4", "float16"], default="float16",
                         help="lm_head precision in every quantized variant")
-    parser.add_argument("--calibration-tokens", type=int, help="for the gptq variants "
+    parser.add_argument("--calibration-tokens", type=int, help="for the gptq and awq variants "
                         "(default: the converter's)")
     parser.add_argument("--json-out", type=Path, default=Path("eval_quality.json"))
     parser.add_argument("--update", type=Path, help="an earlier --json-out of the same model, "

@@ -86,6 +86,24 @@ def test_gptq_with_a_calibration_file(tiny_qwen2, tmp_path):
     assert stray.returncode == 1 and "apply only with --gptq" in stray.stderr
 
 
+def test_awq_option(tiny_qwen2, tmp_path):
+    out = tmp_path / "awq.zse"
+    result = run_cli(str(tiny_qwen2), "--out", str(out), "--awq", "--calibration-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    assert "AWQ (clipping search) on 512 tokens of python-stdlib" in result.stdout
+    quantization = json.loads(run_cli("inspect", str(out), "--json").stdout)["manifest"][
+        "quantization"]
+    assert quantization["gptq"] is None and quantization["awq"]["tokens"] == 512
+    assert len(quantization["awq"]["alpha"]["down_proj"].split()) == 2
+
+    text = tmp_path / "calib.txt"
+    text.write_text("")
+    empty = run_cli(str(tiny_qwen2), "--out", str(tmp_path / "empty.zse"), "--awq",
+                    "--calibration", str(text))
+    assert empty.returncode == 1 and "holds 0 tokens" in empty.stderr
+    assert "Traceback" not in empty.stderr and not (tmp_path / "empty.zse").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["inspect", "missing.zse"], "No such file"),
     (["verify", "pyproject.toml"], "bad magic"),

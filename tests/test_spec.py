@@ -215,7 +215,7 @@ def test_manifest_key_tables():
     assert set(quantization) == set(SCHEMA["$defs"]["quantization"]["properties"])
     # keys added by a minor version are optional: files of the earlier minor version lack them
     added = {key for key, row in quantization.items() if row[2].startswith("Since 1.")}
-    assert added == {"gptq"}
+    assert added == {"gptq", "awq"}
     assert set(SCHEMA["$defs"]["quantization"]["required"]) == set(quantization) - added
     assert set(idents("`tokenizer`")) == set(SCHEMA["$defs"]["tokenizer"]["required"])
 
@@ -316,6 +316,7 @@ CASES = {
         "llama", dict(tied=True, attention_bias=True, rope_scaling=LLAMA3_ROPE),
         ConvertOptions(group_size=64, clip_search=False)),
     "mistral-sliding": ("mistral", dict(sliding_window=64), ConvertOptions()),
+    "qwen2-awq-gptq": ("qwen2", {}, ConvertOptions(awq=True, gptq=True, calibration_tokens=512)),
 }
 
 
@@ -438,6 +439,14 @@ def _on_tensor(layout, mutate):
     return apply
 
 
+AWQ_RECORD = {
+    "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "tokens": 8192, "window": 512,
+    "inputs": "quantized", "alpha_grid": [0.0, 0.5, 1.0], "search_rows": 512, "search_tokens": 2048,
+    "alpha": {part: "0.50 0.00" for part in ("qkv", "o_proj", "gate_up", "down_proj")},
+    "error_ratio": {part: "0.9000 1.0000" for part in ("qkv", "o_proj", "gate_up", "down_proj")},
+    "weighted_search": {part: "1 0" for part in ("qkv", "o_proj", "gate_up", "down_proj")},
+}
+
 INVALID = {
     "unknown layout": _on_tensor(zf.LAYOUT_DENSE, lambda t: t.update(layout="int4.rows.v2")),
     "upper-case xxh64": _on_tensor(zf.LAYOUT_DENSE, lambda t: t.update(xxh64=t["xxh64"].upper())),
@@ -473,6 +482,10 @@ INVALID = {
     "GPTQ record without tokens": _set(["quantization", "gptq"], {
         "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "window": 512,
         "damping": 0.01, "act_order": "groups", "search_weights": "hessian", "inputs": "quantized"}),
+    "AWQ alphas as numbers": _set(["quantization", "awq"], AWQ_RECORD | {"alpha": {
+        "qkv": [0.5, 0.5], "o_proj": [0.0, 0.0], "gate_up": [0.5, 0.5], "down_proj": [0.5, 0.5]}}),
+    "AWQ record without a consumer": _set(["quantization", "awq"], AWQ_RECORD | {"error_ratio": {
+        "qkv": "0.9000 1.0000", "gate_up": "0.9000 1.0000", "down_proj": "0.9000 1.0000"}}),
     "GPTQ act order by columns": _set(["quantization", "gptq"], {
         "calibration": "x.txt", "calibration_sha256": "ab" * 32, "tokens": 512, "window": 512,
         "damping": 0.01, "act_order": "columns", "search_weights": "hessian", "inputs": "quantized"}),
@@ -487,11 +500,15 @@ VALID_ADDITIONS = {
     "hub provenance": _set(["provenance", "commit"], "0123456789abcdef0123456789abcdef01234567"),
     "minor version 3": _set(["format_version"], [1, 3]),
     "a 1.0 manifest, before quantization.gptq": lambda m: (
-        _delete(["quantization", "gptq"])(m), _set(["format_version"], [1, 0])(m)),
+        _delete(["quantization", "gptq"])(m), _delete(["quantization", "awq"])(m),
+        _set(["format_version"], [1, 0])(m)),
+    "a 1.1 manifest, before quantization.awq": lambda m: (
+        _delete(["quantization", "awq"])(m), _set(["format_version"], [1, 1])(m)),
     "a GPTQ record": _set(["quantization", "gptq"], {
         "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "tokens": 8192,
         "window": 512, "damping": 0.01, "act_order": "groups", "search_weights": "hessian",
         "inputs": "quantized"}),
+    "an AWQ record": _set(["quantization", "awq"], AWQ_RECORD),
 }
 
 

@@ -1,4 +1,5 @@
-"""Calibration for GPTQ: text -> token windows -> each linear layer's inputs, one layer at a time.
+"""Calibration for GPTQ and AWQ: text -> token windows -> each linear layer's inputs, one layer at
+a time.
 
 The text is a user file (`--calibration FILE`) or, by default, text from a fixed list of
 pure-Python standard-library modules read from the running interpreter: their long docstrings
@@ -12,7 +13,9 @@ linear and llama3 scaling through the runtime's own tables). It keeps one residu
 [tokens, hidden] and one layer's weights at a time, so memory does not grow with depth. Each
 projection is quantized as soon as its Hessian H = XᵀX is known, and the rest of the layer (and
 the next layer) sees the *quantized* projection's output, as the GPTQ reference does: later
-weights then compensate earlier ones' errors.
+weights then compensate earlier ones' errors. With AWQ (awq.py), each projection's input scales
+are chosen on the same inputs just before it is quantized, and folded into the norm or the
+projection that produces those inputs.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import numpy as np
 from zse_runtime.config import ModelConfig, rope_tables
 from zse_runtime.zsefile import EMBED, Int4Weight, dequantize_int4, layer_tensor_name
 
+from .awq import (AwqOptions, fold_into_norm, fold_into_up, fold_into_v, scale_columns,
+                  search_scales, shared_by_kv_heads)
 from .gptq import GptqOptions, gptq_quantize
-from .quantize import QuantStats
+from .quantize import QuantStats, quantize_int4
 from .source import Checkpoint, SourceError
 
 WINDOW = 512  # tokens per calibration sequence
@@ -54,6 +59,7 @@ STDLIB_MODULES = (
     "doctest", "zipfile", "gzip", "datetime", "traceback", "warnings", "netrc", "shlex", "cmd",
 )
 STDLIB_SOURCE = "python-stdlib"
+AWQ_CONSUMERS = ("qkv", "o_proj", "gate_up", "down_proj")
 
 
 @dataclass
@@ -146,24 +152,38 @@ def _gram(x: np.ndarray) -> np.ndarray:
 
 
 class LayerCalibrator:
-    """Quantizes one decoder layer's four projections at a time with GPTQ.
+    """Quantizes one decoder layer's four projections at a time against calibration inputs: with
+    GPTQ (`options`), with AWQ scales (`awq`, awq.py), or both (scales first, then GPTQ on the
+    scaled weights and inputs). Without `options` each projection gets the clipping search.
 
     `weights(layer)` must be called for layers 0, 1, 2, ... in order: each call advances the
-    residual stream through that layer (with its quantized projections).
+    residual stream through that layer (with its quantized projections). With AWQ, the layer's
+    norms and qkv bias change too (the scales' inverses are folded into them): `vectors` then
+    holds them, by canonical name, for the layer last calibrated.
     """
 
     def __init__(self, ckpt: Checkpoint, model: dict, sources: dict[str, list[str]],
-                 group_sizes: dict[str, int], ids: np.ndarray, options: GptqOptions,
-                 propagate_quantized: bool = True):
+                 group_sizes: dict[str, int], ids: np.ndarray, options: GptqOptions | None,
+                 propagate_quantized: bool = True, awq: AwqOptions | None = None,
+                 clip_search: bool = True):
         self.ckpt, self.sources, self.group_sizes = ckpt, sources, group_sizes
         self.config = ModelConfig.from_manifest(model)
         self.options = options
+        self.awq = awq
+        self.clip_search = options.clip_search if options else clip_search
         self.propagate_quantized = propagate_quantized
         self.sequences, self.window = ids.shape
         self.ids = ids
         self.hidden: np.ndarray | None = None  # residual stream [tokens, hidden] float32
         self.next_layer = 0
         self.cos, self.sin = rope_tables(self.config, self.window)
+        self.vectors: dict[str, np.ndarray] = {}
+        # per consumer ("qkv", "o_proj", "gate_up", "down_proj"): the α chosen in each layer
+        # and the output error it left relative to α = 0, on the search sample
+        self.awq_alphas: dict[str, list[float]] = {part: [] for part in AWQ_CONSUMERS}
+        self.awq_error_ratios: dict[str, list[float]] = {part: [] for part in AWQ_CONSUMERS}
+        self.awq_weighted: dict[str, list[int]] = {part: [] for part in AWQ_CONSUMERS}
+        self._column_weights: dict[str, np.ndarray | None] = {}  # AWQ's choice, by tensor
 
     def _embed(self) -> np.ndarray:
         """Embedding rows of the calibration tokens, read a chunk of the table at a time."""
@@ -184,12 +204,28 @@ class LayerCalibrator:
         return np.concatenate([self.ckpt.read_rows(n, 0, self.ckpt.tensors[n].shape[0]).copy()
                                for n in self.sources[name]])
 
-    def _quantize(self, name: str, inputs: np.ndarray, results: dict) -> np.ndarray:
-        """GPTQ on `name` against `inputs`; returns the weight the forward pass should use."""
-        w = _read_matrix(self.ckpt, self.sources[name])
-        weight, stats = gptq_quantize(w, _gram(inputs), self.group_sizes[name], self.options, name)
-        results[name] = (weight, stats)
+    def _quantize(self, name: str, w: np.ndarray, inputs: np.ndarray
+                  ) -> tuple[Int4Weight, QuantStats]:
+        """GPTQ on `name` against `inputs`, or without GPTQ options the clipping search (weighted
+        by the inputs' energy where AWQ's search chose that)."""
+        if self.options is None:
+            return quantize_int4(w, self.group_sizes[name], self.clip_search, name,
+                                 self._column_weights.get(name))
+        return gptq_quantize(w, _gram(inputs), self.group_sizes[name], self.options, name)
+
+    def _used(self, w: np.ndarray, weight: Int4Weight) -> np.ndarray:
+        """The weight the forward pass goes on with."""
         return dequantize_int4(weight) if self.propagate_quantized else w
+
+    def _search(self, part: str, name: str, w: np.ndarray, inputs: np.ndarray,
+                mean_abs: np.ndarray | None = None) -> np.ndarray | None:
+        """AWQ's scales for consumer `part` (None when α = 0 wins: nothing to fold)."""
+        choice = search_scales(w, inputs, self.group_sizes[name], self.awq, mean_abs, name)
+        self.awq_alphas[part].append(choice.alpha)
+        self.awq_error_ratios[part].append(round(choice.error_ratio, 4))
+        self.awq_weighted[part].append(int(choice.column_weight is not None))
+        self._column_weights[name] = choice.column_weight
+        return choice.scales if choice.alpha else None
 
     def _attention(self, qkv: np.ndarray) -> np.ndarray:
         """Causal GQA with rotate-half RoPE per sequence; qkv [tokens, q + 2 kv] -> [tokens, q]."""
@@ -223,7 +259,7 @@ class LayerCalibrator:
 
     def weights(self, layer: int, stop_requested: Callable[[], bool] = lambda: False
                 ) -> dict[str, tuple[Int4Weight, QuantStats]]:
-        """GPTQ-quantized qkv, o_proj, gate_up and down_proj of `layer`, by canonical name."""
+        """Quantized qkv, o_proj, gate_up and down_proj of `layer`, by canonical name."""
         if layer != self.next_layer:
             raise RuntimeError(f"layers must be calibrated in order: asked for {layer}, "
                                f"expected {self.next_layer}")
@@ -231,29 +267,60 @@ class LayerCalibrator:
         name = lambda part: layer_tensor_name(layer, part)
         if self.hidden is None:
             self.hidden = self._embed()
-        h, results = self.hidden, {}
+        h, results, vectors = self.hidden, {}, {}
 
         def check_stop():
             if stop_requested():
                 raise KeyboardInterrupt
 
-        x = _rmsnorm(h, self._vector(name("attn_norm")), c.rms_norm_eps)
-        qkv = x @ self._quantize(name("qkv"), x, results).T
-        if c.qkv_bias:
-            qkv += self._vector(name("qkv_bias"))
-        del x
+        norm = self._vector(name("attn_norm"))
+        x = _rmsnorm(h, norm, c.rms_norm_eps)
+        w_qkv = _read_matrix(self.ckpt, self.sources[name("qkv")])
+        bias = self._vector(name("qkv_bias")) if c.qkv_bias else None
+        if self.awq and (s := self._search("qkv", name("qkv"), w_qkv, x)) is not None:
+            vectors[name("attn_norm")] = norm = fold_into_norm(norm, s)
+            w_qkv = scale_columns(w_qkv, s)
+            x = _rmsnorm(h, norm, c.rms_norm_eps)
+        results[name("qkv")] = self._quantize(name("qkv"), w_qkv, x)
+        qkv = x @ self._used(w_qkv, results[name("qkv")][0]).T
+        if bias is not None:
+            qkv += bias
         check_stop()
         attended = self._attention(qkv)
         del qkv
-        out = attended @ self._quantize(name("o_proj"), attended, results).T
+        w_o = _read_matrix(self.ckpt, self.sources[name("o_proj")])
+        if self.awq:
+            shared = shared_by_kv_heads(np.abs(attended).mean(0, dtype=np.float64),
+                                        c.num_attention_heads, c.num_key_value_heads)
+            if (s := self._search("o_proj", name("o_proj"), w_o, attended, shared)) is not None:
+                w_qkv, bias = fold_into_v(w_qkv, bias, s, c.q_size, c.kv_size,
+                                          c.num_attention_heads, c.num_key_value_heads)
+                if bias is not None:
+                    vectors[name("qkv_bias")] = bias
+                # v's rows shrink by s: requantize them, and take the attention output the
+                # requantized qkv gives as the old one over s (exact in float; for the
+                # quantized v, to within fp16 rounding of its group scales)
+                results[name("qkv")] = self._quantize(name("qkv"), w_qkv, x)
+                attended /= s
+                w_o = scale_columns(w_o, s)
+        del x, w_qkv
+        results[name("o_proj")] = self._quantize(name("o_proj"), w_o, attended)
+        out = attended @ self._used(w_o, results[name("o_proj")][0]).T
         if c.o_bias:
             out += self._vector(name("o_bias"))
         h += out
-        del attended, out
+        del attended, out, w_o
         check_stop()
 
-        x = _rmsnorm(h, self._vector(name("mlp_norm")), c.rms_norm_eps)
-        gate_up = self._quantize(name("gate_up"), x, results)
+        norm = self._vector(name("mlp_norm"))
+        x = _rmsnorm(h, norm, c.rms_norm_eps)
+        w_gate_up = _read_matrix(self.ckpt, self.sources[name("gate_up")])
+        if self.awq and (s := self._search("gate_up", name("gate_up"), w_gate_up, x)) is not None:
+            vectors[name("mlp_norm")] = norm = fold_into_norm(norm, s)
+            w_gate_up = scale_columns(w_gate_up, s)
+            x = _rmsnorm(h, norm, c.rms_norm_eps)
+        results[name("gate_up")] = self._quantize(name("gate_up"), w_gate_up, x)
+        gate_up = self._used(w_gate_up, results[name("gate_up")][0])
         check_stop()
         mixed = np.empty((h.shape[0], c.intermediate_size), np.float32)
         for start in range(0, h.shape[0], TOKEN_CHUNK):
@@ -261,10 +328,22 @@ class LayerCalibrator:
             gate, up = part[:, :c.intermediate_size], part[:, c.intermediate_size:]
             with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu 0, as it should
                 mixed[start:start + TOKEN_CHUNK] = gate / (1.0 + np.exp(-gate)) * up
-        del x, gate_up
-        down = self._quantize(name("down_proj"), mixed, results)
+        del gate_up
+        w_down = _read_matrix(self.ckpt, self.sources[name("down_proj")])
+        if self.awq and (s := self._search("down_proj", name("down_proj"), w_down,
+                                           mixed)) is not None:
+            # up's rows shrink by s; as for v above, the MLP's output becomes the old one over s
+            w_gate_up = fold_into_up(w_gate_up, s)
+            results[name("gate_up")] = self._quantize(name("gate_up"), w_gate_up, x)
+            mixed /= s
+            w_down = scale_columns(w_down, s)
+        del x, w_gate_up
+        results[name("down_proj")] = self._quantize(name("down_proj"), w_down, mixed)
+        down = self._used(w_down, results[name("down_proj")][0])
         for start in range(0, h.shape[0], TOKEN_CHUNK):
             h[start:start + TOKEN_CHUNK] += mixed[start:start + TOKEN_CHUNK] @ down.T
+        self.vectors = vectors
+        self._column_weights = {}
         self.next_layer += 1
         if self.next_layer == c.num_hidden_layers:
             self.hidden = None

@@ -132,19 +132,25 @@ def convert_command(
     gptq: bool = typer.Option(False, "--gptq/--no-gptq",
                               help="Quantize the decoder layers with GPTQ against calibration "
                                    "text (lower output error; slower: see docs/quality.md)."),
+    awq: bool = typer.Option(False, "--awq/--no-awq",
+                             help="Scale each projection's input channels by their calibration "
+                                  "activations before quantizing (AWQ), folding the inverse into "
+                                  "the norm or projection before; composes with --gptq. See "
+                                  "docs/quality.md."),
     calibration: Optional[Path] = typer.Option(
-        None, "--calibration", help="UTF-8 text file for --gptq (default: source code of Python "
-                                    "standard-library modules, read from this interpreter)."),
+        None, "--calibration", help="UTF-8 text file for --gptq and --awq (default: docstrings "
+                                    "and source of Python standard-library modules, read from "
+                                    "this interpreter)."),
     calibration_tokens: int = typer.Option(DEFAULT_TOKENS, "--calibration-tokens",
-                                           help="Calibration tokens for --gptq, in sequences of "
-                                                f"{WINDOW}."),
+                                           help="Calibration tokens for --gptq and --awq, in "
+                                                f"sequences of {WINDOW}."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Convert a checkpoint into one .zse file (the default command)."""
-    if not gptq and (calibration is not None or calibration_tokens != DEFAULT_TOKENS):
-        _fail("--calibration and --calibration-tokens apply only with --gptq")
+    if not (gptq or awq) and (calibration is not None or calibration_tokens != DEFAULT_TOKENS):
+        _fail("--calibration and --calibration-tokens apply only with --gptq or --awq")
     options = ConvertOptions(group_size=group_size, clip_search=clip_search, lm_head=lm_head,
-                             embedding=embedding, revision=revision, gptq=gptq,
+                             embedding=embedding, revision=revision, gptq=gptq, awq=awq,
                              calibration=str(calibration) if calibration else None,
                              calibration_tokens=calibration_tokens)
     progress = _RichProgress()
@@ -170,9 +176,7 @@ def convert_command(
         ("bits per weight", f"{summary['bits_per_weight']:.2f} overall, "
                             f"{summary['int4_bits_per_weight']:.2f} in INT4 tensors"),
         ("group size", str(summary["group_size"])),
-        ("method", "clipping search" if summary["clip_search"] else "round-to-nearest")
-        if not summary["gptq"] else
-        ("method", f"GPTQ on {summary['gptq']['tokens']} tokens of {summary['gptq']['calibration']}"),
+        ("method", _method(summary)),
         ("weighted error vs RTN", str(summary["error_vs_round_to_nearest"])),
         ("time", f"{summary['seconds']:.1f} s ({summary['params_per_second'] / 1e6:.1f} M params/s)"),
     ]
@@ -183,6 +187,17 @@ def convert_command(
     for key, value in rows:
         table.add_row(key, value)
     stdout.print(table)
+
+
+def _method(summary: dict[str, Any]) -> str:
+    search = "clipping search" if summary["clip_search"] else "round-to-nearest"
+    calibrated = summary["gptq"] or summary["awq"]
+    if not calibrated:
+        return search
+    method = " + ".join(name for name in ("AWQ", "GPTQ") if summary[name.lower()])
+    if not summary["gptq"]:
+        method += f" ({search})"
+    return f"{method} on {calibrated['tokens']} tokens of {calibrated['calibration']}"
 
 
 def _open(file: Path) -> ZseFile:

@@ -23,7 +23,9 @@ from zse_runtime.zsefile import (DTYPE_INT4, EMBED, FORMAT_NAME, FORMAT_VERSION_
                                  Int4Weight, expected_tensor_shapes, int4_section_sizes)
 
 from .architectures import canonical_config, source_names
-from .calibration import DEFAULT_TOKENS, WINDOW, LayerCalibrator, load_text, token_windows
+from .awq import ALPHAS, SEARCH_ROWS, SEARCH_TOKENS, AwqOptions
+from .calibration import (AWQ_CONSUMERS, DEFAULT_TOKENS, WINDOW, LayerCalibrator, load_text,
+                          token_windows)
 from .gptq import ACT_ORDERS, DAMPING, SEARCH_WEIGHTS, GptqOptions
 from .quantize import QuantStats, quantize_int4
 from .source import Checkpoint, ResolvedSource, SourceError, resolve_source
@@ -52,6 +54,13 @@ class ConvertOptions:
     gptq_act_order: str = "groups"
     gptq_search_weights: str = "hessian"
     gptq_propagate_quantized: bool = True  # later layers see quantized outputs (else fp weights)
+    # AWQ per-input-channel scales against the same calibration inputs (awq.py); with gptq too,
+    # GPTQ then runs on the scaled weights
+    awq: bool = False
+    awq_alphas: tuple[float, ...] = ALPHAS
+    # also try each α with the group search weighted by the inputs' energy (without --gptq; GPTQ
+    # weights its own search, and its α is chosen with the unweighted search as a proxy)
+    awq_weighted_search: bool = True
     revision: str | None = None
     token: str | None = None
 
@@ -59,6 +68,10 @@ class ConvertOptions:
         if self.gptq and not self.clip_search:
             raise SourceError("--gptq chooses each group's scale and zero with the clipping search; "
                               "it cannot be combined with --no-clip-search")
+        if not self.awq_alphas or not all(0 <= a <= 1 and a == round(a, 2)
+                                          for a in self.awq_alphas):
+            raise SourceError(f"AWQ alphas must be a non-empty list of hundredths in [0, 1], got "
+                              f"{list(self.awq_alphas)}")
         if self.gptq_act_order not in ACT_ORDERS:
             raise SourceError(f"GPTQ act order must be one of {list(ACT_ORDERS)}, got "
                               f"{self.gptq_act_order!r}")
@@ -156,6 +169,14 @@ def int4_blob(spec: TensorSpec, weight: Int4Weight) -> np.ndarray:
     return blob
 
 
+def dense_blob(spec: TensorSpec, values: np.ndarray) -> np.ndarray:
+    """The on-disk bytes of a float vector computed during conversion (an AWQ-folded norm)."""
+    out = np.ascontiguousarray(values, np.dtype(spec.dtype).newbyteorder("<"))
+    if out.shape != tuple(spec.shape) or out.nbytes != spec.nbytes:
+        raise ValueError(f"{spec.name}: computed {out.shape}, planned {spec.shape}")
+    return out.view(np.uint8).reshape(-1)
+
+
 def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_search: bool,
                  on_rows: Callable[[int], None] = lambda n: None,
                  stop_requested: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, QuantStats]:
@@ -196,6 +217,19 @@ def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_se
     return blob, stats
 
 
+def awq_text(values: list[float], decimals: int) -> str:
+    return " ".join(f"{v:.{decimals}f}" for v in values)
+
+
+def _record_alphas(record: dict, calibrator: LayerCalibrator, layers: int) -> None:
+    """The α chosen so far into the manifest's AWQ record (layers not yet calibrated: 0)."""
+    for part in AWQ_CONSUMERS:
+        for key, values, decimals in (("alpha", calibrator.awq_alphas[part], 2),
+                                      ("error_ratio", calibrator.awq_error_ratios[part], 4),
+                                      ("weighted_search", calibrator.awq_weighted[part], 0)):
+            record[key][part] = awq_text(values + [0.0] * (layers - len(values)), decimals)
+
+
 def _layer_of(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("layers.") else None
 
@@ -227,25 +261,51 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         tokenizer, generation = tokenizer_section(ckpt, model["vocab_size"])
         specs = plan_tensors(model, options)
         sources = _check_sources(ckpt, model, specs)
-        calibrator, gptq_record = None, None
-        if options.gptq:  # tokenize (and fail on bad text) before any output exists
+        calibrator, gptq_record, awq_record = None, None, None
+        if options.gptq or options.awq:  # tokenize (and fail on bad text) before any output exists
             text = load_text(options.calibration)
             ids = token_windows(tokenizer["tokenizer_json"], text, options.calibration_tokens)
             calibrator = LayerCalibrator(
                 ckpt, model, sources, {s.name: s.group_size for s in specs if s.group_size},
                 ids, GptqOptions(options.gptq_damping, options.gptq_act_order, options.clip_search,
-                                 options.gptq_search_weights),
-                options.gptq_propagate_quantized)
-            gptq_record = {
+                                 options.gptq_search_weights) if options.gptq else None,
+                options.gptq_propagate_quantized,
+                AwqOptions(tuple(options.awq_alphas), options.clip_search,
+                           weighted_search=options.awq_weighted_search and not options.gptq)
+                if options.awq else None,
+                options.clip_search)
+            calibration_record = {
                 "calibration": text.source,
                 "calibration_sha256": text.sha256,
                 "tokens": int(ids.size),
                 "window": WINDOW,
-                "damping": options.gptq_damping,
-                "act_order": options.gptq_act_order,
-                "search_weights": options.gptq_search_weights,
-                "inputs": "quantized" if options.gptq_propagate_quantized else "float",
             }
+            inputs = "quantized" if options.gptq_propagate_quantized else "float"
+            if options.gptq:
+                gptq_record = {
+                    **calibration_record,
+                    "damping": options.gptq_damping,
+                    "act_order": options.gptq_act_order,
+                    "search_weights": options.gptq_search_weights,
+                    "inputs": inputs,
+                }
+            if options.awq:  # the chosen alphas are filled in as the layers are calibrated
+                awq_record = {
+                    **calibration_record,
+                    "inputs": inputs,
+                    "alpha_grid": [float(a) for a in options.awq_alphas],
+                    "search_rows": SEARCH_ROWS,
+                    "search_tokens": min(SEARCH_TOKENS, int(ids.size)),
+                    # fixed-width text, so the manifest keeps its size when the writer patches
+                    # it: per consumer, one α (and its output error over α = 0's) per layer
+                    "alpha": {part: awq_text([0.0] * model["num_hidden_layers"], 2)
+                              for part in AWQ_CONSUMERS},
+                    "error_ratio": {part: awq_text([0.0] * model["num_hidden_layers"], 4)
+                                    for part in AWQ_CONSUMERS},
+                    # 1 where the group search was weighted by the scaled inputs' energy
+                    "weighted_search": {part: awq_text([0] * model["num_hidden_layers"], 0)
+                                        for part in AWQ_CONSUMERS},
+                }
         manifest = {
             "format": FORMAT_NAME,
             "format_version": [FORMAT_VERSION_MAJOR, FORMAT_VERSION_MINOR],
@@ -258,6 +318,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                 "zero_dtype": INT4_ZERO_DTYPE,
                 "clip_search": options.clip_search,
                 "gptq": gptq_record,
+                "awq": awq_record,
                 "embedding": options.embedding,
                 "lm_head": options.lm_head,
                 "norms_and_biases": HIGH_PRECISION,
@@ -285,14 +346,22 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
             pending = None
             try:
                 calibrated: dict[str, tuple[Int4Weight, QuantStats]] = {}
+                calibrated_layer = None
                 for spec in specs:
                     cols = spec.shape[1] if len(spec.shape) == 2 else 1
                     layer = _layer_of(spec.name) if calibrator else None
-                    if layer is not None and spec.layout == LAYOUT_INT4_ROWS:
-                        if spec.name not in calibrated:  # the layer's first projection
-                            calibrated = calibrator.weights(layer, lambda: progress.stop_requested)
+                    if layer is not None and layer != calibrated_layer:  # its first tensor
+                        calibrated = calibrator.weights(layer, lambda: progress.stop_requested)
+                        calibrated_layer = layer
+                        if awq_record is not None:
+                            _record_alphas(awq_record, calibrator, model["num_hidden_layers"])
+                    if layer is not None and spec.name in calibrated:
                         weight, stats = calibrated.pop(spec.name)
                         blob = int4_blob(spec, weight)
+                        progress.tensor_written(spec, int(np.prod(spec.shape)))
+                    elif layer is not None and spec.name in calibrator.vectors:  # AWQ-folded
+                        blob = dense_blob(spec, calibrator.vectors[spec.name])
+                        stats = QuantStats(0.0, 0.0, 0)
                         progress.tensor_written(spec, int(np.prod(spec.shape)))
                     else:
                         blob, stats = build_tensor(
@@ -335,6 +404,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                                  if s.group_size != options.group_size},
         "clip_search": options.clip_search,
         "gptq": manifest["quantization"]["gptq"],
+        "awq": manifest["quantization"]["awq"],
         # weighted squared error of the chosen parameters over that of round-to-nearest
         "error_vs_round_to_nearest": round(totals.error / totals.rtn_error, 4)
         if totals.rtn_error else None,
