@@ -7,9 +7,8 @@ per row was issue-bound on one SM (H200, ncu: 22K cycles, 13.9 us with the digit
 docs/kernel-notes.md). Because blocks read the old residual while others write the new one,
 the new residual goes to a second buffer (the backend alternates two).
 
-In the read-only first pass a thread loads VALUES_PER_THREAD values of each input before it
-uses any, so the loads overlap: 16 cover a 4096-wide row in one round of L2 latency with 256
-threads (with 4, a 3584-wide row took four rounds, one after another). A warp's lanes hold 32 consecutive values of the slice, so the normed
+In the read-only first pass a thread loads VALUES_PER_THREAD values before it uses any, so
+the loads overlap. A warp's lanes hold 32 consecutive values of the slice, so the normed
 values are quantized for the GEMV a lane per value (quantize_activations.quantize_lane).
 """
 
@@ -20,7 +19,7 @@ from numba import cuda, float32
 from .common import block_sum
 from .quantize_activations import quantize_lane
 
-VALUES_PER_THREAD = 16
+VALUES_PER_THREAD = 4
 
 
 def add_rmsnorm(delta, residual, weight, eps, accumulate, slice_width, residual_out, out,
