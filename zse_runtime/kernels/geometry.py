@@ -67,7 +67,7 @@ SAMPLING_THREADS = 256
 SAMPLING_SLICE = 4096
 SAMPLING_HISTOGRAMS = 5
 SAMPLING_BINS = 2048  # the widest digit: 11 bits
-SAMPLING_STATE_FIELDS = 8
+SAMPLING_STATE_FIELDS = 7
 
 
 def sampling_blocks(vocab: int) -> int:

@@ -51,7 +51,7 @@ LAST_LEVEL = 2
 # Passes over a slice read 4 values per iteration, independent loads in flight together.
 UNROLL = 4
 # The search state a refine step leaves for the next one: state[row, step, field], uint64.
-SEARCH, LEVEL, PREFIX, TARGET, ABOVE, FLOOR, KEPT, BEST = range(STATE_FIELDS)
+SEARCH, LEVEL, PREFIX, TARGET, ABOVE, FLOOR, BEST = range(STATE_FIELDS)
 TOP_K, TOP_P, DONE = 0, 1, 2
 
 
@@ -218,7 +218,7 @@ def _select_digit(hist_count, hist_mass, b, h, by_count, target, fraction, scan,
 @cuda.jit(device=True, inline="always")
 def _advance(hist_count, hist_mass, top_p, b, h, state, s, scan, result):
     """One selection of the search in state[b, s - 1] from histogram h; returns the new state
-    (search, level, prefix, target, above, floor, kept), the level being the digit the next
+    (search, level, prefix, target, above, floor), the level being the digit the next
     histogram must count (or the search DONE). All uint64 but the level (int64), so that
     numba gives every return the same types."""
     search = state[b, s - 1, SEARCH]
@@ -227,9 +227,8 @@ def _advance(hist_count, hist_mass, top_p, b, h, state, s, scan, result):
     target = state[b, s - 1, TARGET]
     above = state[b, s - 1, ABOVE]
     floor = state[b, s - 1, FLOOR]
-    kept = state[b, s - 1, KEPT]
     if search == DONE:
-        return search, level, prefix, target, above, floor, kept
+        return search, level, prefix, target, above, floor
     by_count = search == TOP_K
     # a top-p search on its own starts from the total mass (histogram 0's)
     fraction = top_p[b] if search == TOP_P and level == 0 else float32(0.0)
@@ -239,22 +238,23 @@ def _advance(hist_count, hist_mass, top_p, b, h, state, s, scan, result):
     above += mass_above
     prefix = (prefix << uint64(DIGIT_BITS[level])) | digit
     if level < LAST_LEVEL:
-        return search, level + int64(1), prefix, target, above, floor, kept
+        return search, level + int64(1), prefix, target, above, floor
     floor = prefix
-    kept = above + digit_mass  # the last digit holds one key: all of it is kept
     if search == TOP_K and top_p[b] < float32(1.0):
-        # top-p over the top-k survivors. Its first digit comes from histogram 0, all keys: its
-        # target is at most the mass above the top-k threshold, so the key it finds is at or
-        # above that threshold and no key below it can change the choice.
+        # top-p over the top-k survivors, whose mass is that above the threshold plus the
+        # threshold key's (its digit holds one key). Its first digit comes from histogram 0, all
+        # keys: its target is at most the mass above the top-k threshold, so the key it finds is
+        # at or above that threshold and no key below it can change the choice.
+        kept = above + digit_mass
         target = max(uint64(math.ceil(float64(top_p[b]) * float64(kept))), uint64(1))
         digit, count_above, mass_above, digit_mass, target = _select_digit(
             hist_count, hist_mass, b, 0, False, target, float32(0.0), scan, result)
-        return uint64(TOP_P), int64(1), digit, target - mass_above, mass_above, floor, kept
-    return uint64(DONE), level, prefix, target, above, floor, kept
+        return uint64(TOP_P), int64(1), digit, target - mass_above, mass_above, floor
+    return uint64(DONE), level, prefix, target, above, floor
 
 
 @cuda.jit(device=True, inline="always")
-def _store_state(state, b, s, search, level, prefix, target, above, floor, kept, best):
+def _store_state(state, b, s, search, level, prefix, target, above, floor, best):
     if cuda.blockIdx.y == 0 and cuda.threadIdx.x == 0:
         state[b, s, SEARCH] = search
         state[b, s, LEVEL] = uint64(level)
@@ -262,7 +262,6 @@ def _store_state(state, b, s, search, level, prefix, target, above, floor, kept,
         state[b, s, TARGET] = target
         state[b, s, ABOVE] = above
         state[b, s, FLOOR] = floor
-        state[b, s, KEPT] = kept
         state[b, s, BEST] = best
 
 
@@ -371,7 +370,7 @@ def sample_exp(logits, temperature, top_k, top_p, seeds, steps, out, part_best, 
     search = uint64(TOP_K if has_k else (TOP_P if has_p else DONE))
     target = uint64(top_k[b]) if has_k else uint64(0)
     _store_state(state, b, 0, search, int64(0), uint64(0), target, uint64(0), uint64(0),
-                 uint64(0), uint64(best_index))
+                 uint64(best_index))
 
 
 def sample_refine(logits, temperature, top_k, top_p, seeds, steps, out, part_best, part_index,
@@ -381,10 +380,9 @@ def sample_refine(logits, temperature, top_k, top_p, seeds, steps, out, part_bes
     b = cuda.blockIdx.x
     scan = cuda.shared.array(THREADS, uint64)
     result = cuda.shared.array(4, uint64)
-    search, level, prefix, target, above, floor, kept = _advance(
+    search, level, prefix, target, above, floor = _advance(
         hist_count, hist_mass, top_p, b, s - 1, state, s, scan, result)
-    _store_state(state, b, s, search, level, prefix, target, above, floor, kept,
-                 state[b, s - 1, BEST])
+    _store_state(state, b, s, search, level, prefix, target, above, floor, state[b, s - 1, BEST])
     if search != DONE:
         begin, end = _slice(logits.shape[1], part_best.shape[1], cuda.blockIdx.y)
         _slice_histogram(logits, b, begin, end, level, prefix, hist_count, hist_mass, s)
@@ -400,11 +398,10 @@ def sample_sums(logits, temperature, top_k, top_p, seeds, steps, out, part_best,
     step = cuda.blockDim.x
     scan = cuda.shared.array(THREADS, uint64)
     result = cuda.shared.array(4, uint64)
-    search, level, prefix, target, above, floor, kept = _advance(
+    search, level, prefix, target, above, floor = _advance(
         hist_count, hist_mass, top_p, b, s - 1, state, s, scan, result)
     # the last refine step leaves every search at its last level: this selection ends it
-    _store_state(state, b, s, search, level, prefix, target, above, floor, kept,
-                 state[b, s - 1, BEST])
+    _store_state(state, b, s, search, level, prefix, target, above, floor, state[b, s - 1, BEST])
     begin, end = _slice(logits.shape[1], part_best.shape[1], j)
     mass = uint64(0)
     for i in range(begin + tid, end, step * UNROLL):
