@@ -2,10 +2,10 @@
 
 A block (token x head, partition) runs an online softmax over one partition of the token's keys
 (causal, optionally a sliding window) and writes the partition's (max, sum, unnormalised output)
-to a workspace. Each warp takes 32 keys at a time, a key per lane: a lane
-reads its key's row with 16-byte loads and computes the score against q (in shared memory), the
-batch's softmax weights go through shared memory, then every lane accumulates its slice of the
-head dimension over the 32 value rows. A lane issues a round of key loads (or 8 value rows)
+to a workspace. Each warp takes 32 keys at a time, a key per lane: a lane reads its key's row
+with 16-byte loads and computes the score against q (in shared memory), the batch's softmax
+weights go through shared memory, then every lane accumulates its slice of the head dimension
+over the 32 value rows. A lane issues a round of key loads (or 8 value rows)
 before it uses any, so a warp waits for memory a few times per 32 keys, not once per key.
 Splitting keeps all SMs busy for long contexts, where one block per head would use 28 of 132.
 
