@@ -34,6 +34,7 @@ MAX_DIMS_PER_LANE = 2 * MAX_WORDS_PER_LANE
 # value rows a lane loads before it uses any (H200, 2026-11-30: all 32 of a warp's rows saved
 # 0.3-2 us per layer up to 1024 keys but cost 12 us at 4096, at 176 registers instead of 128)
 VALUE_ROWS = 8
+MERGE_LOADS = 4  # partitions' values a thread of the merge loads before it adds any
 
 
 def _make_partial(key_words):
@@ -173,9 +174,12 @@ def _merge(item, t, h, parts, part_max, part_sum, part_acc, out, quantize, xq, x
     # unless there are more than THREADS): a running sum rescaled to the running max
     own_best = float32(-math.inf)
     own_total = float32(0.0)
+    first_best = float32(-math.inf)  # partition threadIdx.x's, for the weights below
     for p in range(cuda.threadIdx.x, parts, THREADS):
         part_best = load_l2_f32(part_max, (item, p))
         part_total = load_l2_f32(part_sum, (item, p))
+        if p < THREADS:
+            first_best = part_best
         if part_best > own_best:
             own_total = own_total * math.exp(own_best - part_best) if own_best > -math.inf \
                 else float32(0.0)
@@ -193,14 +197,23 @@ def _merge(item, t, h, parts, part_max, part_sum, part_acc, out, quantize, xq, x
             cuda.syncthreads()
             scales[cuda.threadIdx.x] = float32(0.0)
             if p < parts:
-                part_best = load_l2_f32(part_max, (item, p))
+                part_best = first_best if first == 0 else load_l2_f32(part_max, (item, p))
                 if part_best > -math.inf:
                     scales[cuda.threadIdx.x] = math.exp(part_best - best) / total
             cuda.syncthreads()
-            for k in range(min(THREADS, parts - first)):
-                weight = scales[k]
-                if weight != float32(0.0) and d < dim:
-                    value += load_l2_f32(part_acc, (item, first + k, d)) * weight
+            chunk = min(THREADS, parts - first)
+            for k in range(0, chunk, MERGE_LOADS):
+                # MERGE_LOADS partitions' values in flight, then added in partition order
+                loaded = cuda.local.array(MERGE_LOADS, float32)
+                for u in range(MERGE_LOADS):
+                    loaded[u] = float32(0.0)
+                    if k + u < chunk and d < dim:
+                        loaded[u] = load_l2_f32(part_acc, (item, first + k + u, d))
+                for u in range(MERGE_LOADS):
+                    if k + u < chunk:
+                        weight = scales[k + u]
+                        if weight != float32(0.0) and d < dim:
+                            value += loaded[u] * weight
         if d < dim:
             out[t, h * dim + d] = value
         if quantize:
