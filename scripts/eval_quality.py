@@ -15,8 +15,6 @@ How each variant runs:
   gptq gN           the same, converted with --gptq (calibration text: the converter's default,
                     Python standard-library source, disjoint from the text scored here);
   awq gN            the same, converted with --awq (same calibration text);
-  awqscale gN       the same, but AWQ's scales only: the group search is never weighted by the
-                    inputs' energy (ConvertOptions(awq_weighted_search=False));
   awq+gptq gN       the same, converted with --awq --gptq;
   gguf q4_0 / q4_1  the same tensors quantized by the gguf package's reference quantizers,
                     dequantized, and run through transformers (ZSE cannot execute GGUF blocks).
@@ -152,10 +150,9 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
             started = time.perf_counter()
             scores = Scores()
             kind, spec = variant.split("-")
-            if kind in ("zse", "rtn", "gptq", "awq", "awqscale", "awq+gptq"):
+            if kind in ("zse", "rtn", "gptq", "awq", "awq+gptq"):
                 out = Path(tmp) / f"{variant}.zse"
-                extra = dict(gptq="gptq" in kind, awq="awq" in kind,
-                             awq_weighted_search=kind != "awqscale")
+                extra = dict(gptq="gptq" in kind, awq="awq" in kind)
                 if kind not in ("zse", "rtn"):
                     extra.update(gptq_options or {})
                 summary = convert(str(folder), out, ConvertOptions(
@@ -176,7 +173,7 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
                     scores.add(hf_logprobs(model, w), ref, w)
                 del model
             results[variant] = {**scores.summary(), "bits_per_weight": round(bits, 3)}
-            if kind in ("gptq", "awq", "awqscale", "awq+gptq"):
+            if kind in ("gptq", "awq", "awq+gptq"):
                 results[variant]["gptq"] = summary["gptq"]
                 if summary["awq"]:
                     results[variant]["awq"] = summary["awq"]

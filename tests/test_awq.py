@@ -120,39 +120,34 @@ def test_folded_float_layer_gives_the_original_outputs(tmp_path, arch):
 
 # Output error with AWQ over that without (the clipping search alone), 256 x 1024 Student-t
 # weights, inputs with 8 of 1024 channels at 100x (seed 0), measured 2026-11-30: the outlier
-# channels' weights dominate the error until they get finer steps. Scales only (chosen α
-# 0.5/0.45/0.45), and with the group search weighted by the scaled inputs' energy (α 0.3).
-EXPECTED_AWQ_RATIO = {(32, False): 0.0349, (64, False): 0.0550, (128, False): 0.0468,
-                      (32, True): 0.0177, (64, True): 0.0238, (128, True): 0.0222}
+# channels' weights dominate the error until they get finer steps (chosen α 0.5/0.45/0.45).
+EXPECTED_AWQ_RATIO = {32: 0.0349, 64: 0.0550, 128: 0.0468}
 
 
-@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_awq_lowers_the_output_error_on_outlier_channels(group_size, weighted):
+def test_awq_lowers_the_output_error_on_outlier_channels(group_size):
     x = _outlier_inputs(2048, 1024)
     w = (np.random.default_rng(1).standard_t(3, (256, 1024)) * 0.02).astype(np.float32)
-    choice = search_scales(w, x, group_size, AwqOptions(weighted_search=weighted))
+    choice = search_scales(w, x, group_size, AwqOptions())
     assert choice.alpha > 0 and min(choice.errors) < choice.errors[0]
-    assert (choice.column_weight is not None) == weighted
-    scaled, _ = quantize_int4(w * choice.scales, group_size, column_weight=choice.column_weight)
+    scaled, _ = quantize_int4(w * choice.scales, group_size)
     searched, _ = quantize_int4(w, group_size)
     h = x.astype(np.float64).T @ x
     ratio = (output_error(w, dequantize_int4(scaled) / choice.scales, h)
              / output_error(w, dequantize_int4(searched), h))
-    assert ratio == pytest.approx(EXPECTED_AWQ_RATIO[group_size, weighted], rel=0.1)
+    assert ratio == pytest.approx(EXPECTED_AWQ_RATIO[group_size], rel=0.1)
     assert choice.error_ratio == pytest.approx(ratio, rel=0.05)  # the search's own estimate
     # without outliers there is less to gain, and α = 0 bounds the loss on the search sample
     plain = np.random.default_rng(2).standard_normal((2048, 1024)).astype(np.float32)
-    assert search_scales(w, plain, group_size, AwqOptions(weighted_search=weighted)
-                         ).error_ratio <= 1.0
+    assert search_scales(w, plain, group_size, AwqOptions()).error_ratio <= 1.0
 
 
 def test_alpha_zero_is_the_plain_conversion_bit_for_bit(tiny_qwen2, tmp_path):
     plain, awq = tmp_path / "plain.zse", tmp_path / "awq0.zse"
     convert(str(tiny_qwen2), plain, ConvertOptions(group_size=64))
-    summary = convert(str(tiny_qwen2), awq, ConvertOptions(
-        group_size=64, awq=True, awq_alphas=(0.0,), awq_weighted_search=False,
-        calibration_tokens=WINDOW))
+    summary = convert(str(tiny_qwen2), awq, ConvertOptions(group_size=64, awq=True,
+                                                         awq_alphas=(0.0,),
+                                                         calibration_tokens=WINDOW))
     assert summary["awq"]["alpha"]["down_proj"] == "0.00 0.00"
     with ZseFile(plain) as a, ZseFile(awq) as b:
         assert [t.xxh64 for t in a.tensors.values()] == [t.xxh64 for t in b.tensors.values()]
@@ -179,8 +174,7 @@ def test_converter_with_awq_records_and_folds(tiny_qwen2, tmp_path):
     for part in ("qkv", "o_proj", "gate_up", "down_proj"):
         alphas = [float(a) for a in record["alpha"][part].split()]
         ratios = [float(r) for r in record["error_ratio"][part].split()]
-        weighted = record["weighted_search"][part].split()
-        assert len(alphas) == len(ratios) == len(weighted) == layers and set(weighted) <= {"0", "1"}
+        assert len(alphas) == len(ratios) == layers
         assert all(a in record["alpha_grid"] for a in alphas) and all(0 < r <= 1 for r in ratios)
     with ZseFile(awq) as zse, ZseFile(plain) as reference:
         assert zse.manifest["quantization"]["awq"] == record

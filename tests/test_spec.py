@@ -444,7 +444,6 @@ AWQ_RECORD = {
     "inputs": "quantized", "alpha_grid": [0.0, 0.5, 1.0], "search_rows": 512, "search_tokens": 2048,
     "alpha": {part: "0.50 0.00" for part in ("qkv", "o_proj", "gate_up", "down_proj")},
     "error_ratio": {part: "0.9000 1.0000" for part in ("qkv", "o_proj", "gate_up", "down_proj")},
-    "weighted_search": {part: "1 0" for part in ("qkv", "o_proj", "gate_up", "down_proj")},
 }
 
 INVALID = {

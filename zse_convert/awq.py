@@ -22,11 +22,10 @@ of the quantized result Ŵ(α) = Q(W·diag(s))·diag(s)⁻¹ on a sample of the 
 of W's rows. α = 0 gives s = 1, i.e. exactly the quantization without AWQ, so on that sample
 the chosen α is never worse than none.
 
-AWQ's second step, a clipping search against the output error, is here the existing group search
-(quantize.py) with each column's error weighted by its (scaled) input energy mean(x_j²)/s_j²,
-the diagonal of the output error's Hessian (as GPTQ's search is weighted, and llama.cpp's
-imatrix). Each α is tried with and without that weighting; the unweighted α = 0 candidate is the
-conversion without AWQ.
+The scaled weights go through the same group search as without AWQ (quantize.py). Weighting that
+search by the scaled inputs' energy as well (AWQ's output-aware clipping, approximated by
+diag(H)) lowered the calibration output error further but raised Qwen2.5-Coder-0.5B's perplexity
+increase (docs/quality.md, "AWQ"), so it is not done.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ import numpy as np
 
 from zse_runtime.zsefile import dequantize_int4
 
-from .gptq import DAMPING
 from .quantize import quantize_int4
 
 # 0, 0.05, ..., 1 as in the AWQ reference's grid of 20 (which stops before 1).
@@ -53,16 +51,13 @@ class AwqOptions:
     clip_search: bool = True  # the group search on the scaled weights (False: round-to-nearest)
     search_rows: int = SEARCH_ROWS
     search_tokens: int = SEARCH_TOKENS
-    # also try each α with the group search weighted by the scaled inputs' energy
-    weighted_search: bool = True
 
 
 @dataclass
 class ScaleChoice:
     alpha: float
     scales: np.ndarray  # float32 [K]: column j of W is multiplied, input channel j divided by it
-    column_weight: np.ndarray | None  # the group search's column weights; None: unweighted
-    errors: list[float] = field(default_factory=list)  # output error of each candidate, α = 0 first
+    errors: list[float] = field(default_factory=list)  # output error at each α, smallest α first
 
     @property
     def error_ratio(self) -> float:
@@ -90,28 +85,15 @@ def shared_by_kv_heads(mean_abs: np.ndarray, heads: int, kv_heads: int) -> np.nd
     return np.repeat(grouped, heads // kv_heads, axis=0).reshape(-1)
 
 
-def energy_weights(energy: np.ndarray, s: np.ndarray) -> np.ndarray | None:
-    """Column weights for the group search: the scaled inputs' mean square, damped as GPTQ
-    damps diag(H), with mean 1; None if the inputs are all zero."""
-    scaled = energy / np.square(s, dtype=np.float64)
-    floor = DAMPING * float(scaled.mean())
-    if not floor > 0:
-        return None
-    weight = scaled + floor
-    return weight / weight.mean()
-
-
 def search_scales(w: np.ndarray, x: np.ndarray, group_size: int, options: AwqOptions,
                   mean_abs: np.ndarray | None = None, name: str = "tensor") -> ScaleChoice:
-    """The α of options.alphas (and group-search weighting) whose scaled quantization has the
-    least output error on x.
+    """The α of options.alphas whose scaled quantization has the least output error on x.
 
     w: float32 [N, K]; x: float32 [T, K] the consumer's inputs; mean_abs: the statistic the
     scales come from (default mean |x| per channel; o_proj passes the kv-shared one).
     """
     if mean_abs is None:
         mean_abs = np.abs(x).mean(0, dtype=np.float64)
-    energy = np.square(x, dtype=np.float32).mean(0, dtype=np.float64)
     rows = np.unique(np.linspace(0, w.shape[0] - 1, min(w.shape[0], options.search_rows))
                      .astype(np.int64))
     sample = np.ascontiguousarray(w[rows], np.float32)
@@ -120,26 +102,19 @@ def search_scales(w: np.ndarray, x: np.ndarray, group_size: int, options: AwqOpt
     errors = []
     for alpha in sorted(options.alphas):
         s = channel_scales(mean_abs, alpha)
-        weightings = [None]
-        if options.weighted_search and options.clip_search:
-            weighted = energy_weights(energy, s)
-            if weighted is not None:
-                weightings.append(weighted)
-        for column_weight in weightings:
-            try:
-                weight, _ = quantize_int4(sample * s, group_size, options.clip_search, name,
-                                          column_weight)
-            except ValueError:  # scaled weights beyond what fp16 scales hold: not a candidate
-                errors.append(float("inf"))
-                continue
-            difference = sample - dequantize_int4(weight) / s
-            error = float(np.square(tokens @ difference.T, dtype=np.float32).sum(dtype=np.float64))
-            errors.append(error)
-            if best is None or error < best[0]:
-                best = (error, alpha, s, column_weight)
+        try:
+            weight, _ = quantize_int4(sample * s, group_size, options.clip_search, name)
+        except ValueError:  # scaled weights beyond what fp16 scales hold: not a candidate
+            errors.append(float("inf"))
+            continue
+        difference = sample - dequantize_int4(weight) / s
+        error = float(np.square(tokens @ difference.T, dtype=np.float32).sum(dtype=np.float64))
+        errors.append(error)
+        if best is None or error < best[0]:
+            best = (error, alpha, s)
     if best is None:
         raise ValueError(f"{name}: no AWQ scale in {options.alphas} gives quantizable weights")
-    return ScaleChoice(best[1], best[2], best[3], errors)
+    return ScaleChoice(best[1], best[2], errors)
 
 
 # The folds. Each keeps the float layer's output unchanged (tests/test_awq.py checks it).

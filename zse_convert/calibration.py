@@ -182,8 +182,6 @@ class LayerCalibrator:
         # and the output error it left relative to α = 0, on the search sample
         self.awq_alphas: dict[str, list[float]] = {part: [] for part in AWQ_CONSUMERS}
         self.awq_error_ratios: dict[str, list[float]] = {part: [] for part in AWQ_CONSUMERS}
-        self.awq_weighted: dict[str, list[int]] = {part: [] for part in AWQ_CONSUMERS}
-        self._column_weights: dict[str, np.ndarray | None] = {}  # AWQ's choice, by tensor
 
     def _embed(self) -> np.ndarray:
         """Embedding rows of the calibration tokens, read a chunk of the table at a time."""
@@ -206,11 +204,9 @@ class LayerCalibrator:
 
     def _quantize(self, name: str, w: np.ndarray, inputs: np.ndarray
                   ) -> tuple[Int4Weight, QuantStats]:
-        """GPTQ on `name` against `inputs`, or without GPTQ options the clipping search (weighted
-        by the inputs' energy where AWQ's search chose that)."""
+        """GPTQ on `name` against `inputs`, or the clipping search without GPTQ options."""
         if self.options is None:
-            return quantize_int4(w, self.group_sizes[name], self.clip_search, name,
-                                 self._column_weights.get(name))
+            return quantize_int4(w, self.group_sizes[name], self.clip_search, name)
         return gptq_quantize(w, _gram(inputs), self.group_sizes[name], self.options, name)
 
     def _used(self, w: np.ndarray, weight: Int4Weight) -> np.ndarray:
@@ -223,8 +219,6 @@ class LayerCalibrator:
         choice = search_scales(w, inputs, self.group_sizes[name], self.awq, mean_abs, name)
         self.awq_alphas[part].append(choice.alpha)
         self.awq_error_ratios[part].append(round(choice.error_ratio, 4))
-        self.awq_weighted[part].append(int(choice.column_weight is not None))
-        self._column_weights[name] = choice.column_weight
         return choice.scales if choice.alpha else None
 
     def _attention(self, qkv: np.ndarray) -> np.ndarray:
@@ -343,7 +337,6 @@ class LayerCalibrator:
         for start in range(0, h.shape[0], TOKEN_CHUNK):
             h[start:start + TOKEN_CHUNK] += mixed[start:start + TOKEN_CHUNK] @ down.T
         self.vectors = vectors
-        self._column_weights = {}
         self.next_layer += 1
         if self.next_layer == c.num_hidden_layers:
             self.hidden = None

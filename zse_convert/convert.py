@@ -58,9 +58,6 @@ class ConvertOptions:
     # GPTQ then runs on the scaled weights
     awq: bool = False
     awq_alphas: tuple[float, ...] = ALPHAS
-    # also try each α with the group search weighted by the inputs' energy (without --gptq; GPTQ
-    # weights its own search, and its α is chosen with the unweighted search as a proxy)
-    awq_weighted_search: bool = True
     revision: str | None = None
     token: str | None = None
 
@@ -225,8 +222,7 @@ def _record_alphas(record: dict, calibrator: LayerCalibrator, layers: int) -> No
     """The α chosen so far into the manifest's AWQ record (layers not yet calibrated: 0)."""
     for part in AWQ_CONSUMERS:
         for key, values, decimals in (("alpha", calibrator.awq_alphas[part], 2),
-                                      ("error_ratio", calibrator.awq_error_ratios[part], 4),
-                                      ("weighted_search", calibrator.awq_weighted[part], 0)):
+                                      ("error_ratio", calibrator.awq_error_ratios[part], 4)):
             record[key][part] = awq_text(values + [0.0] * (layers - len(values)), decimals)
 
 
@@ -270,9 +266,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                 ids, GptqOptions(options.gptq_damping, options.gptq_act_order, options.clip_search,
                                  options.gptq_search_weights) if options.gptq else None,
                 options.gptq_propagate_quantized,
-                AwqOptions(tuple(options.awq_alphas), options.clip_search,
-                           weighted_search=options.awq_weighted_search and not options.gptq)
-                if options.awq else None,
+                AwqOptions(tuple(options.awq_alphas), options.clip_search) if options.awq else None,
                 options.clip_search)
             calibration_record = {
                 "calibration": text.source,
@@ -302,9 +296,6 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                               for part in AWQ_CONSUMERS},
                     "error_ratio": {part: awq_text([0.0] * model["num_hidden_layers"], 4)
                                     for part in AWQ_CONSUMERS},
-                    # 1 where the group search was weighted by the scaled inputs' energy
-                    "weighted_search": {part: awq_text([0] * model["num_hidden_layers"], 0)
-                                        for part in AWQ_CONSUMERS},
                 }
         manifest = {
             "format": FORMAT_NAME,
