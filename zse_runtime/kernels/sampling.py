@@ -48,7 +48,7 @@ DIGIT_BITS = (11, 10, 10)
 DIGIT_SHIFTS = (20, 10, 0)
 PREFIX_SHIFTS = (31, 20, 10)  # key >> PREFIX_SHIFTS[level]: the digits chosen before `level`
 LAST_LEVEL = 2
-# Passes over a slice read 4 values per iteration, independent loads in flight together.
+# Passes over a slice read UNROLL values per iteration (_four_values).
 UNROLL = 4
 # The search state a refine step leaves for the next one: state[row, step, field], uint64.
 SEARCH, LEVEL, PREFIX, TARGET, ABOVE, FLOOR, BEST = range(STATE_FIELDS)
@@ -73,6 +73,14 @@ def uniform(seed, step):
 @cuda.jit(device=True, inline="always")
 def _value(probs, b, i, end):
     return probs[b, i] if i < end else float32(0.0)
+
+
+@cuda.jit(device=True, inline="always")
+def _four_values(probs, b, i, step, end):
+    """Values i, i + step, i + 2 step, i + 3 step of row b (0 past end): loads in flight
+    together."""
+    return (_value(probs, b, i, end), _value(probs, b, i + step, end),
+            _value(probs, b, i + 2 * step, end), _value(probs, b, i + 3 * step, end))
 
 
 @cuda.jit(device=True, inline="always")
@@ -161,8 +169,7 @@ def _slice_histogram(probs, b, begin, end, level, prefix, hist_count, hist_mass,
     digit_shift = DIGIT_SHIFTS[level]
     digit_mask = (1 << DIGIT_BITS[level]) - 1
     for i in range(begin + cuda.threadIdx.x, end, step * UNROLL):
-        values = (_value(probs, b, i, end), _value(probs, b, i + step, end),
-                  _value(probs, b, i + 2 * step, end), _value(probs, b, i + 3 * step, end))
+        values = _four_values(probs, b, i, step, end)
         for u in range(UNROLL):
             key = float_bits(values[u])
             if i + u * step < end and (key >> prefix_shift) == prefix:
@@ -315,8 +322,7 @@ def sample_max(logits, temperature, top_k, top_p, seeds, steps, out, part_best, 
     best = float32(-math.inf)
     best_index = begin  # as numpy's argmax when no value exceeds -inf (block 0 holds index 0)
     for i in range(begin + tid, end, step * UNROLL):
-        values = (_value(logits, b, i, end), _value(logits, b, i + step, end),
-                  _value(logits, b, i + 2 * step, end), _value(logits, b, i + 3 * step, end))
+        values = _four_values(logits, b, i, step, end)
         for u in range(UNROLL):  # increasing indices: the first of equal values stays
             if values[u] > best and i + u * step < end:
                 best = values[u]
@@ -355,8 +361,7 @@ def sample_exp(logits, temperature, top_k, top_p, seeds, steps, out, part_best, 
     begin, end = _slice(vocab, blocks, j)
     counts, mass_low, mass_high = _shared_histogram()
     for i in range(begin + tid, end, step * UNROLL):
-        values = (_value(logits, b, i, end), _value(logits, b, i + step, end),
-                  _value(logits, b, i + 2 * step, end), _value(logits, b, i + 3 * step, end))
+        values = _four_values(logits, b, i, step, end)
         for u in range(UNROLL):
             if i + u * step < end:
                 e = math.exp((values[u] - best) * inv_temperature)
@@ -405,8 +410,7 @@ def sample_sums(logits, temperature, top_k, top_p, seeds, steps, out, part_best,
     begin, end = _slice(logits.shape[1], part_best.shape[1], j)
     mass = uint64(0)
     for i in range(begin + tid, end, step * UNROLL):
-        values = (_value(logits, b, i, end), _value(logits, b, i + step, end),
-                  _value(logits, b, i + 2 * step, end), _value(logits, b, i + 3 * step, end))
+        values = _four_values(logits, b, i, step, end)
         for u in range(UNROLL):
             if i + u * step < end and float_bits(values[u]) >= floor:
                 mass += _mass(values[u])
