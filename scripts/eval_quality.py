@@ -1,6 +1,6 @@
 """Quantization quality on real weights: perplexity, top-1 agreement and KL divergence against
 the unquantized model, for ZSE's INT4 at group 32/64/128 (with and without the clipping search,
-and with GPTQ against calibration text) and llama.cpp's Q4_0 / Q4_1.
+and with GPTQ and/or AWQ against calibration text) and llama.cpp's Q4_0 / Q4_1.
 
     python scripts/eval_quality.py HF_FOLDER [--text FILE ...] [--tokens 4096] [--window 512]
                                    [--variants zse-g128,gptq-g64,...] [--calibration-tokens N]
@@ -190,7 +190,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text to score")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--variants", default="zse-g128,zse-g64,zse-g32,rtn-g128,rtn-g64,rtn-g32,"
-                                               "gptq-g128,gptq-g64,gguf-q4_0,gguf-q4_1")
+                                               "gptq-g128,gptq-g64,awq-g128,awq-g64,awq+gptq-g128,"
+                                               "awq+gptq-g64,gguf-q4_0,gguf-q4_1")
     parser.add_argument("--lm-head", choices=["int4", "float16"], default="float16",
                         help="lm_head precision in every quantized variant")
     parser.add_argument("--calibration-tokens", type=int, help="for the gptq and awq variants "

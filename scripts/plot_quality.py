@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {"zse": ("o", "tab:blue"), "rtn": ("s", "tab:gray"), "gptq": ("D", "tab:green"),
-         "gguf": ("^", "tab:red")}
+         "awq": ("v", "tab:purple"), "awq+gptq": ("P", "tab:olive"), "gguf": ("^", "tab:red")}
 
 
 def main() -> int:
