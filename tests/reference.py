@@ -71,3 +71,23 @@ def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[np.nda
         out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
                     use_cache=True)
     return tokens, logits
+
+
+def logit_distances(checkpoint: Path, zse_paths: list[Path], ids: list[int]) -> dict[str, float]:
+    """RMS distance of each `.zse` file's logits (CPU backend, one prefill of `ids`) from the
+    checkpoint's own logits (transformers, float32), keyed by file stem."""
+    import transformers
+
+    from zse_runtime.engine import Engine
+    from zse_runtime.model import Batch
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = hf(torch.tensor([ids])).logits[0].numpy()
+    distances, n = {}, len(ids)
+    for path in zse_paths:
+        engine = Engine.open(path, device="cpu", max_model_len=n)
+        logits = np.asarray(engine.forward(Batch.of(ids, np.arange(n), np.zeros(n), np.arange(n))))
+        distances[path.stem] = float(np.sqrt(np.mean((logits - reference) ** 2)))
+        del engine
+    return distances

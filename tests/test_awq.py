@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.checkpoints import make_checkpoint
+from tests.reference import logit_distances
 from zse_convert.awq import (AwqOptions, channel_scales, fold_into_up, fold_into_v,
                              search_scales, shared_by_kv_heads)
 from zse_convert.calibration import (WINDOW, LayerCalibrator, _rmsnorm, stdlib_text,
@@ -156,12 +157,8 @@ def test_alpha_zero_is_the_plain_conversion_bit_for_bit(tiny_qwen2, tmp_path):
 def test_converter_with_awq_records_and_folds(tiny_qwen2, tmp_path):
     """End to end: the AWQ record in the manifest, norms that differ from the source by the
     folded scales, a valid file, and logits as close to the float model as the plain search's."""
-    import torch
-    import transformers
     from tokenizers import Tokenizer
 
-    from zse_runtime.engine import Engine
-    from zse_runtime.model import Batch
 
     plain, awq = tmp_path / "plain.zse", tmp_path / "awq.zse"
     convert(str(tiny_qwen2), plain, ConvertOptions(group_size=64))
@@ -188,16 +185,7 @@ def test_converter_with_awq_records_and_folds(tiny_qwen2, tmp_path):
 
     ids = Tokenizer.from_str((tiny_qwen2 / "tokenizer.json").read_text()).encode(
         "def main():\n    return sorted(items, key=len)\n" * 8).ids[:200]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
-    with torch.no_grad():
-        reference_logits = hf(torch.tensor([ids])).logits[0].numpy()
-    distance = {}
-    for path in (plain, awq):
-        engine = Engine.open(path, device="cpu", max_model_len=len(ids))
-        n = len(ids)
-        logits = np.asarray(engine.forward(Batch.of(ids, np.arange(n), np.zeros(n), np.arange(n))))
-        distance[path.stem] = float(np.sqrt(np.mean((logits - reference_logits) ** 2)))
-        del engine
+    distance = logit_distances(tiny_qwen2, [plain, awq], ids)
     assert distance["awq"] < 1.05 * distance["plain"], distance
 
 
