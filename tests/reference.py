@@ -91,3 +91,29 @@ def logit_distances(checkpoint: Path, zse_paths: list[Path], ids: list[int]) -> 
         distances[path.stem] = float(np.sqrt(np.mean((logits - reference) ** 2)))
         del engine
     return distances
+
+
+def float_calibration(folder: Path, gptq, awq=None):
+    """A LayerCalibrator over the checkpoint in `folder` with float inputs propagated, on two
+    windows of the stdlib calibration text, beside transformers' hidden states for the same
+    tokens: (checkpoint, canonical config, calibrator, ids [windows, WINDOW], hidden states,
+    the transformers model). The caller closes the checkpoint."""
+    import transformers
+
+    from zse_convert.architectures import canonical_config
+    from zse_convert.calibration import WINDOW, LayerCalibrator, stdlib_text, token_windows
+    from zse_convert.convert import ConvertOptions, _check_sources, plan_tensors
+    from zse_convert.source import Checkpoint
+
+    ckpt = Checkpoint.open(folder)
+    model = canonical_config(ckpt.read_json("config.json"))
+    specs = plan_tensors(model, ConvertOptions())
+    ids = token_windows((folder / "tokenizer.json").read_text(), stdlib_text(), 2 * WINDOW)
+    calibrator = LayerCalibrator(ckpt, model, _check_sources(ckpt, model, specs),
+                                 {s.name: s.group_size for s in specs if s.group_size}, ids,
+                                 gptq, propagate_quantized=False, awq=awq)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    with torch.no_grad():
+        states = hf(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True).hidden_states
+    return ckpt, model, calibrator, ids, states, hf

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from tests.checkpoints import make_checkpoint
-from tests.reference import logit_distances
+from tests.reference import float_calibration, logit_distances
 from zse_convert.awq import (AwqOptions, channel_scales, fold_into_up, fold_into_v,
                              search_scales, shared_by_kv_heads)
-from zse_convert.calibration import (WINDOW, LayerCalibrator, _rmsnorm, stdlib_text,
-                                     token_windows)
+from zse_convert.calibration import (WINDOW, _rmsnorm)
 from zse_convert.convert import ConvertOptions, convert
 from zse_convert.gptq import output_error
 from zse_convert.quantize import quantize_int4
-from zse_convert.source import Checkpoint, SourceError
+from zse_convert.source import SourceError
 from zse_runtime.zsefile import ZseFile, dequantize_int4
 
 
@@ -86,24 +85,8 @@ def test_fold_into_v_and_up_keep_the_float_outputs():
 def test_folded_float_layer_gives_the_original_outputs(tmp_path, arch):
     """The calibrator with float propagation and a forced α = 1 (every fold active: norms, v rows
     and bias, up rows) leaves the residual stream after each layer what transformers computes."""
-    import torch
-    import transformers
-
-    from zse_convert.architectures import canonical_config
-    from zse_convert.convert import _check_sources, plan_tensors
-
-    folder = make_checkpoint(tmp_path / arch, arch, dtype="float32")
-    ckpt = Checkpoint.open(folder)
-    model = canonical_config(ckpt.read_json("config.json"))
-    specs = plan_tensors(model, ConvertOptions())
-    ids = token_windows((folder / "tokenizer.json").read_text(), stdlib_text(), 2 * WINDOW)
-    calibrator = LayerCalibrator(ckpt, model, _check_sources(ckpt, model, specs),
-                                 {s.name: s.group_size for s in specs if s.group_size}, ids,
-                                 None, propagate_quantized=False, awq=AwqOptions(alphas=(1.0,)))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    with torch.no_grad():
-        states = hf(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True).hidden_states
+    ckpt, model, calibrator, _, states, hf = float_calibration(
+        make_checkpoint(tmp_path / arch, arch, dtype="float32"), None, AwqOptions(alphas=(1.0,)))
     stream = None
     for layer in range(2):
         calibrator.weights(layer)

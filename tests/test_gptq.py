@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from tests.checkpoints import make_checkpoint
-from tests.reference import logit_distances
+from tests.reference import float_calibration, logit_distances
 from tests.conftest import REPO
-from zse_convert.calibration import (STDLIB_MODULES, WINDOW, LayerCalibrator, load_text,
+from zse_convert.calibration import (STDLIB_MODULES, WINDOW, load_text,
                                      stdlib_text, token_windows)
 from zse_convert.convert import ConvertOptions, convert
 from zse_convert.gptq import (DAMPING, GptqOptions, blocked_cholesky, column_order, gptq_quantize, inverse_hessian_factor,
                               output_error)
 from zse_convert.quantize import quantize_int4
-from zse_convert.source import Checkpoint, SourceError
+from zse_convert.source import SourceError
 from zse_runtime.zsefile import ZseFile, dequantize_int4, unpack_int4
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -207,26 +207,10 @@ def test_bad_calibration_text_fails_before_any_output(tiny_qwen2, tmp_path, cont
 def test_calibration_forward_matches_transformers(tmp_path, arch, overrides):
     """With float inputs propagated, the residual stream after layer 0 is transformers' input to
     layer 1: embedding, RoPE (and its scaling), GQA, biases, sliding window and MLP agree."""
-    import torch
-    import transformers
-
-    from zse_convert.architectures import canonical_config
-    from zse_convert.convert import _check_sources, plan_tensors
-
-    folder = make_checkpoint(tmp_path / arch, arch, dtype="float32", **overrides)
-    ckpt = Checkpoint.open(folder)
-    model = canonical_config(ckpt.read_json("config.json"))
-    specs = plan_tensors(model, ConvertOptions())
-    ids = token_windows((folder / "tokenizer.json").read_text(), stdlib_text(), 2 * WINDOW)
-    calibrator = LayerCalibrator(ckpt, model, _check_sources(ckpt, model, specs),
-                                 {s.name: s.group_size for s in specs if s.group_size}, ids,
-                                 GptqOptions(), propagate_quantized=False)
+    ckpt, _, calibrator, ids, states, _ = float_calibration(
+        make_checkpoint(tmp_path / arch, arch, dtype="float32", **overrides), GptqOptions())
     calibrator.weights(0)
     ours = calibrator.hidden.reshape(ids.shape[0], WINDOW, -1)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    with torch.no_grad():
-        states = hf(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True).hidden_states
     expected = states[1].numpy()
     np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-4 * np.abs(expected).max())
     ckpt.close()
