@@ -362,16 +362,18 @@ def gemm(gpu: Gpu, rng) -> None:
 def attention(gpu: Gpu, rng) -> None:
     heads, kv_heads, dim, length = 28, 4, 128, 4096
     prefill_chunk = list(range(1536, 2048))  # the last 512-token chunk of a 2048-token prompt
+    batch = list(range(100, 3300, 100))  # 32 sequences' positions
     for tokens, positions, kind in ((1, [4095], "decode"), (1, [255], "decode"),
                                     (1, [127], "decode"), (3, [0, 700, 2047], "decode"),
-                                    (512, prefill_chunk, "prefill")):
+                                    (3, [0, 700, 2047], "grouped"), (32, batch, "decode"),
+                                    (32, batch, "grouped"), (512, prefill_chunk, "prefill")):
         k = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         v = (rng.standard_normal((2, kv_heads, length, dim))).astype(np.float16)
         q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
         pos = np.array(positions, np.int32)
         slots = np.array([1] * tokens, np.int32)
-        partition = geo.ATTENTION_DECODE_PARTITION if kind == "decode" \
-            else geo.ATTENTION_PREFILL_PARTITION
+        partition = geo.ATTENTION_PREFILL_PARTITION if kind == "prefill" \
+            else geo.ATTENTION_DECODE_PARTITION
         parts = math.ceil(length / partition)  # what a decode graph launches at any context
         items = tokens * heads
         dk, dv, dq = gpu.put(k), gpu.put(v), gpu.put(q)
@@ -381,9 +383,11 @@ def attention(gpu: Gpu, rng) -> None:
         digits = empty_digits(gpu, tokens, heads * dim)
         partial_args = (dq, cache_words(dk), cache_words(dv), np.int32(kv_heads), np.int32(length),
                         dpos, dslots, np.int32(0), np.int32(partition), pmax, psum, pacc)
-        if kind == "decode":  # one launch: the last partition block per token-head merges
-            tickets = gpu.put(np.zeros(items, np.int32))
-            run = lambda: gpu.launch("attention_decode", (items, parts), geo.ATTENTION_THREADS,
+        if kind != "prefill":  # one launch: the last partition block per block row merges
+            kernel, blocks = (("attention_decode", items) if kind == "decode" else
+                              ("attention_decode_grouped", tokens * kv_heads))
+            tickets = gpu.put(np.zeros(blocks, np.int32))
+            run = lambda: gpu.launch(kernel, (blocks, parts), geo.ATTENTION_THREADS,
                                      *partial_args, tickets, out, np.int32(1), *digits)
         else:
             run = lambda: (
@@ -403,7 +407,7 @@ def attention(gpu: Gpu, rng) -> None:
                 ref = w @ v[1, h // 7, :pos[t] + 1].astype(np.float32) / w.sum()
                 err = max(err, rel_error(got[t, h * dim:(h + 1) * dim], ref))
         ms = gpu.time_ms(run, 20)
-        if kind == "decode":  # every replay left the tickets at zero
+        if kind != "prefill":  # every replay left the tickets at zero
             tickets_ok = not gpu.get(tickets).any()
             digits_ok = digits_ok and tickets_ok
         where = f"positions {positions}" if tokens < 8 else f"positions {positions[0]}-{positions[-1]}"
@@ -423,11 +427,11 @@ def attention(gpu: Gpu, rng) -> None:
                    f"rel err {tiled_err:.1e} against attention_partial (float32 throughout); "
                    f"{tiled_ms * 1000:.1f} us against {ms * 1000:.1f} us", us=tiled_ms * 1000,
                    split_us=ms * 1000, rel_err=tiled_err)
-        launches = "attention_decode" if kind == "decode" else "partial_prefill + combine"
-        record(f"attention T={tokens} {where}", err < 1e-4 and digits_ok,
-               f"rel err {err:.1e}; {ms * 1000:.1f} us ({launches}); fused digits "
+        launches = kernel if kind != "prefill" else "partial_prefill + combine"
+        record(f"attention T={tokens} {where} {launches}", err < 1e-4 and digits_ok,
+               f"rel err {err:.1e}; {ms * 1000:.1f} us; fused digits "
                f"{'exact' if digits_ok else 'DIFFER'}" + (
-                   "" if kind != "decode" else f"; tickets {'reset' if tickets_ok else 'LEFT SET'}"),
+                   "" if kind == "prefill" else f"; tickets {'reset' if tickets_ok else 'LEFT SET'}"),
                us=ms * 1000, launches=launches, digits_exact=digits_ok)
         gpu.free_all()
 

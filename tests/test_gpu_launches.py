@@ -6,6 +6,8 @@ device, as a crash or as wrong numbers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import re
 import sys
@@ -110,7 +112,8 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
     c = ops.config
     linears = 4 * c.num_hidden_layers  # qkv, o_proj, gate_up, down_proj (the lm_head is fp16)
     # producer -> (position of its output, of its quantize flag) in the argument list
-    producers = {"add_rmsnorm": (7, 8), "attention_decode": (13, 14), "attention_combine": (6, 7),
+    producers = {"add_rmsnorm": (7, 8), "attention_decode": (13, 14),
+                 "attention_decode_grouped": (13, 14), "attention_combine": (6, 7),
                  "silu_mul": (1, 2)}
     if tokens <= geo.GEMV_MAX_TOKENS:
         assert not recorder.named("quantize_activations")  # every GEMV input comes quantized
@@ -191,14 +194,53 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
         # decode steps merge in the partition launch; chunks the tiled kernel does not take
         # merge in a second one
         decode = tokens <= ops.max_batch
-        partials = recorder.named("attention_decode" if decode else "attention_partial_prefill")
+        # fewer sequences: a block per query head; more: a block per KV head and its group
+        kernel, heads = (("attention_decode", c.num_attention_heads)
+                         if tokens < geo.ATTENTION_GROUPED_MIN_TOKENS else
+                         ("attention_decode_grouped", c.num_key_value_heads))
+        partials = recorder.named(kernel if decode else "attention_partial_prefill")
         assert len(partials) == c.num_hidden_layers
         assert len(recorder.named("attention_combine")) == (0 if decode else c.num_hidden_layers)
         for name, grid, block, args in partials:
             k_words, kv_heads, length = args[1], int(args[3]), int(args[4])
             assert k_words.shape == (ops.kv_slots * kv_heads * length, c.head_dim // 2)
-            if decode:  # a ticket per token-head
-                assert args[12].shape == (tokens * c.num_attention_heads,) == grid[:1]
+            if decode:  # a ticket per block row
+                assert args[12].shape == (tokens * heads,) == grid[:1]
+
+
+def test_decode_attention_groups_query_heads_only_where_it_can(ops):
+    """A batch of ATTENTION_GROUPED_MIN_TOKENS or more takes a block per token x KV head when
+    its query heads fit one block; smaller batches, models with a KV head per query head and
+    groups past ATTENTION_MAX_GROUP keep a block per token x query head."""
+    plan = lambda heads, kv_heads, tokens: type(ops).decode_attention_plan(SimpleNamespace(
+        config=dataclasses.replace(ops.config, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads)), tokens)
+    assert plan(28, 4, 32) == ("attention_decode_grouped", 128)
+    assert plan(28, 4, geo.ATTENTION_GROUPED_MIN_TOKENS) == (
+        "attention_decode_grouped", 4 * geo.ATTENTION_GROUPED_MIN_TOKENS)
+    fewer = geo.ATTENTION_GROUPED_MIN_TOKENS - 1
+    assert plan(28, 4, fewer) == ("attention_decode", 28 * fewer)
+    assert plan(28, 4, 1) == ("attention_decode", 28)
+    assert plan(8, 8, 32) == ("attention_decode", 256)
+    group = geo.ATTENTION_MAX_GROUP + 1
+    assert plan(2 * group, 2, 32) == ("attention_decode", 64 * group)
+
+
+def test_grouped_decode_attention_launch(ops, monkeypatch):
+    """The grouped kernel's launch (at a threshold lowered to the fixture's batch): a grid row
+    and a ticket per token x KV head, the decode partition, and the o_proj GEMV's digits."""
+    monkeypatch.setattr(geo, "ATTENTION_GROUPED_MIN_TOKENS", 2)
+    ops._launch = recorder = Recorder()
+    tokens, c = 3, ops.config
+    Decoder(c, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens), np.arange(tokens) % 2,
+                                     np.arange(tokens)))
+    launches = recorder.named("attention_decode_grouped")
+    assert len(launches) == c.num_hidden_layers and not recorder.named("attention_decode")
+    for _, grid, block, args in launches:
+        assert grid[0] == tokens * c.num_key_value_heads and block == geo.ATTENTION_THREADS
+        assert int(args[8]) == geo.ATTENTION_DECODE_PARTITION
+        assert args[12].shape == (tokens * c.num_key_value_heads,)
+        assert int(args[14]) == 1  # digits for the o_proj GEMV
 
 
 def test_wide_decode_batches_multiply_on_tensor_cores(ops):
@@ -217,7 +259,7 @@ def test_wide_decode_batches_multiply_on_tensor_cores(ops):
                         int4_gemm_plan(rows, tokens, groups, 132)[1][2])
     assert not recorder.named("int4_gemm")
     assert not [c for c in recorder.calls if c[0].startswith("int4_gemv_t")]
-    for producer, (_, flag_at) in {"add_rmsnorm": (7, 8), "attention_decode": (13, 14),
+    for producer, (_, flag_at) in {"add_rmsnorm": (7, 8), "attention_decode_grouped": (13, 14),
                                    "attention_combine": (6, 7),
                                    "silu_mul": (1, 2)}.items():  # no digits to write
         assert all(int(args[flag_at]) == 0 for _, _, _, args in recorder.named(producer))

@@ -283,13 +283,16 @@ def test_rope_and_cache():
         np.testing.assert_array_equal(v_cache[slot_ids[t], :, positions[t]], v.astype(np.float16))
 
 
-@pytest.mark.parametrize("kind,window,partition,length", [
-    ("decode", 0, 8, 40), ("decode", 7, 8, 40), ("prefill", 0, 150, 300),
-    ("prefill", 100, 150, 300)])
-def test_attention_split_over_partitions(kind, window, partition, length):
+@pytest.mark.parametrize("kind,window,partition,length,heads,kv_heads", [
+    ("decode", 0, 8, 40, 4, 2), ("decode", 7, 8, 40, 4, 2), ("prefill", 0, 150, 300, 4, 2),
+    ("prefill", 100, 150, 300, 4, 2), ("grouped", 0, 8, 40, 4, 2), ("grouped", 7, 8, 40, 6, 2),
+    ("grouped", 0, 150, 300, 7, 1), ("grouped", 0, 8, 40, 3, 3)])
+def test_attention_split_over_partitions(kind, window, partition, length, heads, kv_heads):
     """Short partitions (a batch of keys smaller than a warp) and long ones (several warps, two
-    batches of 128 keys, a ragged last one), with and without a sliding window."""
-    heads, kv_heads, dim, slots = 4, 2, 64, 2
+    batches of 128 keys, a ragged last one), with and without a sliding window. The grouped
+    decode kernel takes all the query heads of a KV head in one block (2, 3 and 7 of them, and
+    1 when every head has its own KV head)."""
+    dim, slots = 64, 2
     k_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
     v_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
     positions = np.array([0, length // 2 + 1, length - 1], np.int32)
@@ -305,10 +308,12 @@ def test_attention_split_over_partitions(kind, window, partition, length):
     partial_args = (q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids,
                     window, partition, part_max, part_sum, part_acc)
     digits = _empty_digits(tokens, heads * dim)
-    if kind == "decode":  # one launch: the last partition block of each token-head merges
+    if kind in ("decode", "grouped"):  # one launch: the last partition block of each merges
         tickets = np.zeros(tokens * heads, np.int32)
-        jit(attention, "attention_decode")[(tokens * heads, parts), attention.THREADS](
-            *partial_args, tickets, out, 1, *digits)
+        name, blocks = ("attention_decode", tokens * heads) if kind == "decode" else (
+            "attention_decode_grouped", tokens * kv_heads)
+        jit(attention, name)[(blocks, parts), attention.THREADS](*partial_args, tickets, out, 1,
+                                                                 *digits)
         assert not tickets.any()  # reset for the next launch
     else:
         jit(attention, "attention_partial_prefill")[(tokens * heads, parts), attention.THREADS](
@@ -319,8 +324,9 @@ def test_attention_split_over_partitions(kind, window, partition, length):
     for t in range(tokens):
         start = max(0, positions[t] - window + 1) if window else 0
         for h in range(heads):
-            keys = k_cache[slot_ids[t], h // 2, start:positions[t] + 1].astype(np.float32)
-            values = v_cache[slot_ids[t], h // 2, start:positions[t] + 1].astype(np.float32)
+            kv = h // (heads // kv_heads)
+            keys = k_cache[slot_ids[t], kv, start:positions[t] + 1].astype(np.float32)
+            values = v_cache[slot_ids[t], kv, start:positions[t] + 1].astype(np.float32)
             scores = keys @ q[t, h * dim:(h + 1) * dim] / np.sqrt(dim)
             weights = np.exp(scores - scores.max())
             expected = weights @ values / weights.sum()

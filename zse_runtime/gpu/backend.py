@@ -253,7 +253,8 @@ class GpuOps:
         arena.add("part_max", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_sum", (partial_rows * c.num_attention_heads,), np.float32)
         arena.add("part_acc", (partial_rows * c.num_attention_heads, c.head_dim), np.float32)
-        # attention_decode's per token-head tickets: zeroed once, reset by the merging block
+        # decode attention's tickets, one per block row (token x head at most): zeroed once,
+        # reset by the merging block
         arena.add("attention_tickets", (B * c.num_attention_heads,), np.int32)
         arena.add("last_hidden", (B, c.hidden_size), np.float32)
         arena.add("logits", (B, c.vocab_size), np.float32)
@@ -376,6 +377,16 @@ class GpuOps:
         """"decode" for a decode step's batch, "prefill" for a prompt chunk: attention's
         partition length and kernel variant follow it."""
         return "decode" if tokens <= self.max_batch else "prefill"
+
+    def decode_attention_plan(self, tokens: int) -> tuple[str, int]:
+        """(kernel, blocks per partition) of a decode step's attention: a block per token x
+        query head, or, for batches, per token x KV head, whose block reads each cached row
+        once for every query head that shares it (geometry.py has the measurements)."""
+        c = self.config
+        group = c.num_attention_heads // c.num_key_value_heads
+        if tokens >= geo.ATTENTION_GROUPED_MIN_TOKENS and 1 < group <= geo.ATTENTION_MAX_GROUP:
+            return "attention_decode_grouped", tokens * c.num_key_value_heads
+        return "attention_decode", tokens * c.num_attention_heads
 
     def partition_length(self, tokens: int) -> int:
         """Keys per attention partition: short for decode steps, long for prefill chunks."""
@@ -573,8 +584,9 @@ class GpuOps:
                         self._meta("positions", T), self._meta("slots", T), np.int32(self.window),
                         np.int32(self.partition_length(T)), part_max, part_sum, part_acc)
         if self.attention_kind(T) == "decode":  # the last partition block merges
-            self._launch("attention_decode", (items, P), geo.ATTENTION_THREADS, *partial_args,
-                         self.buffers["attention_tickets"].rows(items), out, *digits)
+            kernel, blocks = self.decode_attention_plan(T)
+            self._launch(kernel, (blocks, P), geo.ATTENTION_THREADS, *partial_args,
+                         self.buffers["attention_tickets"].rows(blocks), out, *digits)
             return out
         self._launch("attention_partial_prefill", (items, P), geo.ATTENTION_THREADS,
                      *partial_args)

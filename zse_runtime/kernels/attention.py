@@ -14,14 +14,22 @@ per token-head, taken after a memory fence) merges the partitions into the outpu
 digits, in the same launch. attention_partial_prefill + attention_combine (prompt chunks that
 attention_tiled does not take): the merge is a second launch. The two partition passes differ
 in the words of a key row loaded per round (`_make_partial`).
+
+attention_decode_grouped (decode batches): a block per (token x KV head, partition) scores each
+key against all the query heads that share the KV head, so a key or value row is read once per
+group instead of once per head, and merges with a warp per head. Per block it does the group's
+work with the same 4 warps, so it only pays where blocks are plenty (geometry.py).
 """
 
 import math
 
 from numba import cuda, float32, int32, uint32
 
-from .common import WARP, block_max, block_sum, first_key, warp_max
-from .geometry import ATTENTION_DECODE_KEY_WORDS, ATTENTION_PREFILL_KEY_WORDS
+from .common import (WARP, block_max, block_sum, first_key, warp_broadcast, warp_max,
+                     warp_sum)
+from .geometry import (ATTENTION_DECODE_KEY_WORDS, ATTENTION_GROUPED_KEY_WORDS,
+                       ATTENTION_PREFILL_KEY_WORDS)
+from .geometry import ATTENTION_MAX_GROUP as MAX_GROUP
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
 from .memory import halves_as_floats, load, load_l2_f32, load_u32x4
@@ -35,6 +43,9 @@ MAX_DIMS_PER_LANE = 2 * MAX_WORDS_PER_LANE
 # 0.3-2 us per layer up to 1024 keys but cost 12 us at 4096, at 176 registers instead of 128)
 VALUE_ROWS = 8
 MERGE_LOADS = 4  # partitions' values a thread of the merge loads before it adds any
+# the grouped merge's lanes hold 4 dims each: 2 partitions' values in flight (H200, 2026-11-30:
+# 4 cost the grouped kernel 2-55 us more from 1 to 32 sequences)
+GROUP_MERGE_LOADS = 2
 
 
 def _make_partial(key_words):
@@ -258,27 +269,255 @@ def attention_decode(q, k_words, v_words, kv_heads, length, positions, slots, wi
     heads = part_max.shape[0] // q.shape[0]
     t = item // heads
     parts = _used_partitions(positions[t], window, partition, part_max.shape[1])
+    if _last_to_finish(parts, tickets):
+        _merge(item, t, item % heads, parts, part_max, part_sum, part_acc, out, quantize, xq,
+               xstep, xsum)
+
+
+@cuda.jit(device=True, inline="always")
+def _last_to_finish(parts, tickets):
+    """Whether this block is the last of the `parts` partition blocks of its grid row
+    (blockIdx.x) to finish; that one resets the row's ticket for the next launch. Every thread
+    of the block calls this, after writing its partition."""
     merges = cuda.shared.array(1, int32)
     cuda.threadfence()  # this block's partition is visible device-wide before its ticket
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
-        merges[0] = int32(cuda.atomic.add(tickets, item, 1) == parts - 1)
+        merges[0] = int32(cuda.atomic.add(tickets, cuda.blockIdx.x, 1) == parts - 1)
     cuda.syncthreads()
     if merges[0] == 0:
-        return
+        return False
     if cuda.threadIdx.x == 0:
-        tickets[item] = 0
-    _merge(item, t, item % heads, parts, part_max, part_sum, part_acc, out, quantize, xq, xstep,
-           xsum)
+        tickets[cuda.blockIdx.x] = 0
+    return True
+
+
+@cuda.jit(device=True, inline="always")
+def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
+                     part_max, part_sum, part_acc):
+    """attention_partial's pass for the H / KVH <= MAX_GROUP query heads that share a KV head:
+    each key and value row is read once for all of them (instead of once per head) and scored
+    against each. Arguments as `_make_partial`'s; grid (T * KVH, P), block THREADS. Returns
+    whether the block's partition holds keys (block-uniform)."""
+    part = cuda.blockIdx.y
+    heads = part_max.shape[0] // q.shape[0]
+    words = k_words.shape[1]
+    dim = 2 * words
+    members = heads // kv_heads  # query heads of this block: first_head + g
+    t = cuda.blockIdx.x // kv_heads
+    kv = cuda.blockIdx.x % kv_heads
+    first_head = kv * members
+    position = positions[t]
+    start = first_key(position, window)
+    lo = start + part * partition
+    hi = min(position + 1, lo + partition)
+    if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
+        return False  # context): nothing to write, the merge reads only used partitions
+    lane = cuda.threadIdx.x % WARP
+    warp = cuda.threadIdx.x // WARP
+    cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
+    q_scaled = cuda.shared.array((MAX_GROUP, MAX_DIM), float32)
+    weights = cuda.shared.array((WARPS, MAX_GROUP, WARP), float32)
+    scale = float32(1.0) / math.sqrt(float32(dim))
+    for g in range(MAX_GROUP):
+        if g < members:
+            for d in range(cuda.threadIdx.x, dim, THREADS):
+                q_scaled[g, d] = q[t, (first_head + g) * dim + d] * scale
+    cuda.syncthreads()
+    # head g's dims 2 (lane + 32 i) + {0, 1} at acc[g, 2 i], acc[g, 2 i + 1]
+    acc = cuda.local.array((MAX_GROUP, MAX_DIMS_PER_LANE), float32)
+    best = cuda.local.array(MAX_GROUP, float32)
+    total = cuda.local.array(MAX_GROUP, float32)
+    dots = cuda.local.array(MAX_GROUP, float32)
+    fresh = cuda.local.array(MAX_GROUP, float32)  # the running maxima with this batch of keys
+    for g in range(MAX_GROUP):
+        best[g] = float32(-math.inf)
+        total[g] = float32(0.0)
+        for i in range(MAX_DIMS_PER_LANE):
+            acc[g, i] = float32(0.0)
+    keys = cuda.local.array(ATTENTION_GROUPED_KEY_WORDS, uint32)
+    values = cuda.local.array((VALUE_ROWS, MAX_WORDS_PER_LANE), uint32)
+    for first in range(lo, hi, WARPS * WARP):  # same trip count in every warp: barriers stay uniform
+        batch = first + warp * WARP
+        has_key = batch + lane < hi
+        for g in range(MAX_GROUP):
+            dots[g] = float32(0.0)
+        if has_key:
+            # a round of the key row's words in flight, then their part of each head's dot
+            for done in range(0, MAX_WORDS, ATTENTION_GROUPED_KEY_WORDS):
+                for w in range(0, ATTENTION_GROUPED_KEY_WORDS, 4):
+                    if done + w < words:
+                        keys[w], keys[w + 1], keys[w + 2], keys[w + 3] = load_u32x4(
+                            k_words, cache_row + batch + lane, done + w)
+                for w in range(ATTENTION_GROUPED_KEY_WORDS):
+                    if done + w < words:
+                        a, b = halves_as_floats(keys[w])
+                        for g in range(MAX_GROUP):
+                            if g < members:
+                                dots[g] += (a * q_scaled[g, 2 * (done + w)]
+                                            + b * q_scaled[g, 2 * (done + w) + 1])
+        for g in range(MAX_GROUP):
+            score = dots[g] if has_key else float32(-math.inf)
+            fresh[g] = max(best[g], warp_max(score))
+            weights[warp, g, lane] = math.exp(score - fresh[g]) if has_key else float32(0.0)
+        cuda.syncthreads()
+        # every head of the warp has the same keys: its batch is empty for all or for none
+        if batch < hi:
+            for g in range(MAX_GROUP):
+                correction = math.exp(best[g] - fresh[g]) if best[g] > -math.inf \
+                    else float32(0.0)
+                total[g] *= correction
+                for i in range(MAX_DIMS_PER_LANE):
+                    acc[g, i] *= correction
+            last = hi - 1 - batch  # keys past the last are read clamped to it, at weight 0
+            for rows in range(0, WARP, VALUE_ROWS):
+                for k in range(VALUE_ROWS):  # VALUE_ROWS rows' loads in flight together
+                    row = cache_row + batch + min(rows + k, last)
+                    for i in range(MAX_WORDS_PER_LANE):
+                        values[k, i] = uint32(0)
+                        if lane + WARP * i < words:
+                            values[k, i] = load(v_words, row, lane + WARP * i)
+                for k in range(VALUE_ROWS):
+                    for i in range(MAX_WORDS_PER_LANE):
+                        a, b = halves_as_floats(values[k, i])
+                        for g in range(MAX_GROUP):
+                            if g < members:
+                                weight = weights[warp, g, rows + k]
+                                if i == 0:
+                                    total[g] += weight
+                                acc[g, 2 * i] += weight * a
+                                acc[g, 2 * i + 1] += weight * b
+        for g in range(MAX_GROUP):
+            best[g] = fresh[g]
+        cuda.syncthreads()
+    # merge the warps, a head at a time
+    warp_best = cuda.shared.array((WARPS, MAX_GROUP), float32)
+    warp_total = cuda.shared.array((WARPS, MAX_GROUP), float32)
+    warp_acc = cuda.shared.array((WARPS, MAX_GROUP, MAX_DIM), float32)
+    for g in range(MAX_GROUP):
+        if lane == 0:
+            warp_best[warp, g] = best[g]
+            warp_total[warp, g] = total[g]
+        for i in range(MAX_WORDS_PER_LANE):
+            if lane + WARP * i < words:
+                warp_acc[warp, g, 2 * (lane + WARP * i)] = acc[g, 2 * i]
+                warp_acc[warp, g, 2 * (lane + WARP * i) + 1] = acc[g, 2 * i + 1]
+    cuda.syncthreads()
+    for g in range(members):
+        item = t * heads + first_head + g
+        merged = float32(-math.inf)
+        for w in range(WARPS):
+            merged = max(merged, warp_best[w, g])
+        if cuda.threadIdx.x == 0:
+            merged_total = float32(0.0)
+            for w in range(WARPS):
+                if warp_best[w, g] > -math.inf:
+                    merged_total += warp_total[w, g] * math.exp(warp_best[w, g] - merged)
+            part_max[item, part] = merged
+            part_sum[item, part] = merged_total
+        for d in range(cuda.threadIdx.x, dim, THREADS):
+            value = float32(0.0)
+            for w in range(WARPS):
+                if warp_best[w, g] > -math.inf:
+                    value += warp_acc[w, g, d] * math.exp(warp_best[w, g] - merged)
+            part_acc[item, part, d] = value
+    return True
+
+
+
+@cuda.jit(device=True, inline="always")
+def _merge_group(t, first_head, members, parts, part_max, part_sum, part_acc, out, quantize, xq,
+                 xstep, xsum):
+    """`_merge` for the `members` heads first_head + g of a grouped block: a warp per head (warp
+    w takes heads w, w + WARPS, ...), so the block merges WARPS heads at once with no barrier;
+    lane i holds dims i + 32 j. Every thread of the block calls this (warp shuffles)."""
+    heads = part_max.shape[0] // out.shape[0]
+    dim = part_acc.shape[2]
+    lane = cuda.threadIdx.x % WARP
+    for round_start in range(0, members, WARPS):  # the same trip count in every warp
+        g = round_start + cuda.threadIdx.x // WARP
+        active = g < members
+        item = t * heads + first_head + g
+        # maxima and sums in one round of loads (a lane's partitions, one each unless there are
+        # more than 32): a running sum rescaled to the running maximum
+        own_best = float32(-math.inf)
+        own_total = float32(0.0)
+        first_best = float32(-math.inf)  # partition `lane`'s, for the weights below
+        if active:
+            for p in range(lane, parts, WARP):
+                part_best = load_l2_f32(part_max, (item, p))
+                part_total = load_l2_f32(part_sum, (item, p))
+                if p < WARP:
+                    first_best = part_best
+                if part_best > own_best:
+                    own_total = own_total * math.exp(own_best - part_best) \
+                        if own_best > -math.inf else float32(0.0)
+                    own_best = part_best
+                if part_best > -math.inf:
+                    own_total += part_total * math.exp(part_best - own_best)
+        best = warp_max(own_best)
+        own_total = own_total * math.exp(own_best - best) if own_best > -math.inf \
+            else float32(0.0)
+        total = warp_sum(own_total)
+        values = cuda.local.array(MAX_DIMS_PER_LANE, float32)
+        for j in range(MAX_DIMS_PER_LANE):
+            values[j] = float32(0.0)
+        for first in range(0, parts, WARP):
+            p = first + lane
+            scale = float32(0.0)  # partition p's weight: its max against the best, over the sum
+            if active and p < parts:
+                part_best = first_best if first == 0 else load_l2_f32(part_max, (item, p))
+                if part_best > -math.inf:
+                    scale = math.exp(part_best - best) / total
+            chunk = min(WARP, parts - first)
+            for k in range(0, chunk, GROUP_MERGE_LOADS):
+                # GROUP_MERGE_LOADS partitions' values in flight, then added in partition order
+                loaded = cuda.local.array((GROUP_MERGE_LOADS, MAX_DIMS_PER_LANE), float32)
+                for u in range(GROUP_MERGE_LOADS):
+                    for j in range(MAX_DIMS_PER_LANE):
+                        loaded[u, j] = float32(0.0)
+                        if active and k + u < chunk and lane + WARP * j < dim:
+                            loaded[u, j] = load_l2_f32(part_acc, (item, first + k + u,
+                                                                  lane + WARP * j))
+                for u in range(GROUP_MERGE_LOADS):
+                    weight = warp_broadcast(scale, (k + u) % WARP)
+                    if k + u < chunk and weight != float32(0.0):
+                        for j in range(MAX_DIMS_PER_LANE):
+                            values[j] += loaded[u, j] * weight
+        for j in range(MAX_DIMS_PER_LANE):
+            d = lane + WARP * j
+            if active and d < dim:
+                out[t, (first_head + g) * dim + d] = values[j]
+            if quantize:  # dim is a multiple of 32 here: whole warps are in or out
+                quantize_lane(values[j], (first_head + g) * dim + d, active and d < dim, xq,
+                              xstep, xsum, t)
+
+
+def attention_decode_grouped(q, k_words, v_words, kv_heads, length, positions, slots, window,
+                             partition, part_max, part_sum, part_acc, tickets, out, quantize, xq,
+                             xstep, xsum):
+    """attention_decode with a block per token x KV head, for the H / KVH <= MAX_GROUP query
+    heads that share it (`_grouped_partial`); the last of its partition blocks merges all of
+    them. tickets [T * KVH] i32. Grid (T * KVH, P), block THREADS."""
+    if not _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, window,
+                            partition, part_max, part_sum, part_acc):
+        return
+    t = cuda.blockIdx.x // kv_heads
+    members = part_max.shape[0] // q.shape[0] // kv_heads
+    parts = _used_partitions(positions[t], window, partition, part_max.shape[1])
+    if _last_to_finish(parts, tickets):
+        _merge_group(t, cuda.blockIdx.x % kv_heads * members, members, parts, part_max,
+                     part_sum, part_acc, out, quantize, xq, xstep, xsum)
 
 
 _PARTIAL_ARGS = ("float32[:, ::1], uint32[:, ::1], uint32[:, ::1], int32, int32, int32[::1], "
                  "int32[::1], int32, int32, float32[:, ::1], float32[:, ::1], float32[:, :, ::1]")
 _MERGE_OUTPUTS = "float32[:, ::1], int32, uint32[:, ::1], float32[:, ::1], float32[:, ::1]"
+_DECODE_SIGNATURE = f"void({_PARTIAL_ARGS}, int32[::1], {_MERGE_OUTPUTS})"
 
 KERNELS = {
-    "attention_decode": (attention_decode,
-                         f"void({_PARTIAL_ARGS}, int32[::1], {_MERGE_OUTPUTS})"),
+    "attention_decode": (attention_decode, _DECODE_SIGNATURE),
+    "attention_decode_grouped": (attention_decode_grouped, _DECODE_SIGNATURE),
     "attention_partial_prefill": (attention_partial_prefill, f"void({_PARTIAL_ARGS})"),
     "attention_combine": (attention_combine, "void(float32[:, ::1], float32[:, ::1], "
                                              f"float32[:, :, ::1], int32[::1], int32, int32, "

@@ -54,6 +54,10 @@ if config.ENABLE_CUDASIM:
             + float32(values[base + 3])
 
     @cuda.jit(device=True, inline="always")
+    def warp_broadcast(value, source):
+        return float32(_warp_values(value)[source])
+
+    @cuda.jit(device=True, inline="always")
     def quad_max(value):
         values = _warp_values(value)
         base = cuda.threadIdx.x % WARP // 4 * 4
@@ -94,6 +98,11 @@ else:
         mma accumulator fragment); every lane of the quad gets it."""
         value += cuda.shfl_xor_sync(FULL_MASK, value, 1)
         return value + cuda.shfl_xor_sync(FULL_MASK, value, 2)
+
+    @cuda.jit(device=True, inline="always")
+    def warp_broadcast(value, source):
+        """Lane `source`'s value (float32), to every lane of the warp."""
+        return cuda.shfl_sync(FULL_MASK, value, source)
 
     @cuda.jit(device=True, inline="always")
     def quad_max(value):

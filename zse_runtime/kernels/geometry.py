@@ -52,6 +52,17 @@ ATTENTION_MAX_HEAD_DIM = 128
 # (latency), 16 for prefill (56 registers instead of 127 on sm_90: 9 blocks per SM, not 4)
 ATTENTION_DECODE_KEY_WORDS = 64
 ATTENTION_PREFILL_KEY_WORDS = 16
+# attention_decode_grouped: the query heads sharing a KV head in one block (at most this many;
+# models with larger groups keep a block per head), for decode batches of at least
+# ATTENTION_GROUPED_MIN_TOKENS sequences. H200, 7B shapes (7 heads per KV head), 2026-11-30, us
+# per layer per-head -> grouped: 32 sequences 69 -> 36 at 128 keys, 152 -> 75 at 640, 378 -> 206
+# at 2048; 16: 35 -> 33, 75 -> 42, 189 -> 113; 8: 18 -> 33, 38 -> 38, 96 -> 73. A grouped block
+# does 7 heads' arithmetic with one block's 4 warps (~26 us at one sequence, ncu: 1 warp per
+# scheduler, 0.12 eligible), so below 16 sequences short contexts lose more than long ones gain.
+# Key words per round: 16 keeps its 8 heads' accumulators in registers (64: a stack frame).
+ATTENTION_MAX_GROUP = 8
+ATTENTION_GROUPED_KEY_WORDS = 16
+ATTENTION_GROUPED_MIN_TOKENS = 16
 # attention_tiled (prefill chunks of one sequence on tensor cores): a block per (64 tokens, head),
 # a warp per 16 of the tokens; key and value tiles of 64 keys staged in shared memory
 ATTENTION_TILE_TOKENS = 64
