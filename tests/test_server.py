@@ -464,6 +464,36 @@ def test_short_prompts_share_a_prefill_chunk(tiny_qwen2_zse, monkeypatch):
     assert all(b.tokens.size == 3 for b in forwards[1:])  # then decode steps of all three
 
 
+def test_a_steps_tokens_go_out_while_the_next_step_runs(tiny_qwen2_zse, monkeypatch):
+    """Each decode step's tokens are emitted after the next step has been started and before
+    it is waited for (the HTTP thread streams them while the GPU works); the last ones, and
+    the finish, as soon as nothing is left to run."""
+    from zse_runtime.sampling import SamplingParams
+    from zse_runtime.scheduler import FinishEvent, Request, Scheduler
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu")
+    tokens = list(engine.generate([5, 6, 7], 4, ignore_eos=True))
+    log = []
+    begin, end = engine.begin_step, engine.end_step
+    monkeypatch.setattr(engine, "begin_step", lambda *a: (log.append("begin"), begin(*a))[1])
+    monkeypatch.setattr(engine, "end_step", lambda: (log.append("end"), end())[1])
+    done = threading.Event()
+
+    def emit(event):
+        log.append("finish" if isinstance(event, FinishEvent) else event.token)
+        if isinstance(event, FinishEvent):
+            done.set()
+
+    scheduler = Scheduler(engine, max_waiting=1)
+    try:
+        scheduler.submit(Request([5, 6, 7], SamplingParams(0.0), 4, emit))
+        assert done.wait(timeout=60)
+    finally:
+        scheduler.stop()
+    assert log == ["begin", tokens[0], "end", "begin", tokens[1], "end", "begin", tokens[2], "end",
+                   tokens[3], "finish"]
+
+
 def test_a_packed_prefill_chunk_is_bounded(tiny_qwen2_zse, monkeypatch):
     """A packed chunk stops at PREFILL_CHUNK tokens (the request it cuts continues in the next
     chunk from where it stopped) and at the logit rows a forward may ask for."""

@@ -70,6 +70,7 @@ class Engine:
         self.startup = startup
         self._slots = slots
         self._free_slots = list(range(slots))[::-1]
+        self._step_ids: np.ndarray | None = None  # an eager step's ids, until end_step
 
     @classmethod
     def open(cls, path: str | Path, device: str = "auto", max_model_len: int | None = None,
@@ -200,10 +201,25 @@ class Engine:
     def step(self, tokens, positions, slots, params: list[SamplingParams], steps) -> np.ndarray:
         """One decode step for several sequences: feed one token each, return the next ids.
         On a GPU this replays a captured graph; only the chosen ids come back."""
-        if hasattr(self.ops, "replay_decode"):
-            return self.ops.replay_decode(tokens, positions, slots, params, steps)
+        self.begin_step(tokens, positions, slots, params, steps)
+        return self.end_step()
+
+    def begin_step(self, tokens, positions, slots, params: list[SamplingParams], steps) -> None:
+        """Start `step`; end_step() returns its ids. On a GPU the step runs while the caller
+        does other host work in between; on the CPU it has run by the time this returns."""
+        if hasattr(self.ops, "launch_decode"):
+            self.ops.launch_decode(tokens, positions, slots, params, steps)
+            self._step_ids = None
+            return
         logits = self.forward(Batch.of(tokens, positions, slots, np.arange(len(tokens))))
-        return self.ops.sample(logits, params, steps)
+        self._step_ids = self.ops.sample(logits, params, steps)
+
+    def end_step(self) -> np.ndarray:
+        """The ids of the step begin_step started."""
+        if self._step_ids is None:
+            return self.ops.collect_decode()
+        ids, self._step_ids = self._step_ids, None
+        return ids
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256,
                  sampling: SamplingParams = SamplingParams(), stop_token_ids=None,

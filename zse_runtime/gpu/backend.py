@@ -664,6 +664,12 @@ class GpuOps:
             self.graphs[bucket] = graph
 
     def replay_decode(self, tokens, positions, slots, params, steps) -> np.ndarray:
+        self.launch_decode(tokens, positions, slots, params, steps)
+        return self.collect_decode()
+
+    def launch_decode(self, tokens, positions, slots, params, steps) -> None:
+        """Stage a decode step and replay its bucket's graph, without waiting for it:
+        collect_decode() returns the ids. The host is free while the GPU runs the step."""
         B = len(tokens)
         bucket = next(b for b in self.buckets if b >= B)
         pad = bucket - B
@@ -675,5 +681,9 @@ class GpuOps:
         self._stage_embeddings(np.asarray(tokens), bucket)  # the graph copies them
         self._stage_sampling(list(params) + [SamplingParams()] * pad, list(steps) + [0] * pad)
         self.graphs[bucket].launch(self.stream)
+        self.launched_rows = B
+
+    def collect_decode(self) -> np.ndarray:
+        """The ids chosen by the step launch_decode started (waits for it)."""
         self.stream.synchronize()
-        return host("ids")[:B].copy()
+        return self.meta["ids"][0][:self.launched_rows].copy()
