@@ -32,9 +32,10 @@ Parts (--parts, comma-separated; default all):
             all N through Engine.step: decode tokens/s, wall ms per step, the bucket graph's GPU
             ms per step, and the difference (host time per step).
   server    `zse-run --max-num-seqs max(--streams)`: N concurrent greedy streams of
-            --server-tokens after distinct 128-token prompts; aggregate tokens/s = generated
-            tokens (the usage the server reports) / wall time from sending to the last stream's
-            end, so each stream's prefill is inside it (as in gpu_server_check.throughput).
+            --server-tokens after distinct 128-token prompts, read by one asyncio client
+            (benchlib.stream_completions); aggregate tokens/s = generated tokens (the usage the
+            server reports) / wall time from sending to the last stream's end, so each
+            stream's prefill is inside it (as in gpu_server_check.throughput).
   baseline  transformers fp16 in a fresh process (benchlib.py hf-baseline): greedy batch-1
             decode tokens/s at each --contexts (manual loop with the KV cache, one sync per
             token), GPU memory in use (cuMemGetInfo, context included) and torch's peak.
@@ -46,7 +47,6 @@ decode_concurrency.png to --out and prints a table last.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import gc
 import sys
 import time
@@ -235,9 +235,7 @@ def server_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
             runs = []
             for _ in range(args.runs):
                 started = time.perf_counter()
-                with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-                    counts = list(pool.map(lambda p: benchlib.stream_completion_tokens(
-                        client, p, args.server_tokens), prompts))
+                counts = benchlib.stream_completions(server.url, prompts, args.server_tokens)
                 runs.append(sum(counts) / (time.perf_counter() - started))
             levels.append({"streams": streams, "tokens_per_stream": args.server_tokens,
                            "aggregate_tok_s": median(runs), "aggregate_tok_s_runs": runs})
