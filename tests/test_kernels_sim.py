@@ -286,12 +286,12 @@ def test_rope_and_cache():
 @pytest.mark.parametrize("kind,window,partition,length,heads,kv_heads", [
     ("decode", 0, 8, 40, 4, 2), ("decode", 7, 8, 40, 4, 2), ("prefill", 0, 150, 300, 4, 2),
     ("prefill", 100, 150, 300, 4, 2), ("grouped", 0, 8, 40, 4, 2), ("grouped", 7, 8, 40, 6, 2),
-    ("grouped", 0, 150, 300, 7, 1), ("grouped", 0, 8, 40, 3, 3)])
+    ("grouped", 0, 150, 300, 7, 1), ("grouped", 0, 8, 40, 8, 1), ("grouped", 0, 8, 40, 3, 3)])
 def test_attention_split_over_partitions(kind, window, partition, length, heads, kv_heads):
     """Short partitions (a batch of keys smaller than a warp) and long ones (several warps, two
     batches of 128 keys, a ragged last one), with and without a sliding window. The grouped
-    decode kernel takes all the query heads of a KV head in one block (2, 3 and 7 of them, and
-    1 when every head has its own KV head)."""
+    decode kernel takes all the query heads of a KV head in one block (2, 3, 7 and 8 of them,
+    and 1 when every head has its own KV head)."""
     dim, slots = 64, 2
     k_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
     v_cache = rng.standard_normal((slots, kv_heads, length, dim)).astype(np.float16)
