@@ -48,6 +48,61 @@ MERGE_LOADS = 4  # partitions' values a thread of the merge loads before it adds
 GROUP_MERGE_LOADS = 2
 
 
+@cuda.jit(device=True, inline="always")
+def _partition_keys(position, window, partition, part):
+    """Keys [lo, hi) of partition `part` of a token at `position`: empty (lo >= hi) past the
+    token's keys, as a decode graph launches partitions for the longest context."""
+    start = first_key(position, window)
+    lo = start + part * partition
+    return lo, min(position + 1, lo + partition)
+
+
+@cuda.jit(device=True, inline="always")
+def _load_key_words(keys, k_words, row, done, count, words):
+    """keys[0:count] = words done .. done + count - 1 of key row `row` (those below `words`),
+    16 bytes per load, all in flight before any is used."""
+    for w in range(0, count, 4):
+        if done + w < words:
+            keys[w], keys[w + 1], keys[w + 2], keys[w + 3] = load_u32x4(k_words, row, done + w)
+
+
+@cuda.jit(device=True, inline="always")
+def _load_value_rows(values, v_words, cache_row, batch, rows, last, lane, words):
+    """values[k] = this lane's words of value row cache_row + batch + min(rows + k, last),
+    VALUE_ROWS rows' loads in flight together (rows past `last` repeat it, at weight 0)."""
+    for k in range(VALUE_ROWS):
+        row = cache_row + batch + min(rows + k, last)
+        for i in range(MAX_WORDS_PER_LANE):
+            values[k, i] = uint32(0)
+            if lane + WARP * i < words:
+                values[k, i] = load(v_words, row, lane + WARP * i)
+
+
+@cuda.jit(device=True, inline="always")
+def _write_partition(item, dim, threads, warp_best, warp_total, warp_acc, part_max, part_sum,
+                     part_acc):
+    """The partition's (max, sum, unnormalised output) of token-head `item` from its warps'
+    (warp_best [WARPS], warp_total [WARPS], warp_acc [WARPS, D]), rescaled to the largest
+    maximum. Every thread of the block calls this; `threads` is the block's size."""
+    part = cuda.blockIdx.y
+    merged = float32(-math.inf)
+    for w in range(WARPS):
+        merged = max(merged, warp_best[w])
+    if cuda.threadIdx.x == 0:
+        merged_total = float32(0.0)
+        for w in range(WARPS):
+            if warp_best[w] > -math.inf:
+                merged_total += warp_total[w] * math.exp(warp_best[w] - merged)
+        part_max[item, part] = merged
+        part_sum[item, part] = merged_total
+    for d in range(cuda.threadIdx.x, dim, threads):
+        value = float32(0.0)
+        for w in range(WARPS):
+            if warp_best[w] > -math.inf:
+                value += warp_acc[w, d] * math.exp(warp_best[w] - merged)
+        part_acc[item, part, d] = value
+
+
 def _make_partial(key_words):
     """The partition pass with `key_words` words of a key row loaded per round: all 64 (one
     wait for memory per batch of keys) for decode, where a step has few blocks and latency
@@ -70,12 +125,9 @@ def _make_partial(key_words):
         t = item // heads
         h = item % heads
         kv = h // (heads // kv_heads)
-        position = positions[t]
-        start = first_key(position, window)
-        lo = start + part * partition
-        hi = min(position + 1, lo + partition)
-        if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
-            return False  # context): nothing to write, the merge reads only used partitions
+        lo, hi = _partition_keys(positions[t], window, partition, part)
+        if lo >= hi:  # nothing to write: the merge reads only used partitions
+            return False
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
         cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
@@ -99,10 +151,7 @@ def _make_partial(key_words):
                 # key_words of the key row in flight, then their part of the dot product
                 dot = float32(0.0)
                 for done in range(0, MAX_WORDS, key_words):
-                    for w in range(0, key_words, 4):
-                        if done + w < words:
-                            keys[w], keys[w + 1], keys[w + 2], keys[w + 3] = load_u32x4(
-                                k_words, cache_row + batch + lane, done + w)
+                    _load_key_words(keys, k_words, cache_row + batch + lane, done, key_words, words)
                     for w in range(key_words):
                         if done + w < words:
                             a, b = halves_as_floats(keys[w])
@@ -119,12 +168,7 @@ def _make_partial(key_words):
                     acc[i] *= correction
                 last = hi - 1 - batch  # keys past the last are read clamped to it, at weight 0
                 for group in range(0, WARP, VALUE_ROWS):
-                    for k in range(VALUE_ROWS):  # VALUE_ROWS rows' loads in flight together
-                        row = cache_row + batch + min(group + k, last)
-                        for i in range(MAX_WORDS_PER_LANE):
-                            values[k, i] = uint32(0)
-                            if lane + WARP * i < words:
-                                values[k, i] = load(v_words, row, lane + WARP * i)
+                    _load_value_rows(values, v_words, cache_row, batch, group, last, lane, words)
                     for k in range(VALUE_ROWS):
                         weight = weights[warp, group + k]
                         total += weight
@@ -146,22 +190,8 @@ def _make_partial(key_words):
                 warp_acc[warp, 2 * (lane + WARP * i)] = acc[2 * i]
                 warp_acc[warp, 2 * (lane + WARP * i) + 1] = acc[2 * i + 1]
         cuda.syncthreads()
-        merged = float32(-math.inf)
-        for w in range(WARPS):
-            merged = max(merged, warp_best[w])
-        if cuda.threadIdx.x == 0:
-            merged_total = float32(0.0)
-            for w in range(WARPS):
-                if warp_best[w] > -math.inf:
-                    merged_total += warp_total[w] * math.exp(warp_best[w] - merged)
-            part_max[item, part] = merged
-            part_sum[item, part] = merged_total
-        for d in range(cuda.threadIdx.x, dim, THREADS):
-            value = float32(0.0)
-            for w in range(WARPS):
-                if warp_best[w] > -math.inf:
-                    value += warp_acc[w, d] * math.exp(warp_best[w] - merged)
-            part_acc[item, part, d] = value
+        _write_partition(item, dim, THREADS, warp_best, warp_total, warp_acc, part_max, part_sum,
+                         part_acc)
         return True
 
     return partial
@@ -307,12 +337,9 @@ def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, wi
     t = cuda.blockIdx.x // kv_heads
     kv = cuda.blockIdx.x % kv_heads
     first_head = kv * members
-    position = positions[t]
-    start = first_key(position, window)
-    lo = start + part * partition
-    hi = min(position + 1, lo + partition)
-    if lo >= hi:  # past this token's keys (a decode graph launches partitions for the longest
-        return False  # context): nothing to write, the merge reads only used partitions
+    lo, hi = _partition_keys(positions[t], window, partition, part)
+    if lo >= hi:  # nothing to write: the merge reads only used partitions
+        return False
     lane = cuda.threadIdx.x % WARP
     warp = cuda.threadIdx.x // WARP
     cache_row = (slots[t] * kv_heads + kv) * length  # key j is row cache_row + j
@@ -345,10 +372,8 @@ def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, wi
         if has_key:
             # a round of the key row's words in flight, then their part of each head's dot
             for done in range(0, MAX_WORDS, ATTENTION_GROUPED_KEY_WORDS):
-                for w in range(0, ATTENTION_GROUPED_KEY_WORDS, 4):
-                    if done + w < words:
-                        keys[w], keys[w + 1], keys[w + 2], keys[w + 3] = load_u32x4(
-                            k_words, cache_row + batch + lane, done + w)
+                _load_key_words(keys, k_words, cache_row + batch + lane, done,
+                                ATTENTION_GROUPED_KEY_WORDS, words)
                 for w in range(ATTENTION_GROUPED_KEY_WORDS):
                     if done + w < words:
                         a, b = halves_as_floats(keys[w])
@@ -371,12 +396,7 @@ def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, wi
                     acc[g, i] *= correction
             last = hi - 1 - batch  # keys past the last are read clamped to it, at weight 0
             for rows in range(0, WARP, VALUE_ROWS):
-                for k in range(VALUE_ROWS):  # VALUE_ROWS rows' loads in flight together
-                    row = cache_row + batch + min(rows + k, last)
-                    for i in range(MAX_WORDS_PER_LANE):
-                        values[k, i] = uint32(0)
-                        if lane + WARP * i < words:
-                            values[k, i] = load(v_words, row, lane + WARP * i)
+                _load_value_rows(values, v_words, cache_row, batch, rows, last, lane, words)
                 for k in range(VALUE_ROWS):
                     for i in range(MAX_WORDS_PER_LANE):
                         a, b = halves_as_floats(values[k, i])
@@ -404,23 +424,8 @@ def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, wi
                 warp_acc[warp, g, 2 * (lane + WARP * i) + 1] = acc[g, 2 * i + 1]
     cuda.syncthreads()
     for g in range(members):
-        item = t * heads + first_head + g
-        merged = float32(-math.inf)
-        for w in range(WARPS):
-            merged = max(merged, warp_best[w, g])
-        if cuda.threadIdx.x == 0:
-            merged_total = float32(0.0)
-            for w in range(WARPS):
-                if warp_best[w, g] > -math.inf:
-                    merged_total += warp_total[w, g] * math.exp(warp_best[w, g] - merged)
-            part_max[item, part] = merged
-            part_sum[item, part] = merged_total
-        for d in range(cuda.threadIdx.x, dim, THREADS):
-            value = float32(0.0)
-            for w in range(WARPS):
-                if warp_best[w, g] > -math.inf:
-                    value += warp_acc[w, g, d] * math.exp(warp_best[w, g] - merged)
-            part_acc[item, part, d] = value
+        _write_partition(t * heads + first_head + g, dim, THREADS, warp_best[:, g],
+                         warp_total[:, g], warp_acc[:, g], part_max, part_sum, part_acc)
     return True
 
 
