@@ -348,3 +348,19 @@ def test_decode_replay_stages_the_embedding_rows_its_graph_copies(ops):
     np.testing.assert_array_equal(ops.embed_staging[0][:4], table[[7, 300, 511, 0]])
     with pytest.raises(IndexError):
         ops.replay_decode(np.array([512]), np.array([0]), np.array([0]), [SamplingParams()], [0])
+
+
+def test_a_launched_decode_step_is_collected_before_the_next(ops):
+    """launch_decode returns at once and collect_decode returns that step's ids; a second
+    launch before the collect (which would restage the pinned inputs the first step's graph
+    may still be copying) and a collect with nothing launched are refused."""
+    ops.buckets = [1, 2, 4]
+    ops.graphs = {bucket: SimpleNamespace(launch=lambda stream: None) for bucket in ops.buckets}
+    ops.launch_decode(np.array([7, 9]), np.array([3, 4]), np.array([0, 1]), [SamplingParams()] * 2,
+                      [0, 0])
+    with pytest.raises(RuntimeError, match="in flight"):
+        ops.launch_decode(np.array([7]), np.array([3]), np.array([0]), [SamplingParams()], [0])
+    ops.meta["ids"][0][:2] = [11, 12]  # what the graph's last copy would have brought back
+    assert ops.collect_decode().tolist() == [11, 12]
+    with pytest.raises(RuntimeError, match="no decode step"):
+        ops.collect_decode()

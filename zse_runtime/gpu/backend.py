@@ -171,6 +171,8 @@ class Arena:
 class GpuOps:
     """Implements model.Ops on one GPU. Use `GpuOps.open(...)`."""
 
+    launched_rows: int | None = None  # rows of the decode step launched and not yet collected
+
     def __init__(self, context: driver.Context, zse: ZseFile, config: ModelConfig, slots: int,
                  max_len: int, startup, batch_invariant: bool = False):
         self.context, self.config, self.slots, self.max_len = context, config, slots, max_len
@@ -669,7 +671,10 @@ class GpuOps:
 
     def launch_decode(self, tokens, positions, slots, params, steps) -> None:
         """Stage a decode step and replay its bucket's graph, without waiting for it:
-        collect_decode() returns the ids. The host is free while the GPU runs the step."""
+        collect_decode() returns the ids. The host is free while the GPU runs the step. One
+        step at a time: the next one's inputs go through the same pinned block."""
+        if self.launched_rows is not None:
+            raise RuntimeError("a decode step is in flight: collect_decode() it first")
         B = len(tokens)
         bucket = next(b for b in self.buckets if b >= B)
         pad = bucket - B
@@ -685,5 +690,8 @@ class GpuOps:
 
     def collect_decode(self) -> np.ndarray:
         """The ids chosen by the step launch_decode started (waits for it)."""
+        if self.launched_rows is None:
+            raise RuntimeError("no decode step was launched")
+        rows, self.launched_rows = self.launched_rows, None
         self.stream.synchronize()
-        return self.meta["ids"][0][:self.launched_rows].copy()
+        return self.meta["ids"][0][:rows].copy()
