@@ -325,9 +325,9 @@ def _last_to_finish(parts, tickets):
 @cuda.jit(device=True, inline="always")
 def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
                      part_max, part_sum, part_acc):
-    """attention_partial's pass for the H / KVH <= MAX_GROUP query heads that share a KV head:
-    each key and value row is read once for all of them (instead of once per head) and scored
-    against each. Arguments as `_make_partial`'s; grid (T * KVH, P), block THREADS. Returns
+    """The partition pass (`_make_partial`'s) for the H / KVH <= MAX_GROUP query heads that
+    share a KV head: each key and value row is read once for all of them (instead of once per
+    head) and scored against each. Arguments as `_make_partial`'s; grid (T * KVH, P), block THREADS. Returns
     whether the block's partition holds keys (block-uniform)."""
     part = cuda.blockIdx.y
     heads = part_max.shape[0] // q.shape[0]
@@ -427,7 +427,6 @@ def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, wi
         _write_partition(t * heads + first_head + g, dim, THREADS, warp_best[:, g],
                          warp_total[:, g], warp_acc[:, g], part_max, part_sum, part_acc)
     return True
-
 
 
 @cuda.jit(device=True, inline="always")
