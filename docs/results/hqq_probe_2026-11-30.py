@@ -1,9 +1,10 @@
-"""Issue-6 experiment: HQQ-style zero refinement (half-quadratic, l_p shrinkage, no data) against
+"""Issue-6 experiment (2026-11-30; a probe kept for the record, not part of the toolchain): HQQ-style zero refinement (half-quadratic, l_p shrinkage, no data) against
 ZSE's clipping search at g128, all dequantized and run through transformers (as the GGUF rows)."""
 import json, sys, time
 from pathlib import Path
 import numpy as np
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/main/scripts")
+REPO = Path(__file__).resolve().parents[2]  # docs/results/ -> the repository
+sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "scripts"))
 import eval_quality as eq
 from safetensors.numpy import load_file
 from zse_convert.quantize import quantize_int4
@@ -87,4 +88,4 @@ for kind in variants:
     del model
     results[kind] = scores.summary()
     print(kind, json.dumps(results[kind]), f"{time.perf_counter() - t:.0f} s", flush=True)
-json.dump(results, open(f"/tmp/exp/hqq_{folder.name}_g{group}.json", "w"), indent=1)
+json.dump(results, open(f"hqq_{folder.name}_g{group}.json", "w"), indent=1)  # in the cwd
