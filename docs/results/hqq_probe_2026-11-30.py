@@ -7,10 +7,11 @@ REPO = Path(__file__).resolve().parents[2]  # docs/results/ -> the repository
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "scripts"))
 import eval_quality as eq
 from safetensors.numpy import load_file
+from zse_convert.convert import _group_size_for
 from zse_convert.quantize import quantize_int4
 from zse_runtime.zsefile import dequantize_int4
 
-folder = Path(sys.argv[1]); group = int(sys.argv[2]); variants = sys.argv[3].split(",")
+folder = Path(sys.argv[1]); GROUP = int(sys.argv[2]); variants = sys.argv[3].split(",")
 tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 2048
 tensors = {}
 for f in sorted(folder.glob("*.safetensors")):
@@ -47,6 +48,7 @@ def variant_weights(kind):
     for name in names:
         w = tensors[name].astype(np.float32)
         rows, cols = w.shape
+        group = _group_size_for(cols, GROUP, name)  # the converter's fallback (SmolLM2's 576)
         if kind == "zse":
             weight, _ = quantize_int4(w, group)
             out[name] = dequantize_int4(weight).astype(np.float32)
@@ -88,4 +90,4 @@ for kind in variants:
     del model
     results[kind] = scores.summary()
     print(kind, json.dumps(results[kind]), f"{time.perf_counter() - t:.0f} s", flush=True)
-json.dump(results, open(f"hqq_{folder.name}_g{group}.json", "w"), indent=1)  # in the cwd
+json.dump(results, open(f"hqq_{folder.name}_g{GROUP}.json", "w"), indent=1)  # in the cwd
