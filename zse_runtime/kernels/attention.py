@@ -79,11 +79,10 @@ def _load_value_rows(values, v_words, cache_row, batch, rows, last, lane, words)
 
 
 @cuda.jit(device=True, inline="always")
-def _write_partition(item, dim, threads, warp_best, warp_total, warp_acc, part_max, part_sum,
-                     part_acc):
+def _write_partition(item, dim, warp_best, warp_total, warp_acc, part_max, part_sum, part_acc):
     """The partition's (max, sum, unnormalised output) of token-head `item` from its warps'
     (warp_best [WARPS], warp_total [WARPS], warp_acc [WARPS, D]), rescaled to the largest
-    maximum. Every thread of the block calls this; `threads` is the block's size."""
+    maximum. Every thread of the block calls this."""
     part = cuda.blockIdx.y
     merged = float32(-math.inf)
     for w in range(WARPS):
@@ -95,7 +94,7 @@ def _write_partition(item, dim, threads, warp_best, warp_total, warp_acc, part_m
                 merged_total += warp_total[w] * math.exp(warp_best[w] - merged)
         part_max[item, part] = merged
         part_sum[item, part] = merged_total
-    for d in range(cuda.threadIdx.x, dim, threads):
+    for d in range(cuda.threadIdx.x, dim, THREADS):
         value = float32(0.0)
         for w in range(WARPS):
             if warp_best[w] > -math.inf:
@@ -190,8 +189,7 @@ def _make_partial(key_words):
                 warp_acc[warp, 2 * (lane + WARP * i)] = acc[2 * i]
                 warp_acc[warp, 2 * (lane + WARP * i) + 1] = acc[2 * i + 1]
         cuda.syncthreads()
-        _write_partition(item, dim, THREADS, warp_best, warp_total, warp_acc, part_max, part_sum,
-                         part_acc)
+        _write_partition(item, dim, warp_best, warp_total, warp_acc, part_max, part_sum, part_acc)
         return True
 
     return partial
@@ -424,8 +422,8 @@ def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, wi
                 warp_acc[warp, g, 2 * (lane + WARP * i) + 1] = acc[g, 2 * i + 1]
     cuda.syncthreads()
     for g in range(members):
-        _write_partition(t * heads + first_head + g, dim, THREADS, warp_best[:, g],
-                         warp_total[:, g], warp_acc[:, g], part_max, part_sum, part_acc)
+        _write_partition(t * heads + first_head + g, dim, warp_best[:, g], warp_total[:, g],
+                         warp_acc[:, g], part_max, part_sum, part_acc)
     return True
 
 
