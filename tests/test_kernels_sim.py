@@ -333,27 +333,33 @@ def test_attention_split_over_partitions(kind, window, partition, length, heads,
             np.testing.assert_allclose(out[t, h * dim:(h + 1) * dim], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_merge_of_more_partitions_than_threads():
+@pytest.mark.parametrize("kernel,heads", [("attention_decode", 1), ("attention_decode_grouped", 2)])
+def test_attention_merge_of_more_partitions_than_threads(kernel, heads):
     """A thread of the merge folds several partitions into a running sum (decode partitions of
-    one key, 131 of them against 128 threads)."""
+    one key, 131 of them against the per-head merge's 128 threads and the grouped merge's 32
+    lanes per head; the grouped block merges two query heads sharing one KV head)."""
     dim, length, position = 32, 136, 130
     k_cache = rng.standard_normal((1, 1, length, dim)).astype(np.float16)
     v_cache = rng.standard_normal((1, 1, length, dim)).astype(np.float16)
-    q = rng.standard_normal((1, dim)).astype(np.float32)
+    q = rng.standard_normal((1, heads * dim)).astype(np.float32)
     parts = position + 1
-    part_max = np.full((1, parts), np.nan, np.float32)
-    part_sum, part_acc = np.full_like(part_max, np.nan), np.full((1, parts, dim), np.nan, np.float32)
-    out = np.full((1, dim), np.nan, np.float32)
+    part_max = np.full((heads, parts), np.nan, np.float32)
+    part_sum = np.full_like(part_max, np.nan)
+    part_acc = np.full((heads, parts, dim), np.nan, np.float32)
+    out = np.full((1, heads * dim), np.nan, np.float32)
     words = lambda cache: cache.view(np.uint32).reshape(-1, dim // 2)
-    tickets = np.zeros(1, np.int32)
-    jit(attention, "attention_decode")[(1, parts), attention.THREADS](
+    blocks = heads if kernel == "attention_decode" else 1
+    tickets = np.zeros(blocks, np.int32)
+    jit(attention, kernel)[(blocks, parts), attention.THREADS](
         q, words(k_cache), words(v_cache), 1, length, np.array([position], np.int32),
         np.zeros(1, np.int32), 0, 1, part_max, part_sum, part_acc, tickets, out, 0,
         *_no_digits())
     keys = k_cache[0, 0, :position + 1].astype(np.float32)
-    weights = np.exp(keys @ q[0] / np.sqrt(dim) - (keys @ q[0] / np.sqrt(dim)).max())
-    expected = weights @ v_cache[0, 0, :position + 1].astype(np.float32) / weights.sum()
-    np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
+    for h in range(heads):
+        scores = keys @ q[0, h * dim:(h + 1) * dim] / np.sqrt(dim)
+        weights = np.exp(scores - scores.max())
+        expected = weights @ v_cache[0, 0, :position + 1].astype(np.float32) / weights.sum()
+        np.testing.assert_allclose(out[0, h * dim:(h + 1) * dim], expected, rtol=1e-4, atol=1e-5)
     assert not tickets.any()
 
 
