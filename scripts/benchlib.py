@@ -341,21 +341,6 @@ def start_server(model: Path, port: int, *args: str, device: str = "cuda"):
     return server.process, server.ready_s
 
 
-def stream_completion_tokens(client, prompt: list[int], max_tokens: int) -> int:
-    """Stream one greedy completion (ignore_eos) and return the tokens the server says it
-    generated (usage from the last chunk)."""
-    generated = None
-    for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens,
-                                           temperature=0, stream=True,
-                                           stream_options={"include_usage": True},
-                                           extra_body={"ignore_eos": True}):
-        if chunk.usage is not None:
-            generated = chunk.usage.completion_tokens
-    if generated is None:
-        raise RuntimeError("the stream ended without a usage chunk")
-    return generated
-
-
 def stream_completions(url: str, prompts: list[list[int]], max_tokens: int) -> list[int]:
     """Stream greedy completions (ignore_eos) of all `prompts` at once and return the tokens
     the server says each generated (usage from its last chunk). One asyncio loop with httpx
