@@ -11,7 +11,7 @@ from tests.checkpoints import make_checkpoint
 from tests.reference import float_calibration, logit_distances
 from zse_convert.awq import (AwqOptions, channel_scales, fold_into_up, fold_into_v,
                              search_scales, shared_by_kv_heads)
-from zse_convert.calibration import (WINDOW, _rmsnorm)
+from zse_convert.calibration import WINDOW, _rmsnorm
 from zse_convert.convert import ConvertOptions, convert
 from zse_convert.gptq import output_error
 from zse_convert.quantize import quantize_int4
@@ -141,7 +141,6 @@ def test_converter_with_awq_records_and_folds(tiny_qwen2, tmp_path):
     """End to end: the AWQ record in the manifest, norms that differ from the source by the
     folded scales, a valid file, and logits as close to the float model as the plain search's."""
     from tokenizers import Tokenizer
-
 
     plain, awq = tmp_path / "plain.zse", tmp_path / "awq.zse"
     convert(str(tiny_qwen2), plain, ConvertOptions(group_size=64))

@@ -219,8 +219,6 @@ def test_calibration_forward_matches_transformers(tmp_path, arch, overrides):
 def test_converter_with_gptq_beats_the_clipping_search_on_the_model_output(tiny_qwen2, tmp_path):
     """End to end on the tiny model: a valid file, the GPTQ record in the manifest, and CPU-backend
     logits on held-out text closer to the float model's than the clipping search gets."""
-
-
     searched, calibrated = tmp_path / "search.zse", tmp_path / "gptq.zse"
     convert(str(tiny_qwen2), searched, ConvertOptions(group_size=64))
     summary = convert(str(tiny_qwen2), calibrated,
