@@ -444,41 +444,53 @@ def small_kernels(gpu: Gpu, rng) -> None:
     weight = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
     dd, dr, dw, out = gpu.put(delta), gpu.put(residual), gpu.put(weight), gpu.empty((tokens, hidden), np.float32)
     digits = empty_digits(gpu, tokens, hidden)
+    sumsq = gpu.empty((tokens, hidden // 32), np.float32)
     summed_out = gpu.empty((tokens, hidden), np.float32)
-    norm = lambda rows, width, quantize, digits: gpu.launch(
+    norm = lambda rows, width, deferred, digits, sumsq: gpu.launch(
         "add_rmsnorm", (rows, math.ceil(hidden / width)), geo.NORM_THREADS, dd.rows(rows),
         dr.rows(rows), dw, np.float32(1e-6), np.int32(1), np.int32(width), summed_out.rows(rows),
-        out.rows(rows), np.int32(quantize), *digits)
-    norm(tokens, geo.NORM_DECODE_SLICE, 1, digits)
+        out.rows(rows), np.int32(deferred), *digits, sumsq)
+    norm(tokens, hidden, 0, digits, sumsq)  # a prompt chunk's: normed floats
     summed = delta + residual
     ref = summed / np.sqrt((summed ** 2).mean(1, keepdims=True) + 1e-6) * weight
     err = rel_error(gpu.get(out), ref)
     residual_ok = rel_error(gpu.get(summed_out), summed) < 1e-6
-    digits_ok = fused_digits_exact(gpu, out, digits)
+    norm(tokens, geo.NORM_DECODE_SLICE, 1, digits, sumsq)  # a decode step's: deferred
+    want = quantize_on_device(gpu, gpu.put((gpu.get(summed_out) * weight).astype(np.float32)))
+    digits_ok = all(np.array_equal(gpu.get(a).view(np.uint32), gpu.get(b).view(np.uint32))
+                    for a, b in zip(digits, want))
+    squares = (summed.astype(np.float64) ** 2).reshape(tokens, -1, 32).sum(-1)
+    squares_ok = rel_error(gpu.get(sumsq), squares) < 1e-5
     one = [d.rows(1) for d in digits]
-    ms = gpu.time_ms(lambda: norm(1, geo.NORM_DECODE_SLICE, 1, one))
-    record("add_rmsnorm 5x3584", err < 1e-5 and residual_ok and digits_ok,
-           f"rel err {err:.1e}; {ms * 1000:.1f} us for one token, with its digits "
-           f"({'exact' if digits_ok else 'DIFFER'})", us=ms * 1000, digits_exact=digits_ok)
-    for width, quantize in ((hidden, 1), (hidden, 0), (geo.NORM_DECODE_SLICE, 0)):
-        ms = gpu.time_ms(lambda: norm(1, width, quantize, one))
-        record(f"  sweep add_rmsnorm 1x3584 (slices of {width}, digits {quantize})", True,
-               f"{ms * 1000:.1f} us", us=ms * 1000, width=width, quantize=quantize, sweep=True)
+    ms = gpu.time_ms(lambda: norm(1, geo.NORM_DECODE_SLICE, 1, one, sumsq.rows(1)))
+    record("add_rmsnorm 5x3584", err < 1e-5 and residual_ok and digits_ok and squares_ok,
+           f"rel err {err:.1e}; deferred: digits of r * gamma {'exact' if digits_ok else 'DIFFER'}, "
+           f"sums of squares {'ok' if squares_ok else 'WRONG'}, {ms * 1000:.1f} us for one token",
+           us=ms * 1000, digits_exact=digits_ok)
+    for width in (hidden, geo.NORM_DECODE_SLICE):
+        ms = gpu.time_ms(lambda: norm(1, width, 0, one, sumsq.rows(1)))
+        record(f"  sweep add_rmsnorm 1x3584 (slices of {width}, normed floats)", True,
+               f"{ms * 1000:.1f} us", us=ms * 1000, width=width, sweep=True)
     inter = 18944
     gate_up = rng.standard_normal((tokens, 2 * inter)).astype(np.float32)
     dg, act = gpu.put(gate_up), gpu.empty((tokens, inter), np.float32)
     digits = empty_digits(gpu, tokens, inter)
     silu_grid = lambda T: (T, math.ceil(inter / geo.ROW_THREADS))
-    gpu.launch("silu_mul", silu_grid(tokens), geo.ROW_THREADS, dg, act, np.int32(1), *digits)
-    g, u = gate_up[:, :inter], gate_up[:, inter:]
+    inverse = 1 / np.sqrt(squares.sum(1, keepdims=True) / hidden + 1e-6)  # the norm above's
+    finish = (np.int32(1), sumsq, np.float32(1e-6))
+    gpu.launch("silu_mul", silu_grid(tokens), geo.ROW_THREADS, dg, act, np.int32(1), *digits,
+               *finish)
+    g, u = gate_up[:, :inter] * inverse, gate_up[:, inter:] * inverse
     err = rel_error(gpu.get(act), g / (1 + np.exp(-g)) * u)
     digits_ok = fused_digits_exact(gpu, act, digits)
     one = [d.rows(1) for d in digits]
     ms = gpu.time_ms(lambda: gpu.launch("silu_mul", silu_grid(1), geo.ROW_THREADS, dg.rows(1),
-                                        act.rows(1), np.int32(1), *one))
+                                        act.rows(1), np.int32(1), *one, np.int32(1),
+                                        sumsq.rows(1), np.float32(1e-6)))
     record("silu_mul 5x18944", err < 1e-5 and digits_ok,
-           f"rel err {err:.1e}; {ms * 1000:.1f} us for one token, with its digits "
-           f"({'exact' if digits_ok else 'DIFFER'})", us=ms * 1000, digits_exact=digits_ok)
+           f"rel err {err:.1e} (scaled by a deferred norm); {ms * 1000:.1f} us for one token, "
+           f"with its digits ({'exact' if digits_ok else 'DIFFER'})", us=ms * 1000,
+           digits_exact=digits_ok)
     ms = gpu.time_ms(lambda: quantize_on_device(gpu, out.rows(1), [d.rows(1) for d in digits]))
     record("quantize_activations 1x3584 (lm_head input)", True, f"{ms * 1000:.1f} us", us=ms * 1000)
     table = rng.standard_normal((152064, hidden)).astype(np.float16)
@@ -498,10 +510,24 @@ def small_kernels(gpu: Gpu, rng) -> None:
     q_out, pos, slot = gpu.empty((1, heads * dim), np.float32), gpu.put(np.array([100], np.int32)), \
         gpu.put(np.array([0], np.int32))
     work = (heads + kv_heads) * dim // 2 + kv_heads * dim
-    ms = gpu.time_ms(lambda: gpu.launch("rope_and_cache", (1, math.ceil(work / geo.ROW_THREADS)),
-                                        geo.ROW_THREADS, qkv, pos, slot, cos, sin, *caches, q_out,
-                                        np.int32(heads)))
-    record("rope_and_cache 1 token (28+4 heads of 128)", True, f"{ms * 1000:.1f} us", us=ms * 1000)
+    bias = rng.standard_normal((heads + 2 * kv_heads) * dim).astype(np.float32)
+    plain = (np.int32(0), sumsq.rows(1), np.float32(1e-6), gpu.put(bias), np.int32(0))
+    finish = (np.int32(1), sumsq.rows(1), np.float32(1e-6), gpu.put(bias), np.int32(1))
+    rope = lambda extra: gpu.launch("rope_and_cache", (1, math.ceil(work / geo.ROW_THREADS)),
+                                    geo.ROW_THREADS, qkv, pos, slot, cos, sin, *caches, q_out,
+                                    np.int32(heads), *extra)
+    rope(finish)  # the deferred attention norm of token 0 above, then the bias
+    half = dim // 2
+    q = (gpu.get(qkv)[0] * inverse[0, 0] + bias)[:heads * dim].reshape(heads, dim)
+    c, si = np.cos(angles[100]), np.sin(angles[100])
+    rotated = np.concatenate([q[:, :half] * c - q[:, half:] * si, q[:, half:] * c + q[:, :half] * si], 1)
+    err = rel_error(gpu.get(q_out).reshape(heads, dim), rotated)
+    ms = gpu.time_ms(lambda: rope(plain))
+    finish_ms = gpu.time_ms(lambda: rope(finish))
+    record("rope_and_cache 1 token (28+4 heads of 128)", err < 1e-5,
+           f"rel err {err:.1e} (scaled by a deferred norm, then the bias); {ms * 1000:.1f} us, "
+           f"{finish_ms * 1000:.1f} us finishing a deferred norm", us=ms * 1000,
+           finishing_us=finish_ms * 1000)
     gpu.free_all()
 
 

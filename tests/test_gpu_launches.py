@@ -208,6 +208,46 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
                 assert args[12].shape == (tokens * heads,) == grid[:1]
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_decode_norms_are_deferred_to_the_kernels_after_the_gemvs(ops, tokens):
+    """Through the GEMVs, every norm but the final one is deferred (kernels/rmsnorm.py): it
+    writes the digits of r * gamma and the sums of squares; qkv and gate_up multiply without
+    bias, and the next launch (rope_and_cache, silu_mul) reads those sums and adds qkv's bias.
+    Prefill chunks normalize in add_rmsnorm and leave nothing to finish."""
+    ops._launch = recorder = Recorder()
+    Decoder(ops.config, ops).forward(Batch.of(np.arange(tokens), np.arange(tokens),
+                                              np.zeros(tokens), [tokens - 1]))
+    c, calls = ops.config, recorder.calls
+    norms = [i for i, call in enumerate(calls) if call[0] == "add_rmsnorm"]
+    assert len(norms) == 2 * c.num_hidden_layers + 1
+    gemv = tokens <= geo.GEMV_MAX_TOKENS
+    for n, at in enumerate(norms):
+        args = calls[at][3]
+        deferred, digits, sumsq = int(args[8]), args[9:12], args[12]
+        final = n == len(norms) - 1
+        assert deferred == (gemv and not final)
+        if not deferred:
+            continue
+        assert sumsq.shape == (tokens, c.hidden_size // 32)
+        layer, part = divmod(n, 2)
+        assert args[2] == ops.weights[f"layers.{layer}.{('attn_norm', 'mlp_norm')[part]}"]
+        name, _, _, gemv_args = calls[at + 1]  # qkv or gate_up, on those digits, no bias
+        assert name.startswith("int4_gemv_t") and tuple(gemv_args[:3]) == tuple(digits)
+        assert int(gemv_args[8]) == 0
+        name, _, _, finisher = calls[at + 2]
+        if part == 0:
+            assert name == "rope_and_cache" and finisher[0].pointer == gemv_args[-1].pointer
+            assert (int(finisher[9]), finisher[10]) == (1, sumsq)
+            assert finisher[12] == ops.weights[f"layers.{layer}.qkv_bias"] and int(finisher[13]) == 1
+        else:
+            assert name == "silu_mul" and finisher[0].pointer == gemv_args[-1].pointer
+            assert (int(finisher[6]), finisher[7]) == (1, sumsq)
+    for name, at in (("rope_and_cache", 9), ("silu_mul", 6)):
+        assert all(int(args[at]) == gemv for _, _, _, args in recorder.named(name))
+    if not gemv:  # the GEMM adds qkv's bias itself
+        assert all(int(args[13]) == 0 for _, _, _, args in recorder.named("rope_and_cache"))
+
+
 def test_decode_attention_groups_query_heads_only_where_it_can(ops):
     """A batch of ATTENTION_GROUPED_MIN_TOKENS or more takes a block per token x KV head when
     its query heads fit one block; smaller batches, models with a KV head per query head and

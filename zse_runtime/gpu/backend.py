@@ -21,8 +21,8 @@ from ..engine import PREFILL_CHUNK
 from ..kernels import geometry as geo
 from ..model import Batch, Decoder
 from ..sampling import SamplingParams
-from ..zsefile import (EMBED, LAYOUT_INT4_ROWS, LM_HEAD, Int4Weight, ZseFile, int4_section_sizes,
-                       tensor_view)
+from ..zsefile import (EMBED, FINAL_NORM, LAYOUT_INT4_ROWS, LM_HEAD, Int4Weight, ZseFile,
+                       int4_section_sizes, tensor_view)
 from . import driver
 from .kernels import DeviceArray, KernelLibrary, download, upload
 from .loader import device_window_start, upload_weights
@@ -115,6 +115,27 @@ class QuantizedActivation(DeviceArray):
     the decoder is after this activation's consumer has been launched."""
 
     digits: tuple = ()
+
+
+@dataclass(frozen=True)
+class DeferredNorm:
+    """A decode step's RMSNorm output as only the INT4 GEMV reads it (kernels/rmsnorm.py): the
+    digits of r * gamma, and the sums of squares of r's blocks of 32, [T, H/32]. There are no
+    normed floats: the GEMV's output is a PendingNorm."""
+
+    shape: tuple
+    digits: tuple
+    norm_sumsq: DeviceArray
+
+
+@dataclass(frozen=True)
+class PendingNorm(DeviceArray):
+    """A GEMV's output of a DeferredNorm input: W (r * gamma), still to be scaled by rms(r)^-1
+    (and to have `bias` added) by the elementwise kernel that reads it next (rope_and_cache,
+    silu_mul)."""
+
+    norm_sumsq: DeviceArray | None = None
+    bias: DeviceArray | None = None
 
 
 class OutOfDeviceMemory(RuntimeError):
@@ -244,6 +265,8 @@ class GpuOps:
         arena.add("xq", (gemv_tokens, widest // 2), np.uint32)
         arena.add("xstep", (gemv_tokens, widest // 32), np.float32)
         arena.add("xsum", (gemv_tokens, widest // 32), np.float32)
+        # a deferred RMSNorm's sums of squares per block of 32 inputs (kernels/rmsnorm.py)
+        arena.add("norm_sumsq", (gemv_tokens, c.hidden_size // 32), np.float32)
         # prefill GEMM inputs as float16 pairs (kernels/gemm_int4.py); groups hold >= 32 inputs
         arena.add("x_halves", (T, widest // 2), np.uint32)
         arena.add("group_sum", (T, widest // 32), np.float32)
@@ -477,30 +500,57 @@ class GpuOps:
         digits = self._digits(T, K)
         return QuantizedActivation(out.pointer, out.shape, out.dtype, digits), (np.int32(1), *digits)
 
+    def _norm_sumsq(self, T: int) -> DeviceArray:
+        return self.buffers["norm_sumsq"].rows(T)
+
     def add_rmsnorm(self, delta: DeviceArray, residual, norm: str):
+        """(normed, new residual). In a step whose INT4 matrices multiply through the GEMVs the
+        norm is deferred (kernels/rmsnorm.py), except the last one: the lm_head's input is
+        gathered and, in fp16, read as floats."""
         T, hidden = delta.shape
         # the kernel's blocks read the old residual while others write the new one: two buffers
         first, second = self.buffers["residual"].rows(T), self.buffers["residual_next"].rows(T)
         res_out = second if residual is not None and residual.pointer == first.pointer else first
         # spread a decode batch's rows over SMs
         width = geo.NORM_DECODE_SLICE if T <= geo.GEMV_MAX_TOKENS else hidden
-        out, digits = self._producing(self.buffers["normed"].rows(T), self._through_gemv(T))
+        deferred = self._through_gemv(T) and norm != FINAL_NORM
+        out = self.buffers["normed"].rows(T)
+        digits = self._digits(T, hidden) if deferred else self._digits(1, 32)  # else not written
         self._launch("add_rmsnorm", (T, math.ceil(hidden / width)), geo.NORM_THREADS, delta,
                      residual if residual is not None else second,  # not read without one
                      self.weights[norm], np.float32(self.config.rms_norm_eps),
-                     np.int32(residual is not None), np.int32(width), res_out, out, *digits)
+                     np.int32(residual is not None), np.int32(width), res_out, out,
+                     np.int32(deferred), *digits, self._norm_sumsq(T if deferred else 1))
+        if deferred:
+            return DeferredNorm((T, hidden), digits, self._norm_sumsq(T)), res_out
         return out, res_out
+
+    def _finishing(self, x: DeviceArray):
+        """The deferred-norm arguments of an elementwise kernel reading x: (deferred, sums of
+        squares, eps), and the bias x still lacks (or None)."""
+        eps = np.float32(self.config.rms_norm_eps)
+        if isinstance(x, PendingNorm):
+            return (np.int32(1), x.norm_sumsq, eps), x.bias
+        return (np.int32(0), self._norm_sumsq(1), eps), None
 
     _OUTPUT = {"qkv": "qkv", "o_proj": "hidden", "gate_up": "gate_up", "down_proj": "hidden"}
 
-    def linear(self, x: DeviceArray, weight: str, bias: str | None = None) -> DeviceArray:
+    def linear(self, x, weight: str, bias: str | None = None) -> DeviceArray:
         T = x.shape[0]
         out = self.buffers[self._OUTPUT[weight.rsplit(".", 1)[-1]]].rows(T)
-        self._matmul(x, self.weights[weight], out, self.weights[bias] if bias else None)
+        bias_array = self.weights[bias] if bias else None
+        if isinstance(x, DeferredNorm):  # the next kernel scales the output, then adds the bias
+            self._matmul(x, self.weights[weight], out, None)
+            return PendingNorm(out.pointer, out.shape, out.dtype, x.norm_sumsq, bias_array)
+        self._matmul(x, self.weights[weight], out, bias_array)
         return out
 
     def _matmul(self, x: DeviceArray, w, out: DeviceArray, bias: DeviceArray | None) -> None:
         T = x.shape[0]
+        if isinstance(x, PendingNorm):
+            raise AssertionError("a GEMV's output of a deferred norm is not finished")
+        if isinstance(x, DeferredNorm) and not (isinstance(w, Int4Device) and self._through_gemv(T)):
+            raise AssertionError("a deferred norm can only feed an INT4 GEMV")
         if not isinstance(w, Int4Device):  # an fp16 lm_head (logit rows only), as pairs of halves
             tile = gemv_token_tile(T)
             words = DeviceArray(w.pointer, (w.shape[0], w.shape[1] // 2), np.dtype(np.uint32))
@@ -516,7 +566,7 @@ class GpuOps:
         weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
                   bias if bias is not None else self._no_bias, np.int32(bias is not None))
         if self._through_gemv(T):  # decode: one pass over the weights per token tile
-            activations = x.digits if isinstance(x, QuantizedActivation) \
+            activations = x.digits if isinstance(x, (QuantizedActivation, DeferredNorm)) \
                 else self._quantize_activations(x)
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, w.cols, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
@@ -555,11 +605,13 @@ class GpuOps:
         T, q = qkv.shape[0], self.buffers["q"].rows(qkv.shape[0])
         c = self.config
         work = (c.num_attention_heads + c.num_key_value_heads) * c.head_dim // 2 + c.kv_size
+        deferred, bias = self._finishing(qkv)
         self._launch("rope_and_cache", (T, math.ceil(work / geo.ROW_THREADS)), geo.ROW_THREADS,
                      qkv, self._meta("positions", T),
                      self._meta("slots", T), self.buffers["rope_cos"], self.buffers["rope_sin"],
                      self.kv(layer, 0), self.kv(layer, 1), q,
-                     np.int32(self.config.num_attention_heads))
+                     np.int32(self.config.num_attention_heads), *deferred,
+                     bias if bias is not None else self._no_bias, np.int32(bias is not None))
         return q
 
     def attention(self, q: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
@@ -600,8 +652,10 @@ class GpuOps:
     def silu_mul(self, gate_up: DeviceArray) -> DeviceArray:
         T = gate_up.shape[0]
         out, digits = self._producing(self.buffers["act"].rows(T), self._through_gemv(T))
+        deferred, bias = self._finishing(gate_up)
+        assert bias is None, "gate_up has no bias"
         self._launch("silu_mul", (T, math.ceil(self.config.intermediate_size / geo.ROW_THREADS)),
-                     geo.ROW_THREADS, gate_up, out, *digits)
+                     geo.ROW_THREADS, gate_up, out, *digits, *deferred)
         return out
 
     def logits(self, x: DeviceArray, rows) -> DeviceArray:

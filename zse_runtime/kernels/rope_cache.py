@@ -2,17 +2,25 @@
 
 A thread per element of a token: it rotates the token's query heads into q_out, and stores its
 rotated key heads and its value heads (fp16) at [slot, kv_head, position] of this layer's cache.
+In a decode step it also finishes the deferred attention norm (rmsnorm.py): qkv holds
+W (r * gamma), which it scales by rms(r)^-1 before adding the bias.
 """
 
-from numba import cuda
+from numba import cuda, float32
+
+from .rmsnorm import deferred_norm_inverse
 
 
-def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num_heads):
+def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num_heads,
+                   deferred, norm_sumsq, eps, bias, has_bias):
     """qkv [T, (H + 2 KVH) * D] f32; positions, slots [T] i32; cos, sin [L, D/2] f32;
-    k_cache, v_cache [S, KVH, L, D] f16; q_out [T, H * D] f32. Grid (T, ceil(work / block)):
-    a thread per rotated pair ((H + KVH) * D/2 of them) or copied value (KVH * D), so a decode
-    step's token is spread over many blocks instead of looping in one."""
+    k_cache, v_cache [S, KVH, L, D] f16; q_out [T, H * D] f32. If deferred, qkv is scaled by
+    deferred_norm_inverse(norm_sumsq [T, hidden/32], t, eps) first; if has_bias, bias
+    [(H + 2 KVH) * D] f32 is added then. Grid (T, ceil(work / block)), the block a multiple of
+    32: a thread per rotated pair ((H + KVH) * D/2 of them) or copied value (KVH * D), so a
+    decode step's token is spread over many blocks instead of looping in one."""
     t = cuda.blockIdx.x
+    scale = deferred_norm_inverse(norm_sumsq, t, eps) if deferred else float32(1.0)
     e = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     position = positions[t]
     slot = slots[t]
@@ -25,8 +33,11 @@ def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num
         i = e % half
         c = cos[position, i]
         s = sin[position, i]
-        a = qkv[t, head * dim + i]
-        b = qkv[t, head * dim + i + half]
+        a = qkv[t, head * dim + i] * scale
+        b = qkv[t, head * dim + i + half] * scale
+        if has_bias:
+            a += bias[head * dim + i]
+            b += bias[head * dim + i + half]
         first = a * c - b * s
         second = b * c + a * s
         if head < num_heads:
@@ -38,11 +49,16 @@ def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num
             k_cache[slot, kv, position, i + half] = second
     elif e < rotations + kv_heads * dim:
         e -= rotations
-        v_cache[slot, e // dim, position, e % dim] = qkv[t, (num_heads + kv_heads) * dim + e]
+        column = (num_heads + kv_heads) * dim + e
+        value = qkv[t, column] * scale
+        if has_bias:
+            value += bias[column]
+        v_cache[slot, e // dim, position, e % dim] = value
 
 
 KERNELS = {
     "rope_and_cache": (rope_and_cache, "void(float32[:, ::1], int32[::1], int32[::1], "
                                        "float32[:, ::1], float32[:, ::1], float16[:, :, :, ::1], "
-                                       "float16[:, :, :, ::1], float32[:, ::1], int32)"),
+                                       "float16[:, :, :, ::1], float32[:, ::1], int32, int32, "
+                                       "float32[:, ::1], float32, float32[::1], int32)"),
 }
