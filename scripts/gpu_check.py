@@ -456,9 +456,8 @@ def small_kernels(gpu: Gpu, rng) -> None:
     err = rel_error(gpu.get(out), ref)
     residual_ok = rel_error(gpu.get(summed_out), summed) < 1e-6
     norm(tokens, geo.NORM_DECODE_SLICE, 1, digits, sumsq)  # a decode step's: deferred
-    want = quantize_on_device(gpu, gpu.put((gpu.get(summed_out) * weight).astype(np.float32)))
-    digits_ok = all(np.array_equal(gpu.get(a).view(np.uint32), gpu.get(b).view(np.uint32))
-                    for a, b in zip(digits, want))
+    digits_ok = fused_digits_exact(gpu, gpu.put((gpu.get(summed_out) * weight).astype(np.float32)),
+                                   digits)
     squares = (summed.astype(np.float64) ** 2).reshape(tokens, -1, 32).sum(-1)
     squares_ok = rel_error(gpu.get(sumsq), squares) < 1e-5
     one = [d.rows(1) for d in digits]

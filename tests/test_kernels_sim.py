@@ -84,14 +84,12 @@ def test_add_rmsnorm(accumulate, hidden, threads, width):
     assert not untouched[0].any()
 
 
-def _deferred_norm(r, gamma):
-    """What a deferred RMSNorm of rows r writes (kernels/rmsnorm.py): the digits of r * gamma
-    (as the standalone quantizer makes them) and the sums of squares of r's blocks of 32; and
-    rms(r)^-1 per row, float64."""
-    digits, _, _, _ = _quantize_activations((r * gamma).astype(np.float32))
+def _deferred_norm(r):
+    """The sums of squares of r's blocks of 32 that a deferred RMSNorm of rows r writes
+    (kernels/rmsnorm.py), and rms(r)^-1 per row, float64."""
     r64 = r.astype(np.float64)
     sumsq = (r64 ** 2).reshape(r.shape[0], -1, 32).sum(-1).astype(np.float32)
-    return digits, sumsq, 1 / np.sqrt((r64 ** 2).mean(1, keepdims=True) + 1e-5)
+    return sumsq, 1 / np.sqrt((r64 ** 2).mean(1, keepdims=True) + 1e-5)
 
 
 def test_add_rmsnorm_deferred():
@@ -109,10 +107,8 @@ def test_add_rmsnorm_deferred():
                                              residual_out, out, 1, *digits, sumsq)
     np.testing.assert_array_equal(residual_out, r)
     assert np.isnan(out).all()
-    want_digits, want_sumsq, _ = _deferred_norm(r, weight)
-    for got, want in zip(digits, want_digits):
-        np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(sumsq, want_sumsq, rtol=1e-6)
+    _assert_digits_equal(digits, (r * weight).astype(np.float32))
+    np.testing.assert_allclose(sumsq, _deferred_norm(r)[0], rtol=1e-6)
 
 
 def _quantize_activations(x):
@@ -301,7 +297,7 @@ def test_rope_and_cache(deferred):
     qkv = rng.standard_normal((tokens, (heads + 2 * kv_heads) * dim)).astype(np.float32)
     bias = rng.standard_normal(qkv.shape[1]).astype(np.float32)
     r = rng.standard_normal((tokens, 96)).astype(np.float32) * np.array([[1], [100], [0.01]], np.float32)
-    _, sumsq, inverse = _deferred_norm(r, np.ones(96, np.float32))
+    sumsq, inverse = _deferred_norm(r)
     finished = (qkv * inverse + bias).astype(np.float32) if deferred else qkv
     positions = np.array([0, 5, 15], np.int32)
     slot_ids = np.array([2, 0, 2], np.int32)
@@ -424,7 +420,7 @@ def test_silu_mul():
     assert not untouched[0].any()
     # deferred: gate_up is W (r * gamma), scaled by rms(r)^-1 first
     r = rng.standard_normal((3, 64)).astype(np.float32) * np.array([[1], [30], [0.1]], np.float32)
-    _, sumsq, inverse = _deferred_norm(r, np.ones(64, np.float32))
+    sumsq, inverse = _deferred_norm(r)
     jit(activation, "silu_mul")[(3, 2), 64](gate_up, out, 1, *digits, 1, sumsq, np.float32(1e-5))
     scaled = gate_up * inverse
     gate, up = scaled[:, :96], scaled[:, 96:]

@@ -515,15 +515,21 @@ class GpuOps:
         width = geo.NORM_DECODE_SLICE if T <= geo.GEMV_MAX_TOKENS else hidden
         deferred = self._through_gemv(T) and norm != FINAL_NORM
         out = self.buffers["normed"].rows(T)
-        digits = self._digits(T, hidden) if deferred else self._digits(1, 32)  # else not written
+        # else neither is written
+        digits = self._digits(T, hidden) if deferred else self._digits(1, 32)
+        sumsq = self._norm_sumsq(T if deferred else 1)
         self._launch("add_rmsnorm", (T, math.ceil(hidden / width)), geo.NORM_THREADS, delta,
                      residual if residual is not None else second,  # not read without one
                      self.weights[norm], np.float32(self.config.rms_norm_eps),
                      np.int32(residual is not None), np.int32(width), res_out, out,
-                     np.int32(deferred), *digits, self._norm_sumsq(T if deferred else 1))
+                     np.int32(deferred), *digits, sumsq)
         if deferred:
-            return DeferredNorm((T, hidden), digits, self._norm_sumsq(T)), res_out
+            return DeferredNorm((T, hidden), digits, sumsq), res_out
         return out, res_out
+
+    def _optional(self, bias: DeviceArray | None) -> tuple:
+        """A kernel's (bias, has_bias) arguments; without one, the bias is never read."""
+        return (bias if bias is not None else self._no_bias), np.int32(bias is not None)
 
     def _finishing(self, x: DeviceArray):
         """The deferred-norm arguments of an elementwise kernel reading x: (deferred, sums of
@@ -563,8 +569,7 @@ class GpuOps:
                          (math.ceil(w.shape[0] / geo.GEMV_ROWS), math.ceil(T / tile)),
                          geo.FP16_GEMV_THREADS, x, words, out)
             return
-        weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size),
-                  bias if bias is not None else self._no_bias, np.int32(bias is not None))
+        weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size), *self._optional(bias))
         if self._through_gemv(T):  # decode: one pass over the weights per token tile
             activations = x.digits if isinstance(x, (QuantizedActivation, DeferredNorm)) \
                 else self._quantize_activations(x)
@@ -610,8 +615,7 @@ class GpuOps:
                      qkv, self._meta("positions", T),
                      self._meta("slots", T), self.buffers["rope_cos"], self.buffers["rope_sin"],
                      self.kv(layer, 0), self.kv(layer, 1), q,
-                     np.int32(self.config.num_attention_heads), *deferred,
-                     bias if bias is not None else self._no_bias, np.int32(bias is not None))
+                     np.int32(self.config.num_attention_heads), *deferred, *self._optional(bias))
         return q
 
     def attention(self, q: DeviceArray, batch: Batch, layer: int) -> DeviceArray:
