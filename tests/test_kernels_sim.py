@@ -402,6 +402,47 @@ def test_attention_merge_of_more_partitions_than_threads(kernel, heads):
     assert not tickets.any()
 
 
+@pytest.mark.parametrize("kernel", ["attention_decode", "attention_decode_grouped"])
+def test_attention_decode_of_one_partition_writes_its_output_without_a_merge(kernel):
+    """A token whose keys all lie in the first partition: its block writes the output and its
+    digits itself, leaving the workspace and the tickets untouched, and equal bit for bit to the
+    partition written and merged (prefill's partition pass and attention_combine); a token with
+    two partitions in the same launch still goes through the merge."""
+    dim, length, partition, heads, kv_heads = 64, 64, 32, 4, 2
+    k_cache = rng.standard_normal((1, kv_heads, length, dim)).astype(np.float16)
+    v_cache = rng.standard_normal((1, kv_heads, length, dim)).astype(np.float16)
+    positions = np.array([20, 45], np.int32)  # one partition; two
+    slot_ids = np.zeros(2, np.int32)
+    q = rng.standard_normal((2, heads * dim)).astype(np.float32)
+    words = lambda cache: cache.view(np.uint32).reshape(-1, dim // 2)
+
+    def workspace():
+        return (np.full((2 * heads, 2), np.nan, np.float32), np.full((2 * heads, 2), np.nan, np.float32),
+                np.full((2 * heads, 2, dim), np.nan, np.float32))
+
+    inputs = (q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids, 0, partition)
+    decoded, decoded_digits = np.full((2, heads * dim), np.nan, np.float32), _empty_digits(2, heads * dim)
+    part_max, part_sum, part_acc = workspace()
+    tickets = np.zeros(2 * heads, np.int32)
+    blocks = 2 * heads if kernel == "attention_decode" else 2 * kv_heads
+    jit(attention, kernel)[(blocks, 2), attention.THREADS](
+        *inputs, part_max, part_sum, part_acc, tickets, decoded, 1, *decoded_digits)
+    assert np.isnan(part_max[:heads]).all() and np.isnan(part_acc[:heads]).all()  # token 0
+    assert not np.isnan(part_max[heads:]).any()  # token 1 was merged from its partitions
+    assert not tickets.any()
+
+    merged, merged_digits = np.full_like(decoded, np.nan), _empty_digits(2, heads * dim)
+    part_max, part_sum, part_acc = workspace()
+    jit(attention, "attention_partial_prefill")[(2 * heads, 2), attention.THREADS](
+        *inputs, part_max, part_sum, part_acc)
+    jit(attention, "attention_combine")[2 * heads, attention.THREADS](
+        part_max, part_sum, part_acc, positions, 0, partition, merged, 1, *merged_digits)
+    np.testing.assert_array_equal(decoded[0], merged[0])
+    for got, want in zip(decoded_digits, merged_digits):
+        np.testing.assert_array_equal(got[0], want[0])
+    _assert_digits_equal(decoded_digits, decoded)
+
+
 def test_silu_mul():
     """A thread per value over (tokens, blocks of the row), the last block past the row's end
     by a whole warp; fused digits."""

@@ -11,7 +11,8 @@ Splitting keeps all SMs busy for long contexts, where one block per head would u
 
 attention_decode (decode steps): the last of a token-head's partition blocks to finish (a ticket
 per token-head, taken after a memory fence) merges the partitions into the output and its GEMV
-digits, in the same launch. attention_partial_prefill + attention_combine (prompt chunks that
+digits, in the same launch; a token whose keys fit in one partition has nothing to merge, and
+its block writes the output itself (no workspace, fence or ticket). attention_partial_prefill + attention_combine (prompt chunks that
 attention_tiled does not take): the merge is a second launch. The two partition passes differ
 in the words of a key row loaded per round (`_make_partial`).
 
@@ -110,12 +111,14 @@ def _make_partial(key_words):
 
     @cuda.jit(device=True, inline="always")
     def partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
-                part_max, part_sum, part_acc):
+                part_max, warp_best, warp_total, warp_acc):
         """q [T, H * D] f32 (rotated); k_words, v_words [S * KVH * L, D / 2] u32: the f16 caches
         [S, KVH, L, D] as pairs of halves, with kv_heads = KVH and length = L; positions, slots [T]
         i32; window: 0, or attend to keys > position - window; partition: keys per partition;
-        part_max, part_sum [T * H, P] f32; part_acc [T * H, P, D] f32. Grid (T * H, P), block
-        THREADS. Returns whether the block's partition holds keys (block-uniform)."""
+        part_max [T * H, P] f32 (its shape gives H and P). Grid (T * H, P), block THREADS.
+        Leaves each warp's (max, sum, unnormalised output) in the shared warp_best, warp_total
+        [WARPS] and warp_acc [WARPS, MAX_DIM] (declared by the kernel) for `_write_partition`
+        or `_write_output`. Returns whether the block's partition holds keys (block-uniform)."""
         item = cuda.blockIdx.x
         part = cuda.blockIdx.y
         heads = part_max.shape[0] // q.shape[0]
@@ -177,10 +180,7 @@ def _make_partial(key_words):
                             acc[2 * i + 1] += weight * b
             best = new_best
             cuda.syncthreads()
-        # merge the warps
-        warp_best = cuda.shared.array(WARPS, float32)
-        warp_total = cuda.shared.array(WARPS, float32)
-        warp_acc = cuda.shared.array((WARPS, MAX_DIM), float32)
+        # the warps' results, for the caller to merge
         if lane == 0:
             warp_best[warp] = best
             warp_total[warp] = total
@@ -189,7 +189,6 @@ def _make_partial(key_words):
                 warp_acc[warp, 2 * (lane + WARP * i)] = acc[2 * i]
                 warp_acc[warp, 2 * (lane + WARP * i) + 1] = acc[2 * i + 1]
         cuda.syncthreads()
-        _write_partition(item, dim, warp_best, warp_total, warp_acc, part_max, part_sum, part_acc)
         return True
 
     return partial
@@ -265,10 +264,15 @@ _partial_prefill = _make_partial(ATTENTION_PREFILL_KEY_WORDS)
 
 def attention_partial_prefill(q, k_words, v_words, kv_heads, length, positions, slots, window,
                               partition, part_max, part_sum, part_acc):
-    """The partition pass of a prompt chunk (`_make_partial` has the arguments); grid
-    (T * H, P)."""
-    _partial_prefill(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
-                     part_max, part_sum, part_acc)
+    """The partition pass of a prompt chunk (`_make_partial` has the arguments; part_sum [T * H,
+    P] f32, part_acc [T * H, P, D] f32 receive each partition's sum and output); grid (T * H, P)."""
+    warp_best = cuda.shared.array(WARPS, float32)
+    warp_total = cuda.shared.array(WARPS, float32)
+    warp_acc = cuda.shared.array((WARPS, MAX_DIM), float32)
+    if _partial_prefill(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
+                        part_max, warp_best, warp_total, warp_acc):
+        _write_partition(cuda.blockIdx.x, 2 * k_words.shape[1], warp_best, warp_total, warp_acc,
+                         part_max, part_sum, part_acc)
 
 
 def attention_combine(part_max, part_sum, part_acc, positions, window, partition, out, quantize,
@@ -287,19 +291,56 @@ def attention_combine(part_max, part_sum, part_acc, positions, window, partition
 def attention_decode(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
                      part_max, part_sum, part_acc, tickets, out, quantize, xq, xstep, xsum):
     """A decode step's attention in one launch: the partition pass (`_make_partial` has its
-    arguments), then the merge (`_merge`'s outputs) by the token-head's last block to finish.
-    tickets [T * H] i32, zero between launches (the merging block resets its entry). Grid
-    (T * H, P), block THREADS."""
+    arguments), then the output (`_merge`'s outputs): written by the block itself when the
+    token's keys fit in one partition, else merged from the partitions by the token-head's last
+    block to finish. tickets [T * H] i32, zero between launches (the merging block resets its
+    entry). Grid (T * H, P), block THREADS."""
+    warp_best = cuda.shared.array(WARPS, float32)
+    warp_total = cuda.shared.array(WARPS, float32)
+    warp_acc = cuda.shared.array((WARPS, MAX_DIM), float32)
     if not _partial_decode(q, k_words, v_words, kv_heads, length, positions, slots, window,
-                           partition, part_max, part_sum, part_acc):
+                           partition, part_max, warp_best, warp_total, warp_acc):
         return
     item = cuda.blockIdx.x
     heads = part_max.shape[0] // q.shape[0]
     t = item // heads
+    dim = 2 * k_words.shape[1]
     parts = _used_partitions(positions[t], window, partition, part_max.shape[1])
+    if parts == 1:  # no other block holds keys of this token-head: nothing to merge
+        _write_output(t, item % heads, dim, warp_best, warp_total, warp_acc, out, quantize, xq,
+                      xstep, xsum)
+        return
+    _write_partition(item, dim, warp_best, warp_total, warp_acc, part_max, part_sum, part_acc)
     if _last_to_finish(parts, tickets):
         _merge(item, t, item % heads, parts, part_max, part_sum, part_acc, out, quantize, xq,
                xstep, xsum)
+
+
+@cuda.jit(device=True, inline="always")
+def _write_output(t, h, dim, warp_best, warp_total, warp_acc, out, quantize, xq, xstep, xsum):
+    """out[t, h * D:(h + 1) * D] (and its digits, as `_merge`'s) of a token-head whose keys all
+    lie in this block's partition, from its warps' results: `_write_partition`'s rescaling, then
+    `_merge`'s normalisation of a single partition (weight exp(0) / sum), so the output equals
+    the one a write and a merge would give, bit for bit. Every thread of the block calls this."""
+    merged = float32(-math.inf)
+    for w in range(WARPS):
+        merged = max(merged, warp_best[w])
+    total = float32(0.0)
+    for w in range(WARPS):
+        if warp_best[w] > -math.inf:
+            total += warp_total[w] * math.exp(warp_best[w] - merged)
+    weight = float32(1.0) / total
+    for start in range(0, dim, THREADS):  # block-uniform trip count, for quantize_lane
+        d = start + cuda.threadIdx.x
+        value = float32(0.0)
+        if d < dim:
+            for w in range(WARPS):
+                if warp_best[w] > -math.inf:
+                    value += warp_acc[w, d] * math.exp(warp_best[w] - merged)
+            value *= weight
+            out[t, h * dim + d] = value
+        if quantize:
+            quantize_lane(value, h * dim + d, d < dim, xq, xstep, xsum, t)
 
 
 @cuda.jit(device=True, inline="always")
@@ -322,11 +363,13 @@ def _last_to_finish(parts, tickets):
 
 @cuda.jit(device=True, inline="always")
 def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, window, partition,
-                     part_max, part_sum, part_acc):
+                     part_max, part_sum, part_acc, out, quantize, xq, xstep, xsum):
     """The partition pass (`_make_partial`'s) for the H / KVH <= MAX_GROUP query heads that
     share a KV head: each key and value row is read once for all of them (instead of once per
-    head) and scored against each. Arguments as `_make_partial`'s; grid (T * KVH, P), block THREADS. Returns
-    whether the block's partition holds keys (block-uniform)."""
+    head) and scored against each. Arguments as attention_decode's; grid (T * KVH, P), block
+    THREADS. Writes the heads' partitions, or their outputs (`_write_output`) when the token's
+    keys fit in one partition. Returns whether partitions were written, for the merge
+    (block-uniform)."""
     part = cuda.blockIdx.y
     heads = part_max.shape[0] // q.shape[0]
     words = k_words.shape[1]
@@ -421,6 +464,11 @@ def _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, wi
                 warp_acc[warp, g, 2 * (lane + WARP * i)] = acc[g, 2 * i]
                 warp_acc[warp, g, 2 * (lane + WARP * i) + 1] = acc[g, 2 * i + 1]
     cuda.syncthreads()
+    if _used_partitions(positions[t], window, partition, part_max.shape[1]) == 1:
+        for g in range(members):  # no other block holds keys of these heads: nothing to merge
+            _write_output(t, first_head + g, dim, warp_best[:, g], warp_total[:, g],
+                          warp_acc[:, g], out, quantize, xq, xstep, xsum)
+        return False
     for g in range(members):
         _write_partition(t * heads + first_head + g, dim, warp_best[:, g], warp_total[:, g],
                          warp_acc[:, g], part_max, part_sum, part_acc)
@@ -500,9 +548,11 @@ def attention_decode_grouped(q, k_words, v_words, kv_heads, length, positions, s
                              xstep, xsum):
     """attention_decode with a block per token x KV head, for the H / KVH <= MAX_GROUP query
     heads that share it (`_grouped_partial`); the last of its partition blocks merges all of
-    them. tickets [T * KVH] i32. Grid (T * KVH, P), block THREADS."""
+    them (with one partition, the block has written their outputs). tickets [T * KVH] i32. Grid
+    (T * KVH, P), block THREADS."""
     if not _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, window,
-                            partition, part_max, part_sum, part_acc):
+                            partition, part_max, part_sum, part_acc, out, quantize, xq, xstep,
+                            xsum):
         return
     t = cuda.blockIdx.x // kv_heads
     members = part_max.shape[0] // q.shape[0] // kv_heads
