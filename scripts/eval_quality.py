@@ -18,8 +18,11 @@ How each variant runs:
   awq+gptq gN       the same, converted with --awq --gptq;
   gguf q4_0 / q4_1  the same tensors quantized by the gguf package's reference quantizers,
                     dequantized, and run through transformers (ZSE cannot execute GGUF blocks).
-Quantized in every variant: the q/k/v, o, gate/up, down projections and lm_head; the embedding
-stays fp16 and norms/biases float32. Bits per weight count those quantized tensors.
+A ZSE variant may add per-projection group sizes after its own, `+KIND=SIZE` each
+(zse-convert's --group-size-for): `zse-g128+down_proj=32`, `awq-g64+qkv=32+down_proj=32`.
+Quantized in every variant: the q/k/v, o, gate/up and down projections (and lm_head with
+--lm-head int4); the embedding stays fp16 and norms/biases float32. Bits per weight count those
+quantized tensors, from each tensor's size in the file (its own group size).
 """
 
 from __future__ import annotations
@@ -131,11 +134,15 @@ def text_windows(folder: Path, text: str, tokens: int, window: int) -> list[list
 def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_head: str = "float16",
              log=print, gptq_options: dict | None = None) -> dict:
     """{variant: {perplexity, top1_agreement, kl_mean, kl_p99, bits_per_weight}}, fp16 first."""
-    from zse_convert.convert import ConvertOptions, convert
+    from zse_convert.convert import ConvertOptions, convert, parse_group_size_override
     from zse_runtime.engine import Engine
     from zse_runtime.model import Batch
     from zse_runtime.zsefile import ZseFile
 
+    for variant in variants:  # a misspelt variant fails now, not after the reference run
+        kind, spec = variant.split("-", 1)
+        if kind != "gguf":
+            [parse_group_size_override(part) for part in spec.split("+")[1:]]
     started = time.perf_counter()
     reference_model = hf_model(folder)
     reference = [hf_logprobs(reference_model, w) for w in windows]
@@ -149,17 +156,23 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
         for variant in variants:
             started = time.perf_counter()
             scores = Scores()
-            kind, spec = variant.split("-")
+            kind, spec = variant.split("-", 1)
             if kind in ("zse", "rtn", "gptq", "awq", "awq+gptq"):
                 out = Path(tmp) / f"{variant}.zse"
-                extra = dict(gptq="gptq" in kind, awq="awq" in kind)
+                group, *overrides = spec.split("+")
+                extra = dict(gptq="gptq" in kind, awq="awq" in kind,
+                             group_size_overrides=dict(map(parse_group_size_override, overrides)))
                 if kind not in ("zse", "rtn"):
                     extra.update(gptq_options or {})
                 summary = convert(str(folder), out, ConvertOptions(
-                    group_size=int(spec[1:]), clip_search=kind != "rtn", lm_head=lm_head, **extra))
+                    group_size=int(group[1:]), clip_search=kind != "rtn", lm_head=lm_head, **extra))
                 with ZseFile(out) as zse:
                     int4 = [t for t in zse.tensors.values() if t.group_size]
                     bits = sum(t.nbytes for t in int4) * 8 / sum(t.numel for t in int4)
+                    # the group sizes in the file, per tensor kind (fallbacks included)
+                    group_sizes = {}
+                    for t in int4:
+                        group_sizes.setdefault(t.name.rsplit(".", 1)[-1], set()).add(t.group_size)
                 engine = Engine.open(out, device="cpu", max_model_len=max(len(w) for w in windows))
                 for w, ref in zip(windows, reference):
                     n = len(w)
@@ -173,12 +186,14 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
                     scores.add(hf_logprobs(model, w), ref, w)
                 del model
             results[variant] = {**scores.summary(), "bits_per_weight": round(bits, 3)}
+            if kind != "gguf":
+                results[variant]["group_sizes"] = {k: sorted(v) for k, v in group_sizes.items()}
             if kind in ("gptq", "awq", "awq+gptq"):
                 results[variant]["gptq"] = summary["gptq"]
                 if summary["awq"]:
                     results[variant]["awq"] = summary["awq"]
                 results[variant]["convert_seconds"] = summary["seconds"]
-            log(f"  {variant}: ppl {results[variant]['perplexity']:.4f}, {bits:.2f} bits "
+            log(f"  {variant}: ppl {results[variant]['perplexity']:.4f}, {bits:.3f} bits "
                 f"({time.perf_counter() - started:.0f} s)")
     return results
 
@@ -224,9 +239,11 @@ def main() -> int:
         results = report["results"] = {**earlier["results"], **results}
     base = results["fp16"]["perplexity"]
     args.json_out.write_text(json.dumps(report, indent=2))
-    print(f"\n{'variant':<10} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} {'KL p99':>8}")
+    width = max(10, *map(len, results))
+    print(f"\n{'variant':<{width}} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} "
+          f"{'KL p99':>8}")
     for name, r in results.items():
-        print(f"{name:<10} {r['bits_per_weight']:>7.3f} {r['perplexity']:>9.4f} "
+        print(f"{name:<{width}} {r['bits_per_weight']:>7.3f} {r['perplexity']:>9.4f} "
               f"{r['perplexity'] - base:>8.4f} {r['top1_agreement']:>7.3f} {r['kl_mean']:>9.5f} "
               f"{r['kl_p99']:>8.4f}")
     return 0

@@ -215,7 +215,7 @@ def test_manifest_key_tables():
     assert set(quantization) == set(SCHEMA["$defs"]["quantization"]["properties"])
     # keys added by a minor version are optional: files of the earlier minor version lack them
     added = {key for key, row in quantization.items() if row[2].startswith("Since 1.")}
-    assert added == {"gptq", "awq"}
+    assert added == {"gptq", "awq", "group_size_overrides"}
     assert set(SCHEMA["$defs"]["quantization"]["required"]) == set(quantization) - added
     assert set(idents("`tokenizer`")) == set(SCHEMA["$defs"]["tokenizer"]["required"])
 
@@ -294,6 +294,12 @@ def test_schema_agrees_with_constants():
         assert not name_pattern.match(bad), bad
 
     assert tuple(quant["properties"]["group_size"]["enum"]) == zf.INT4_GROUP_SIZES
+    overrides = quant["properties"]["group_size_overrides"]
+    assert tuple(overrides["properties"]) == convert_module.QUANTIZED_PARTS
+    assert overrides["additionalProperties"] is False
+    assert all(tuple(kind["enum"]) == zf.INT4_GROUP_SIZES for kind in overrides["properties"].values())
+    assert set(ticks(keyed("`quantization` (informative)")["group_size_overrides"][2])) >= set(
+        convert_module.QUANTIZED_PARTS)
     assert quant["properties"]["scale_dtype"]["const"] == zf.INT4_SCALE_DTYPE
     assert quant["properties"]["zero_dtype"]["const"] == zf.INT4_ZERO_DTYPE
     assert quant["properties"]["norms_and_biases"]["const"] == convert_module.HIGH_PRECISION
@@ -317,6 +323,8 @@ CASES = {
         ConvertOptions(group_size=64, clip_search=False)),
     "mistral-sliding": ("mistral", dict(sliding_window=64), ConvertOptions()),
     "qwen2-awq-gptq": ("qwen2", {}, ConvertOptions(awq=True, gptq=True, calibration_tokens=512)),
+    "llama-g64-down128-qkv32": (
+        "llama", {}, ConvertOptions(group_size=64, group_size_overrides={"down_proj": 128, "qkv": 32})),
 }
 
 
@@ -358,10 +366,13 @@ def test_converted_manifest_matches_schema(converted, case):
     arch, overrides, options = CASES[case]
     assert manifest["model"]["architecture"] == arch
     assert manifest["quantization"]["group_size"] == options.group_size
+    assert manifest["quantization"]["group_size_overrides"] == options.group_size_overrides
     kinds = {t["name"]: (t["layout"], t.get("group_size")) for t in manifest["tensors"]}
     assert kinds[zf.EMBED][0] == (zf.LAYOUT_INT4_ROWS if options.embedding == "int4" else zf.LAYOUT_DENSE)
     assert kinds[zf.LM_HEAD][0] == (zf.LAYOUT_INT4_ROWS if options.lm_head == "int4" else zf.LAYOUT_DENSE)
-    assert all(g is None or g <= options.group_size for _, g in kinds.values())
+    for name, (_, group) in kinds.items():
+        requested = options.group_size_overrides.get(name.rsplit(".", 1)[-1], options.group_size)
+        assert group is None or group <= requested, name
     if "rope_scaling" in overrides:
         assert manifest["model"]["rope_scaling"] == overrides["rope_scaling"]
 
@@ -485,6 +496,13 @@ INVALID = {
         "qkv": [0.5, 0.5], "o_proj": [0.0, 0.0], "gate_up": [0.5, 0.5], "down_proj": [0.5, 0.5]}}),
     "AWQ record without a consumer": _set(["quantization", "awq"], AWQ_RECORD | {"error_ratio": {
         "qkv": "0.9000 1.0000", "gate_up": "0.9000 1.0000", "down_proj": "0.9000 1.0000"}}),
+    "group size override of the lm_head": _set(["quantization", "group_size_overrides"],
+                                                 {"lm_head": 32}),
+    "group size override of 16": _set(["quantization", "group_size_overrides"], {"down_proj": 16}),
+    "group size override as text": _set(["quantization", "group_size_overrides"],
+                                        {"down_proj": "32"}),
+    "group size overrides as a list": _set(["quantization", "group_size_overrides"],
+                                           [["down_proj", 32]]),
     "GPTQ act order by columns": _set(["quantization", "gptq"], {
         "calibration": "x.txt", "calibration_sha256": "ab" * 32, "tokens": 512, "window": 512,
         "damping": 0.01, "act_order": "columns", "search_weights": "hessian", "inputs": "quantized"}),
@@ -497,12 +515,17 @@ VALID_ADDITIONS = {
     "free-form generation": _set(["generation", "temperature"], 0.7),
     "linear rope": _set(["model", "rope_scaling"], {"rope_type": "linear", "factor": 2.0}),
     "hub provenance": _set(["provenance", "commit"], "0123456789abcdef0123456789abcdef01234567"),
-    "minor version 3": _set(["format_version"], [1, 3]),
+    "minor version 4": _set(["format_version"], [1, 4]),
     "a 1.0 manifest, before quantization.gptq": lambda m: (
         _delete(["quantization", "gptq"])(m), _delete(["quantization", "awq"])(m),
-        _set(["format_version"], [1, 0])(m)),
+        _delete(["quantization", "group_size_overrides"])(m), _set(["format_version"], [1, 0])(m)),
     "a 1.1 manifest, before quantization.awq": lambda m: (
-        _delete(["quantization", "awq"])(m), _set(["format_version"], [1, 1])(m)),
+        _delete(["quantization", "awq"])(m), _delete(["quantization", "group_size_overrides"])(m),
+        _set(["format_version"], [1, 1])(m)),
+    "a 1.2 manifest, before quantization.group_size_overrides": lambda m: (
+        _delete(["quantization", "group_size_overrides"])(m), _set(["format_version"], [1, 2])(m)),
+    "group size overrides": _set(["quantization", "group_size_overrides"],
+                                 {"down_proj": 32, "qkv": 64}),
     "a GPTQ record": _set(["quantization", "gptq"], {
         "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "tokens": 8192,
         "window": 512, "damping": 0.01, "act_order": "groups", "search_weights": "hessian",

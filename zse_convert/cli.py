@@ -23,7 +23,8 @@ from zse_runtime import __version__
 from zse_runtime.zsefile import ZseFile, ZseFormatError
 
 from .calibration import DEFAULT_TOKENS, WINDOW
-from .convert import ConvertOptions, Progress as ConvertProgress, convert as run_convert
+from .convert import (QUANTIZED_PARTS, ConvertOptions, Progress as ConvertProgress,
+                      convert as run_convert, parse_group_size_override)
 from .source import SourceError
 from .writer import TensorSpec
 
@@ -89,6 +90,26 @@ class _RichProgress(ConvertProgress):
         self.progress.advance(self.task, elements)
 
 
+def _group_size_overrides(values: Optional[list[str]]) -> dict[str, int]:
+    """--group-size-for KIND=SIZE, repeatable, as a dict."""
+    overrides: dict[str, int] = {}
+    for value in values or []:
+        try:
+            kind, size = parse_group_size_override(value)
+        except SourceError as exc:
+            raise typer.BadParameter(str(exc).removeprefix("--group-size-for: ")) from None
+        if kind in overrides:
+            raise typer.BadParameter(f"{kind} is given twice")
+        overrides[kind] = size
+    return overrides
+
+
+def _check_group_size_overrides(values: Optional[list[str]]) -> Optional[list[str]]:
+    """The option's callback: bad values fail as usage errors, before anything is read."""
+    _group_size_overrides(values)
+    return values
+
+
 def _hub_progress_class():
     """huggingface_hub draws its download bars with this tqdm class; render them with rich."""
     import warnings
@@ -123,6 +144,10 @@ def convert_command(
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit (default: main)."),
     group_size: int = typer.Option(128, "--group-size", "-g",
                                    help="INT4 group size along the input dimension: 32, 64 or 128."),
+    group_size_for: Optional[list[str]] = typer.Option(
+        None, "--group-size-for", metavar="KIND=SIZE", callback=_check_group_size_overrides,
+        help="Group size for one projection kind instead of --group-size, e.g. down_proj=32 "
+             f"(repeatable; kinds: {', '.join(QUANTIZED_PARTS)}). See docs/quality.md."),
     lm_head: str = typer.Option("float16", help="lm_head precision: float16 or int4 (4x smaller, "
                                 "measurably worse: see the README)."),
     embedding: str = typer.Option("float16", help="Embedding table precision: float16 or int4."),
@@ -149,7 +174,9 @@ def convert_command(
     """Convert a checkpoint into one .zse file (the default command)."""
     if not (gptq or awq) and (calibration is not None or calibration_tokens != DEFAULT_TOKENS):
         _fail("--calibration and --calibration-tokens apply only with --gptq or --awq")
-    options = ConvertOptions(group_size=group_size, clip_search=clip_search, lm_head=lm_head,
+    options = ConvertOptions(group_size=group_size,
+                             group_size_overrides=_group_size_overrides(group_size_for),
+                             clip_search=clip_search, lm_head=lm_head,
                              embedding=embedding, revision=revision, gptq=gptq, awq=awq,
                              calibration=str(calibration) if calibration else None,
                              calibration_tokens=calibration_tokens)
@@ -175,7 +202,8 @@ def convert_command(
         ("file size", f"{summary['file_bytes'] / 2**20:,.1f} MiB"),
         ("bits per weight", f"{summary['bits_per_weight']:.2f} overall, "
                             f"{summary['int4_bits_per_weight']:.2f} in INT4 tensors"),
-        ("group size", str(summary["group_size"])),
+        ("group size", str(summary["group_size"]) + "".join(
+            f", {kind} {size}" for kind, size in summary["group_size_overrides"].items())),
         ("method", _method(summary)),
         ("weighted error vs RTN", str(summary["error_vs_round_to_nearest"])),
         ("time", f"{summary['seconds']:.1f} s ({summary['params_per_second'] / 1e6:.1f} M params/s)"),
@@ -183,7 +211,7 @@ def convert_command(
     if summary["group_size_fallbacks"]:
         sizes = sorted(set(summary["group_size_fallbacks"].values()))
         rows.append(("group size fallback", f"{len(summary['group_size_fallbacks'])} tensors use "
-                     f"{sizes} (input dim not divisible by {summary['group_size']})"))
+                     f"{sizes} (input dim not divisible by the size requested)"))
     for key, value in rows:
         table.add_row(key, value)
     stdout.print(table)

@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,12 +35,33 @@ from .writer import TensorSpec, ZseWriter
 PRECISIONS = ("int4", "float16")
 CHUNK_ELEMENTS = 1 << 24  # rows are read and quantized ~64 MB of float32 at a time
 HIGH_PRECISION = "float32"  # norms and biases: tiny, and read once per token
-QUANTIZED_PARTS = ("qkv", "o_proj", "gate_up", "down_proj")
+QUANTIZED_PARTS = ("qkv", "o_proj", "gate_up", "down_proj")  # the per-layer INT4 tensors
+
+
+def parse_group_size_override(text: str) -> tuple[str, int]:
+    """`KIND=SIZE` (as given to --group-size-for) -> (kind, size), both validated."""
+    kind, sep, size = text.partition("=")
+    kind, size = kind.strip(), size.strip()
+    if not sep or not kind or not size.isdigit():
+        raise SourceError(f"--group-size-for: expected KIND=SIZE, e.g. down_proj=32; got {text!r}")
+    _check_group_size_override(kind, int(size))
+    return kind, int(size)
+
+
+def _check_group_size_override(kind: Any, size: Any) -> None:
+    if kind not in QUANTIZED_PARTS:
+        raise SourceError(f"--group-size-for: unknown projection kind {kind!r}; the INT4 "
+                          f"projections of a layer are {list(QUANTIZED_PARTS)}")
+    if not isinstance(size, int) or isinstance(size, bool) or size not in INT4_GROUP_SIZES:
+        raise SourceError(f"--group-size-for: {kind}'s group size must be one of "
+                          f"{list(INT4_GROUP_SIZES)}, got {size!r}")
 
 
 @dataclass
 class ConvertOptions:
     group_size: int = 128
+    # projection kind (QUANTIZED_PARTS) -> the group size requested for it instead of group_size
+    group_size_overrides: dict[str, int] = field(default_factory=dict)
     clip_search: bool = True
     # float16: on both real-model fixtures an INT4 lm_head cost more perplexity than every INT4
     # layer together at group 32 (scripts/eval_quality.py, README "Known gaps").
@@ -80,6 +101,8 @@ class ConvertOptions:
         if self.group_size not in INT4_GROUP_SIZES:
             raise SourceError(f"--group-size must be one of {list(INT4_GROUP_SIZES)}, got "
                               f"{self.group_size}")
+        for kind, size in self.group_size_overrides.items():
+            _check_group_size_override(kind, size)
         for option, value in (("--lm-head", self.lm_head), ("--embedding", self.embedding)):
             if value not in PRECISIONS:
                 raise SourceError(f"{option} must be one of {list(PRECISIONS)}, got {value!r}")
@@ -107,6 +130,10 @@ def _group_size_for(cols: int, requested: int, name: str) -> int:
                       f"size {list(INT4_GROUP_SIZES)}")
 
 
+def _requested_group_size(name: str, options: ConvertOptions) -> int:
+    return options.group_size_overrides.get(name.rsplit(".", 1)[-1], options.group_size)
+
+
 def plan_tensors(model: dict[str, Any], options: ConvertOptions) -> list[TensorSpec]:
     specs = []
     for name, shape in expected_tensor_shapes(model).items():
@@ -114,7 +141,7 @@ def plan_tensors(model: dict[str, Any], options: ConvertOptions) -> list[TensorS
         precision = {EMBED: options.embedding, LM_HEAD: options.lm_head}.get(
             name, "int4" if part in QUANTIZED_PARTS else HIGH_PRECISION)
         if precision == "int4":
-            group = _group_size_for(shape[1], options.group_size, name)
+            group = _group_size_for(shape[1], _requested_group_size(name, options), name)
             specs.append(TensorSpec(name, DTYPE_INT4, tuple(shape), LAYOUT_INT4_ROWS, group))
         else:
             specs.append(TensorSpec(name, precision, tuple(shape), LAYOUT_DENSE))
@@ -305,6 +332,9 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                 "method": "int4-asymmetric-groupwise",
                 "bits": 4,
                 "group_size": options.group_size,
+                "group_size_overrides": {kind: options.group_size_overrides[kind]
+                                         for kind in QUANTIZED_PARTS
+                                         if kind in options.group_size_overrides},
                 "scale_dtype": INT4_SCALE_DTYPE,
                 "zero_dtype": INT4_ZERO_DTYPE,
                 "clip_search": options.clip_search,
@@ -391,8 +421,10 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         "int4_bits_per_weight": round(sum(s.nbytes for s in quantized) * 8
                                       / max(quantized_elements, 1), 4),
         "group_size": options.group_size,
+        "group_size_overrides": manifest["quantization"]["group_size_overrides"],
+        # tensors whose input dimension is not a multiple of the size requested for them
         "group_size_fallbacks": {s.name: s.group_size for s in quantized
-                                 if s.group_size != options.group_size},
+                                 if s.group_size != _requested_group_size(s.name, options)},
         "clip_search": options.clip_search,
         "gptq": manifest["quantization"]["gptq"],
         "awq": manifest["quantization"]["awq"],

@@ -1,0 +1,142 @@
+"""Per-projection group sizes (`zse-convert --group-size-for KIND=SIZE`): what reaches the file,
+what stays the default, the manifest record, and how bad values fail."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.test_convert import _assert_nothing_written, _expected, _source_tensors
+from tests.test_quantize import reference_quantize
+from zse_convert.convert import (QUANTIZED_PARTS, ConvertOptions, convert,
+                                 parse_group_size_override)
+from zse_convert.source import SourceError
+from zse_runtime.zsefile import ZseFile, int4_section_sizes
+
+
+def _table(path) -> tuple[dict, dict[str, dict], int]:
+    with ZseFile(path) as zse:
+        return zse.manifest, {t["name"]: t for t in zse.manifest["tensors"]}, zse.header.data_offset
+
+
+def test_override_reaches_the_bytes_and_nothing_else_moves(tiny_qwen2, tiny_qwen2_zse, tmp_path):
+    out = tmp_path / "down32.zse"
+    summary = convert(str(tiny_qwen2), out, ConvertOptions(group_size_overrides={"down_proj": 32}))
+    manifest, tensors, data_offset = _table(out)
+    _, default, _ = _table(tiny_qwen2_zse)  # the same checkpoint with no override
+
+    assert manifest["quantization"]["group_size"] == 128
+    assert manifest["quantization"]["group_size_overrides"] == {"down_proj": 32}
+    assert summary["group_size_overrides"] == {"down_proj": 32}
+    # hidden 192 is no multiple of 128: qkv, o_proj and gate_up fall back to 64 as before;
+    # down_proj got what it asked for, so it is no fallback
+    assert set(summary["group_size_fallbacks"]) == {
+        f"layers.{i}.{kind}" for i in range(2) for kind in ("qkv", "o_proj", "gate_up")}
+
+    blob = out.read_bytes()
+    src = _source_tensors(tiny_qwen2)
+    for name, entry in tensors.items():
+        if not name.endswith(".down_proj"):  # every other tensor: the default's bytes exactly
+            assert {**entry, "offset": None} == {**default[name], "offset": None}, name
+            continue
+        assert entry["group_size"] == 32 and default[name]["group_size"] == 128
+        rows, cols = entry["shape"]
+        packed, scale_bytes, zero_bytes = int4_section_sizes(rows, cols, 32)
+        assert entry["nbytes"] == packed + scale_bytes + zero_bytes
+        assert scale_bytes == rows * (cols // 32) * 2 == 4 * (default[name]["nbytes"] - packed) // 2
+        start = data_offset + entry["offset"] + packed
+        scales = np.frombuffer(blob[start:start + scale_bytes], "<f2").reshape(rows, cols // 32)
+        zeros = np.frombuffer(blob[start + scale_bytes:start + scale_bytes + zero_bytes],
+                              "<f2").reshape(rows, cols // 32)
+        _, want_scales, want_zeros, _, _ = reference_quantize(_expected(name, src), 32)
+        np.testing.assert_array_equal(scales, want_scales, name)
+        np.testing.assert_array_equal(zeros, want_zeros, name)
+
+
+def test_override_above_the_base_and_its_fallback(tiny_qwen2, tmp_path):
+    """g64 with down_proj at 128 (384 inputs: divisible) and qkv at 128 (192: falls back)."""
+    out = tmp_path / "mix.zse"
+    summary = convert(str(tiny_qwen2), out, ConvertOptions(
+        group_size=64, group_size_overrides={"qkv": 128, "down_proj": 128}))
+    manifest, tensors, _ = _table(out)
+    assert manifest["quantization"]["group_size_overrides"] == {"qkv": 128, "down_proj": 128}
+    groups = {name: t.get("group_size") for name, t in tensors.items()}
+    assert [groups[f"layers.1.{kind}"] for kind in QUANTIZED_PARTS] == [64, 64, 64, 128]
+    assert summary["group_size_fallbacks"] == {"layers.0.qkv": 64, "layers.1.qkv": 64}
+    with ZseFile(out) as zse:
+        assert zse.int4("layers.0.down_proj").scales.shape == (192, 3)
+        assert zse.int4("layers.0.qkv").scales.shape == (320, 3)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"lm_head": 32}, "unknown projection kind 'lm_head'"),
+    ({"down": 32}, "unknown projection kind 'down'; the INT4 projections of a layer are "
+                   "['qkv', 'o_proj', 'gate_up', 'down_proj']"),
+    ({"down_proj": 16}, "down_proj's group size must be one of [32, 64, 128], got 16"),
+    ({"gate_up": 32.0}, "gate_up's group size must be one of [32, 64, 128], got 32.0"),
+    ({"qkv": True}, "qkv's group size must be one of"),
+])
+def test_bad_overrides_fail_before_any_output(tiny_qwen2, tmp_path, overrides, message):
+    with pytest.raises(SourceError, match="^--group-size-for: ") as raised:
+        convert(str(tiny_qwen2), tmp_path / "m.zse", ConvertOptions(group_size_overrides=overrides))
+    assert message in str(raised.value)
+    _assert_nothing_written(tmp_path)
+
+
+def test_parse_group_size_override():
+    assert parse_group_size_override("down_proj=32") == ("down_proj", 32)
+    assert parse_group_size_override(" gate_up = 64 ") == ("gate_up", 64)
+    for text, message in [("down_proj", "expected KIND=SIZE"), ("down_proj=", "expected KIND=SIZE"),
+                          ("=32", "expected KIND=SIZE"), ("down_proj=-32", "expected KIND=SIZE"),
+                          ("down_proj=48", "got 48"), ("mlp=32", "unknown projection kind 'mlp'")]:
+        with pytest.raises(SourceError, match=message):
+            parse_group_size_override(text)
+
+
+def test_cli_option(tiny_qwen2, tmp_path):
+    out = tmp_path / "cli.zse"
+    result = run_cli(str(tiny_qwen2), "--out", str(out), "--group-size-for", "down_proj=32",
+                     "--group-size-for", "o_proj=32", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["group_size_overrides"] == {"o_proj": 32, "down_proj": 32}
+    inspected = json.loads(run_cli("inspect", str(out), "--json").stdout)["manifest"]
+    assert inspected["quantization"]["group_size_overrides"] == {"o_proj": 32, "down_proj": 32}
+    assert {t["name"]: t.get("group_size") for t in inspected["tensors"]}["layers.0.o_proj"] == 32
+
+    for args, message in [
+        (["--group-size-for", "down_proj=16"], "down_proj's group size must be one of [32, 64, 128]"),
+        (["--group-size-for", "lm_head=32"], "unknown projection kind 'lm_head'"),
+        (["--group-size-for", "down_proj"], "expected KIND=SIZE, e.g. down_proj=32"),
+        (["--group-size-for", "down_proj=32", "--group-size-for", "down_proj=64"],
+         "down_proj is given twice"),
+    ]:
+        bad = run_cli(str(tiny_qwen2), "--out", str(tmp_path / "bad.zse"), *args)
+        assert bad.returncode == 2, (args, bad.stderr)
+        text = " ".join(bad.stderr.replace("│", " ").split())  # rich wraps the usage error
+        assert "Invalid value for '--group-size-for'" in text and message in text, text
+        assert "Traceback" not in bad.stderr and not (tmp_path / "bad.zse").exists()
+
+
+def test_eval_quality_counts_each_tensors_group_size(tiny_qwen2):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from eval_quality import evaluate
+
+    windows = [list(range(5, 69)), list(range(100, 164))]
+    results = evaluate(tiny_qwen2, windows, ["zse-g128", "zse-g128+down_proj=32"],
+                       log=lambda line: None)
+    # per layer: qkv 320x192, o_proj 192x192, gate_up 768x192 at g64 (192 is no multiple of
+    # 128), down_proj 192x384 at g128 or g32; 4 bits and two fp16 per group
+    other, down = 320 * 192 + 192 * 192 + 768 * 192, 192 * 384
+    for variant, down_group in (("zse-g128", 128), ("zse-g128+down_proj=32", 32)):
+        bits = (other * (4 + 32 / 64) + down * (4 + 32 / down_group)) / (other + down)
+        assert results[variant]["bits_per_weight"] == round(bits, 3)
+        assert results[variant]["group_sizes"] == {"qkv": [64], "o_proj": [64], "gate_up": [64],
+                                                   "down_proj": [down_group]}
+    assert results["zse-g128+down_proj=32"]["kl_mean"] >= 0
+    with pytest.raises(SourceError, match="unknown projection kind 'down'"):
+        evaluate(tiny_qwen2, windows, ["zse-g128+down=32"], log=lambda line: None)
