@@ -109,6 +109,7 @@ def test_every_gemv_the_backend_plans_is_shipped():
 
 
 EIATTR_FRAME_SIZE = 0x11
+EIATTR_REGCOUNT = 0x2F
 
 
 def _function_attribute(cubin: bytes, attribute: int) -> dict[str, int]:
@@ -148,3 +149,21 @@ def test_no_kernel_has_a_stack_frame():
                                      EIATTR_FRAME_SIZE)
         assert set(entries.values()) <= set(frames), arch
         assert {name: size for name, size in frames.items() if size} == {}, arch
+
+
+
+def test_register_caps_reach_the_binaries():
+    """A kernel with a register budget (MAX_REGISTERS) carries `.maxnreg` in its PTX, and ptxas
+    kept to it in every cubin, without a stack frame (test above)."""
+    entries = json.loads((PREBUILT / "index.json").read_text())["entries"]
+    caps = build.register_caps()
+    assert caps == {"int4_gemv_t1_r4": 72, "int4_gemv_t1_r8": 96}
+    for name, cap in caps.items():
+        assert f".maxnreg {cap}\n" in (PREBUILT / "ptx" / f"{name}.ptx").read_text()
+    for arch in build.ARCHITECTURES:
+        registers = _function_attribute((PREBUILT / f"kernels.{arch}.cubin").read_bytes(),
+                                        EIATTR_REGCOUNT)
+        for name, cap in caps.items():
+            assert 0 < registers[entries[name]] <= cap, (arch, name, registers[entries[name]])
+        # the 8-row kernel uses its budget (ptxas alone chose 72 and interleaved the loads)
+        assert registers[entries["int4_gemv_t1_r8"]] > 80, arch

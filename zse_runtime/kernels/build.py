@@ -38,13 +38,31 @@ def kernel_table() -> dict[str, tuple]:
     return table
 
 
+def register_caps() -> dict[str, int]:
+    """Kernel name -> the most registers ptxas may give one of its threads, for the kernels
+    whose module sets one (MAX_REGISTERS: ptxas's own choice can cost memory-level
+    parallelism, kernels/geometry.py)."""
+    caps = {}
+    for module in MODULES:
+        caps.update(getattr(importlib.import_module(f"{__package__}.{module}"), "MAX_REGISTERS", {}))
+    return caps
+
+
+def _cap_registers(text: str, registers: int) -> str:
+    """The PTX with a `.maxnreg` directive between the entry's parameter list and its body."""
+    capped, found = re.subn(r"(\.entry\s+[\w$]+\s*\([^()]*\))", rf"\1\n.maxnreg {registers}", text,
+                            count=1)
+    assert found == 1, "no entry parameter list in the PTX"
+    return capped
+
+
 def source_digest() -> str:
     """Hash of everything the binaries depend on: kernel sources, signatures, toolchain."""
     from numba_cuda import __version__ as numba_cuda_version
 
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in ("common", "geometry", "memory", "mma_tile", *MODULES):
+    for name in ("build", "common", "geometry", "memory", "mma_tile", *MODULES):
         digest.update((here / f"{name}.py").read_bytes())
     digest.update(repr((ARCHITECTURES, PTX_COMPUTE_CAPABILITY, numba_cuda_version)).encode())
     return digest.hexdigest()
@@ -55,8 +73,11 @@ def compile_all() -> tuple[dict[str, str], dict[str, str]]:
     from numba import cuda
 
     ptx, entries = {}, {}
+    caps = register_caps()
     for name, (function, signature) in kernel_table().items():
         text, _ = cuda.compile_ptx(function, signature, cc=PTX_COMPUTE_CAPABILITY, lineinfo=False)
+        if name in caps:
+            text = _cap_registers(text, caps[name])
         found = re.findall(r"\.entry\s+([\w$]+)\s*\(", text)
         assert len(found) == 1, f"{name}: expected one entry point, found {found}"
         ptx[name], entries[name] = text, found[0]

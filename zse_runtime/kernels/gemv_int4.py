@@ -14,8 +14,14 @@ docs/kernel-notes.md.
 from numba import cuda, float32, int32, uint32
 
 from .common import WARP, store_gemv_tile
-from .geometry import GEMV_ROWS, GEMV_TALL_ROWS, GEMV_TOKEN_TILES
-from .memory import dot4_u8s8, load, load_u32x4, load_u32x4_streaming
+from .geometry import (
+    GEMV_ROWS,
+    GEMV_T1_MAX_REGISTERS,
+    GEMV_TALL_MAX_REGISTERS,
+    GEMV_TALL_ROWS,
+    GEMV_TOKEN_TILES,
+)
+from .memory import dot4_u8s8, load_at, load_u32x4_at, load_u32x4_streaming_at
 
 NIBBLES = uint32(0x0F0F0F0F)
 LO_RADIX = int32(254)  # quantize_activations.LO_RADIX
@@ -32,11 +38,11 @@ def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
         """out[t, n] = x[t] . dequant(row n) (+ bias[n]) for the token tile of blockIdx.y.
 
         xq [T, K/2] u32, xstep, xsum [T, K/32] f32 (quantize_activations.py); qweight [N, K/8]
-        u32; scales, zeros [N, K/group] f16; bias [N] f32 (read only when has_bias); out [T, N]
-        f32. Grid (ceil(N / block_rows), ceil(T / tokens)), block a multiple of 32 (<= 32
-        warps). Each weight word is unpacked once and used for every token of the tile; per token
-        the arithmetic does not depend on the tile size, so a batched decode equals solo decodes
-        bit for bit.
+        u32 (fewer than 2**32 words: offsets are 32-bit); scales, zeros [N, K/group] f16; bias
+        [N] f32 (read only when has_bias); out [T, N] f32. Grid (ceil(N / block_rows), ceil(T /
+        tokens)), block a multiple of 32 (<= 32 warps). Each weight word is loaded once for every
+        token of the tile; per token the arithmetic does not depend on the tile size, so a
+        batched decode equals solo decodes bit for bit.
         """
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
@@ -48,46 +54,52 @@ def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
         t0 = cuda.blockIdx.y * tokens
         group_shift = _group_shift(group_size)
         acc = cuda.local.array((tokens, block_rows), float32)
-        even = cuda.local.array((block_rows, 4), uint32)  # nibbles 0, 2, 4, 6 of each word
-        odd = cuda.local.array((block_rows, 4), uint32)  # nibbles 1, 3, 5, 7
+        words = cuda.local.array((block_rows, 4), uint32)  # 32 codes of each row
         scale = cuda.local.array(block_rows, float32)
         zero = cuda.local.array(block_rows, float32)
         hi_dot = cuda.local.array(block_rows, int32)
         lo_dot = cuda.local.array(block_rows, int32)
+        # flat offsets of each row's first weight word and first group (32-bit arithmetic: the
+        # loads widen them once; numba's 2-D indexing multiplied 64-bit indices by strides for
+        # every load)
+        row_word = cuda.local.array(block_rows, uint32)
+        row_group = cuda.local.array(block_rows, uint32)
+        for r in range(block_rows):
+            n = uint32(min(n0 + r, rows - 1))  # past the last row: compute, never store
+            row_word[r] = uint32(n * uint32(qweight.shape[1]))
+            row_group[r] = uint32(n * uint32(scales.shape[1]))
         for t in range(tokens):
             for r in range(block_rows):
                 acc[t, r] = float32(0.0)
         for b in range(warp * WARP + lane, blocks, warps * WARP):
-            g = b >> group_shift
+            g = uint32(uint32(b) >> group_shift)
+            word0 = uint32(uint32(b) * uint32(4))
+            # every row's loads first: ptxas keeps most of them ahead of the first dp4a when
+            # MAX_REGISTERS allows it the registers (the kernel is latency-bound)
             for r in range(block_rows):
-                n = min(n0 + r, rows - 1)  # past the last row: compute, never store
-                w0, w1, w2, w3 = load_u32x4_streaming(qweight, n, 4 * b)
-                even[r, 0] = w0 & NIBBLES
-                even[r, 1] = w1 & NIBBLES
-                even[r, 2] = w2 & NIBBLES
-                even[r, 3] = w3 & NIBBLES
-                odd[r, 0] = (w0 >> uint32(4)) & NIBBLES
-                odd[r, 1] = (w1 >> uint32(4)) & NIBBLES
-                odd[r, 2] = (w2 >> uint32(4)) & NIBBLES
-                odd[r, 3] = (w3 >> uint32(4)) & NIBBLES
-                scale[r] = float32(load(scales, n, g))
-                zero[r] = float32(load(zeros, n, g))
+                words[r, 0], words[r, 1], words[r, 2], words[r, 3] = load_u32x4_streaming_at(
+                    qweight, row_word[r], word0)
+                scale[r] = float32(load_at(scales, row_group[r], g))
+                zero[r] = float32(load_at(zeros, row_group[r], g))
             for t in range(tokens):
-                row = min(t0 + t, last_token)
+                row = uint32(min(t0 + t, last_token))
                 for r in range(block_rows):
                     hi_dot[r] = int32(0)
                     lo_dot[r] = int32(0)
+                x_row = uint32(row * uint32(xq.shape[1]))
                 for word in range(4):
-                    hi_even, hi_odd, lo_even, lo_odd = load_u32x4(xq, row, 16 * b + 4 * word)
+                    hi_even, hi_odd, lo_even, lo_odd = load_u32x4_at(
+                        xq, x_row, uint32(word0 * uint32(4) + uint32(4 * word)))
                     for r in range(block_rows):
-                        hi_dot[r] = dot4_u8s8(odd[r, word], hi_odd,
-                                              dot4_u8s8(even[r, word], hi_even, hi_dot[r]))
-                        lo_dot[r] = dot4_u8s8(odd[r, word], lo_odd,
-                                              dot4_u8s8(even[r, word], lo_even, lo_dot[r]))
-                step = load(xstep, row, b)
-                block_sum = load(xsum, row, b)
+                        even = words[r, word] & NIBBLES  # nibbles 0, 2, 4, 6
+                        odd = (words[r, word] >> uint32(4)) & NIBBLES  # nibbles 1, 3, 5, 7
+                        hi_dot[r] = dot4_u8s8(odd, hi_odd, dot4_u8s8(even, hi_even, hi_dot[r]))
+                        lo_dot[r] = dot4_u8s8(odd, lo_odd, dot4_u8s8(even, lo_even, lo_dot[r]))
+                x_blocks = uint32(row * uint32(xstep.shape[1]))
+                step = load_at(xstep, x_blocks, b)
+                block_sum = load_at(xsum, x_blocks, b)
                 for r in range(block_rows):
-                    digits = float32(hi_dot[r] * LO_RADIX + lo_dot[r])
+                    digits = float32(int32(hi_dot[r] * LO_RADIX + lo_dot[r]))  # exact in 32 bits
                     acc[t, r] += scale[r] * (step * digits - zero[r] * block_sum)
         partial = cuda.shared.array((tokens, block_rows, WARP), float32)
         store_gemv_tile(acc, partial, n0, t0, rows, last_token, bias, has_bias, out)
@@ -102,3 +114,6 @@ for _tokens in GEMV_TOKEN_TILES:
     KERNELS[f"int4_gemv_t{_tokens}_r{GEMV_ROWS}"] = (_make_int4_gemv(_tokens), _SIGNATURE)
 # tall matrices (gate_up, an INT4 lm_head) at batch 1: 8 rows per block, half the blocks
 KERNELS[f"int4_gemv_t1_r{GEMV_TALL_ROWS}"] = (_make_int4_gemv(1, GEMV_TALL_ROWS), _SIGNATURE)
+# the most registers ptxas may give a thread of these kernels (build.py writes `.maxnreg`)
+MAX_REGISTERS = {f"int4_gemv_t1_r{GEMV_ROWS}": GEMV_T1_MAX_REGISTERS,
+                 f"int4_gemv_t1_r{GEMV_TALL_ROWS}": GEMV_TALL_MAX_REGISTERS}

@@ -25,6 +25,17 @@ GEMV_TALL_MIN_ROWS = 16384
 GEMV_THREADS = 128
 GEMV_MANY_ROWS_THREADS = 64
 GEMV_TOKEN_TILES = (1, 4, 8)
+# Registers a thread of the batch-1 GEMVs may use (`.maxnreg`, kernels/build.py). Left to itself
+# ptxas gives the 8-row kernel 72 and interleaves an iteration's weight loads with the dot
+# products; with up to 96 it issues 24 of the 30 loads before the first dp4a. H200, cubins linked
+# as prebuilt/ is, one call, outputs identical (docs/kernel-notes.md, "Batch-1 GEMV: register
+# caps"), us: gate_up 25.1 (previous kernel) / 29.8 (no cap) / 22.5 (96) / 22.7 (128); INT4
+# lm_head 88.5 / 93.3 / 78.8 / 77.4. The 4-row kernel (qkv and o_proj at 64 and 128 threads,
+# down_proj at 128) gains nothing from its loads coming first (80: qkv 5.4 but down_proj 14.3);
+# 72 keeps it level with the previous kernel (qkv 5.78 / 5.71, o_proj 4.77 / 4.79, down_proj
+# 11.65 / 11.65), 64 or no cap lose 0.6-0.8 us on down_proj.
+GEMV_T1_MAX_REGISTERS = 72
+GEMV_TALL_MAX_REGISTERS = 96
 FP16_GEMV_THREADS = 256
 
 # Decode batches (up to GEMV_MAX_TOKENS, every decode bucket) can take the GEMV token tiles,

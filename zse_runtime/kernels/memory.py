@@ -30,6 +30,18 @@ if config.ENABLE_CUDASIM:
         return array[row, col], array[row, col + 1], array[row, col + 2], array[row, col + 3]
 
     @cuda.jit(device=True, inline="always")
+    def load_u32x4_at(array, offset, extra):
+        flat = array.reshape(-1)
+        i = int(offset) + int(extra)
+        return flat[i], flat[i + 1], flat[i + 2], flat[i + 3]
+
+    load_u32x4_streaming_at = load_u32x4_at
+
+    @cuda.jit(device=True, inline="always")
+    def load_at(array, offset, extra):
+        return array.reshape(-1)[int(offset) + int(extra)]
+
+    @cuda.jit(device=True, inline="always")
     def dot4_u8s8(unsigned_bytes, signed_bytes, accumulator):
         total = np.int64(accumulator)
         for i in range(4):
@@ -130,6 +142,44 @@ else:
     _load_u32x4_streaming = _vector_load(types.uint32, ir.IntType(32), "r",
                                          "ld.global.cs.v4.u32")
     _load_u32x4 = _vector_load(types.uint32, ir.IntType(32), "r", "ld.global.nc.v4.u32")
+
+    def _flat_pointer(context, builder, sig, args):
+        """Address of element offset + extra of the C-contiguous array args[0] (both uint32, each
+        widened on its own: base + offset * size + extra * size, two IMAD.WIDE.U32 at most, and
+        a constant `extra` folds into the load's immediate). numba's 2-D indexing instead
+        multiplies 64-bit indices by 64-bit strides for every load."""
+        struct = context.make_array(sig.args[0])(context, builder, value=args[0])
+        pointer = struct.data
+        for value, value_type in zip(args[1:3], sig.args[1:3]):
+            index = builder.zext(context.cast(builder, value, value_type, types.uint32),
+                                 ir.IntType(64))
+            pointer = builder.gep(pointer, [index])
+        return pointer
+
+    def _vector_load_at(instruction):
+        def load(typingctx, array, offset, extra):
+            def codegen(context, builder, sig, args):
+                pointer = _flat_pointer(context, builder, sig, args)
+                result = ir.LiteralStructType([ir.IntType(32)] * 4)
+                asm = ir.InlineAsm(ir.FunctionType(result, [pointer.type]),
+                                   f"{instruction} {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l")
+                loaded = builder.call(asm, [pointer])
+                values = [builder.extract_value(loaded, i) for i in range(4)]
+                return context.make_tuple(builder, sig.return_type, values)
+
+            return types.UniTuple(types.uint32, 4)(array, offset, extra), codegen
+
+        return intrinsic(load)
+
+    _load_u32x4_at = _vector_load_at("ld.global.nc.v4.u32")
+    _load_u32x4_streaming_at = _vector_load_at("ld.global.cs.v4.u32")
+
+    @intrinsic
+    def _load_at(typingctx, array, offset, extra):
+        def codegen(context, builder, sig, args):
+            return builder.load(_flat_pointer(context, builder, sig, args))
+
+        return array.dtype(array, offset, extra), codegen
 
     @intrinsic
     def _dot4_u8s8(typingctx, unsigned_bytes, signed_bytes, accumulator):
@@ -247,6 +297,11 @@ else:
     # accumulator + the dot product of 4 unsigned bytes with 4 signed bytes (dp4a, sm_61+)
     dot4_u8s8 = _dot4_u8s8
     load = _load  # array[row, col] without numba's negative-index wraparound
+    # the same three loads at element offset + extra of a C-contiguous array, both uint32
+    # (a row's start and a position in it: fewer address instructions than [row, col])
+    load_u32x4_at = _load_u32x4_at  # flat[offset + extra:offset + extra + 4], read-only path
+    load_u32x4_streaming_at = _load_u32x4_streaming_at  # the same, evict-first
+    load_at = _load_at  # flat[offset + extra]
     # array[index] (a tuple), float32, from L2 (.cg): never from an L1 line this SM may hold
     # from before another block of the same launch wrote it (attention.py's last-block merge)
     load_l2_f32 = _load_l2_f32
