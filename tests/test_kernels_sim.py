@@ -417,11 +417,14 @@ def test_attention_decode_of_one_partition_writes_its_output_without_a_merge(ker
     words = lambda cache: cache.view(np.uint32).reshape(-1, dim // 2)
 
     def workspace():
-        return (np.full((2 * heads, 2), np.nan, np.float32), np.full((2 * heads, 2), np.nan, np.float32),
+        return (np.full((2 * heads, 2), np.nan, np.float32),
+                np.full((2 * heads, 2), np.nan, np.float32),
                 np.full((2 * heads, 2, dim), np.nan, np.float32))
 
-    inputs = (q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids, 0, partition)
-    decoded, decoded_digits = np.full((2, heads * dim), np.nan, np.float32), _empty_digits(2, heads * dim)
+    inputs = (q, words(k_cache), words(v_cache), kv_heads, length, positions, slot_ids, 0,
+              partition)
+    decoded = np.full((2, heads * dim), np.nan, np.float32)
+    decoded_digits = _empty_digits(2, heads * dim)
     part_max, part_sum, part_acc = workspace()
     tickets = np.zeros(2 * heads, np.int32)
     blocks = 2 * heads if kernel == "attention_decode" else 2 * kv_heads

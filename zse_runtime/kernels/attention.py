@@ -12,9 +12,10 @@ Splitting keeps all SMs busy for long contexts, where one block per head would u
 attention_decode (decode steps): the last of a token-head's partition blocks to finish (a ticket
 per token-head, taken after a memory fence) merges the partitions into the output and its GEMV
 digits, in the same launch; a token whose keys fit in one partition has nothing to merge, and
-its block writes the output itself (no workspace, fence or ticket). attention_partial_prefill + attention_combine (prompt chunks that
-attention_tiled does not take): the merge is a second launch. The two partition passes differ
-in the words of a key row loaded per round (`_make_partial`).
+its block writes the output itself (no workspace, fence or ticket).
+attention_partial_prefill + attention_combine (prompt chunks that attention_tiled does not
+take): the merge is a second launch. The two partition passes differ in the words of a key row
+loaded per round (`_make_partial`).
 
 attention_decode_grouped (decode batches): a block per (token x KV head, partition) scores each
 key against all the query heads that share the KV head, so a key or value row is read once per

@@ -44,7 +44,8 @@ def register_caps() -> dict[str, int]:
     parallelism, kernels/geometry.py)."""
     caps = {}
     for module in MODULES:
-        caps.update(getattr(importlib.import_module(f"{__package__}.{module}"), "MAX_REGISTERS", {}))
+        kernels = importlib.import_module(f"{__package__}.{module}")
+        caps.update(getattr(kernels, "MAX_REGISTERS", {}))
     return caps
 
 
