@@ -103,7 +103,6 @@ class Engine:
             context_starter = ContextStarter()  # overlaps the manifest read
         zse, manifest_stage = _open_zse(path, cache_dir)
         config = ModelConfig.from_manifest(zse.model_config)
-        tokenizer = Tokenizer(zse.manifest["tokenizer"])
         t = startup.mark(manifest_stage, started)
         max_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if not 0 < max_len <= config.max_position_embeddings:
@@ -130,6 +129,13 @@ class Engine:
             ops = CpuOps(zse, config, slots, max_len)
             t = startup.mark("weights+kv_cache", t)
             device = "cpu"
+        # Built after the upload, which zse-run overlaps with its HTTP imports: Qwen2.5's
+        # tokenizer.json takes 0.46 s to build on the H200 box and holds the GIL throughout
+        # (tokenizers' from_str), so before the upload it delayed both (warm /health 1.65-1.89
+        # -> 1.52-1.67 s, docs/benchmarks.md)
+        t = time.perf_counter()
+        tokenizer = Tokenizer(zse.manifest["tokenizer"])
+        startup.mark("tokenizer", t)
         engine = cls(zse, ops, config, tokenizer, device, slots, max_len, startup)
         t = time.perf_counter()
         if context is not None:
