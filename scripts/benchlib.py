@@ -14,6 +14,7 @@ and GPU memory.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -92,14 +93,18 @@ def lm_head_suffix(lm_head: str) -> str:
 
 
 def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
-               log: Callable[[str], None]) -> Models:
+               log: Callable[[str], None], tokenizer: Path | None = None) -> Models:
     """make_synthetic_zse.write_random_zse: random INT4 codes written straight into a .zse, with
-    a chat template; reused when `work` already holds one for this preset."""
+    a chat template and the 512-token toy tokenizer or `tokenizer` (a tokenizer.json); reused
+    when `work` already holds one for this preset."""
     from make_synthetic_zse import write_random_zse
 
     from tests.checkpoints import CHAT_TEMPLATE
 
-    path = work / f"{preset}-l{layers or 'all'}{lm_head_suffix(lm_head)}-direct.zse"
+    tokenizer_json = tokenizer.read_text() if tokenizer else None
+    # a different tokenizer is a different file
+    tag = f"-tok{hashlib.sha256(tokenizer_json.encode()).hexdigest()[:8]}" if tokenizer else ""
+    path = work / f"{preset}-l{layers or 'all'}{lm_head_suffix(lm_head)}{tag}-direct.zse"
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and sidecar.is_file():
         made = json.loads(sidecar.read_text())
@@ -108,10 +113,10 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
     log(f"writing a random {preset} .zse directly into {path}")
     started = time.perf_counter()
     write_random_zse(path, synthetic_model_config(preset, layers), chat_template=CHAT_TEMPLATE,
-                     lm_head=lm_head)
+                     lm_head=lm_head, tokenizer_json=tokenizer_json)
     made = {"how": "scripts/make_synthetic_zse.py write_random_zse (random INT4 codes, no "
                    "checkpoint, no quantization)", "preset": preset, "layers": layers,
-            "lm_head": lm_head,
+            "lm_head": lm_head, "tokenizer": str(tokenizer) if tokenizer else "512-token toy",
             "write_s": time.perf_counter() - started, "zse_bytes": path.stat().st_size}
     sidecar.write_text(json.dumps(made, indent=2))
     log(f"  {made['zse_bytes'] / 1e9:.2f} GB in {made['write_s']:.1f} s")
@@ -182,7 +187,7 @@ def prepare_models(args: argparse.Namespace, log: Callable[[str], None] = print)
                                          args.zse, args.lm_head, log)
     if args.zse is not None:
         return Models(args.zse, None, {"given": str(args.zse)})
-    return direct_zse(args.work, args.preset, args.layers, args.lm_head, log)
+    return direct_zse(args.work, args.preset, args.layers, args.lm_head, log, args.tokenizer)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_work: str) -> None:
@@ -194,6 +199,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_work: str) -> N
     parser.add_argument("--layers", type=int, help="override num_hidden_layers (shrinks the model)")
     parser.add_argument("--lm-head", choices=("float16", "int4"), default="float16",
                         help="lm_head precision of the model built (zse-convert --lm-head)")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="a real model's tokenizer.json for the built .zse (default: a "
+                             "512-token toy, whose start-up cost a real tokenizer does not share)")
     parser.add_argument("--zse", type=Path, help="use this .zse instead of building one")
     parser.add_argument("--checkpoint", type=Path,
                         help="HF checkpoint for the transformers baseline (implies --baseline); "

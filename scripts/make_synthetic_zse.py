@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.checkpoints import build_tokenizer  # noqa: E402
+from tests.checkpoints import CHAT_TEMPLATE, build_tokenizer  # noqa: E402
 from zse_convert.convert import ConvertOptions, plan_tensors  # noqa: E402
 from zse_convert.writer import ZseWriter  # noqa: E402
 from zse_runtime.zsefile import (FORMAT_NAME, FORMAT_VERSION_MAJOR, FORMAT_VERSION_MINOR,  # noqa: E402
@@ -57,12 +58,17 @@ def random_blob(spec, rng) -> np.ndarray:
 
 
 def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 0,
-                     chat_template: str | None = None, lm_head: str = "float16") -> Path:
+                     chat_template: str | None = None, lm_head: str = "float16",
+                     tokenizer_json: str | None = None) -> Path:
     """`chat_template` (e.g. tests.checkpoints.CHAT_TEMPLATE) lets /v1/chat/completions serve it;
-    `lm_head` is zse-convert's --lm-head (float16 or int4)."""
-    tokenizer = build_tokenizer(512)
-    tokenizer_json = tokenizer.to_str()
+    `lm_head` is zse-convert's --lm-head (float16 or int4). `tokenizer_json`: a real model's
+    tokenizer.json text instead of the 512-token toy, so that start-up pays what a real model
+    pays to build its tokenizer (Qwen2.5's 151k-token BPE); it must have `<|im_end|>`."""
+    tokenizer = Tokenizer.from_str(tokenizer_json) if tokenizer_json else build_tokenizer(512)
+    tokenizer_json = tokenizer_json or tokenizer.to_str()
     eos = tokenizer.token_to_id("<|im_end|>")
+    if eos is None:
+        raise ValueError("the tokenizer has no <|im_end|> token to end generation with")
     manifest = {
         "format": FORMAT_NAME, "format_version": [FORMAT_VERSION_MAJOR, FORMAT_VERSION_MINOR],
         "model": model,
@@ -92,12 +98,16 @@ def main() -> int:
     parser.add_argument("--layers", type=int, help="override num_hidden_layers")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--lm-head", choices=("float16", "int4"), default="float16")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="a real model's tokenizer.json to embed instead of the 512-token toy")
     args = parser.parse_args()
     model = dict(PRESETS[args.preset])
     if args.layers:
         model["num_hidden_layers"] = args.layers
     started = time.perf_counter()
-    write_random_zse(args.out, model, args.group_size, lm_head=args.lm_head)
+    write_random_zse(args.out, model, args.group_size, chat_template=CHAT_TEMPLATE,
+                     lm_head=args.lm_head,
+                     tokenizer_json=args.tokenizer.read_text() if args.tokenizer else None)
     print(f"wrote {args.out}: {args.out.stat().st_size / 1e9:.2f} GB in "
           f"{time.perf_counter() - started:.1f} s")
     return 0

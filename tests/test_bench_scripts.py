@@ -50,7 +50,7 @@ def test_bench_coldstart_cpu(tmp_path, work):
     # the CLI's milestones: engine modules, then the HTTP stack, then the first HTTP answer
     assert 0 < zse["spawn_to_engine_import_s"] < zse["spawn_to_http_import_s"] \
         < zse["spawn_to_http_up_s"]
-    assert {"manifest", "kernel_load"} <= set(zse["stages_s"])
+    assert {"manifest", "tokenizer", "kernel_load"} <= set(zse["stages_s"])
     assert all(positive(v) for v in zse["stages_s"].values())
     assert zse["gpu_in_use_gib"] == SKIPPED
     assert report["zse"]["cold"] == "cold: not requested (--no-cold)"
@@ -87,3 +87,29 @@ def test_bench_decode_cpu(tmp_path, work):
     assert all(positive(d["tok_s"]) for d in hf["decode"])
     assert hf["gpu_in_use_gib"] == SKIPPED
     assert png(tmp_path / "decode_concurrency.png")
+
+
+def test_a_synthetic_zse_can_carry_a_real_tokenizer(tmp_path):
+    """--tokenizer: the benchmarks' random .zse embeds the given tokenizer.json (start-up then
+    pays for building it, as a real model's does) and ends generation at its <|im_end|>; one
+    without that token is refused before anything is written."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchlib import synthetic_model_config
+    from make_synthetic_zse import write_random_zse
+
+    from tests.checkpoints import build_tokenizer
+    from zse_runtime.zsefile import ZseFile
+
+    model = synthetic_model_config("llama-tiny", None)
+    text = build_tokenizer(700).to_str()  # not the default 512-token toy
+    path = write_random_zse(tmp_path / "real.zse", model, tokenizer_json=text)
+    section = ZseFile(path).manifest["tokenizer"]
+    assert section["tokenizer_json"] == text
+    assert section["eos_token_ids"] == [Tokenizer.from_str(text).token_to_id("<|im_end|>")]
+    no_end = Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str()
+    with pytest.raises(ValueError, match="im_end"):
+        write_random_zse(tmp_path / "refused.zse", model, tokenizer_json=no_end)
+    assert not (tmp_path / "refused.zse").exists()
