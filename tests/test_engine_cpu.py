@@ -152,5 +152,6 @@ def test_generation_stops_at_eos(tiny_qwen2_zse):
 
 def test_startup_breakdown(tiny_qwen2_zse):
     engine = Engine.open(tiny_qwen2_zse, device="cpu")
-    assert list(engine.startup.stages) == ["manifest", "weights+kv_cache", "tokenizer", "kernel_load"]
+    assert list(engine.startup.stages) == ["manifest", "weights+kv_cache", "tokenizer",
+                                           "kernel_load"]
     assert engine.startup.total > 0 and "manifest" in str(engine.startup)
