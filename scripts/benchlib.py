@@ -179,9 +179,13 @@ def checkpoint_and_conversion(work: Path, preset: str, layers: int | None,
 def prepare_models(args: argparse.Namespace, log: Callable[[str], None] = print) -> Models:
     """What --zse / --checkpoint / --baseline ask for (see each script's docstring)."""
     args.work.mkdir(parents=True, exist_ok=True)
-    for path, what in ((args.zse, "--zse"), (args.checkpoint, "--checkpoint")):
+    for path, what in ((args.zse, "--zse"), (args.checkpoint, "--checkpoint"),
+                       (args.tokenizer, "--tokenizer")):
         if path is not None and not path.exists():
             raise SystemExit(f"error: {what} {path} does not exist")
+    if args.tokenizer is not None and (args.zse or args.checkpoint or args.baseline):
+        raise SystemExit("error: --tokenizer applies to the .zse this script writes directly; "
+                         "a given or converted file keeps its own tokenizer")
     if args.baseline or args.checkpoint is not None:
         return checkpoint_and_conversion(args.work, args.preset, args.layers, args.checkpoint,
                                          args.zse, args.lm_head, log)

@@ -113,3 +113,14 @@ def test_a_synthetic_zse_can_carry_a_real_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="im_end"):
         write_random_zse(tmp_path / "refused.zse", model, tokenizer_json=no_end)
     assert not (tmp_path / "refused.zse").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tokenizer", "missing.json"], "--tokenizer missing.json does not exist"),
+    (["--tokenizer", "README.md", "--zse", "README.md"], "keeps its own tokenizer")])
+def test_tokenizer_option_refuses_what_it_cannot_apply(tmp_path, args, message):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_coldstart.py"), "--out",
+                             str(tmp_path), "--device", "cpu", *args], capture_output=True,
+                            text=True, cwd=REPO, timeout=120, check=False)
+    assert result.returncode != 0 and message in result.stderr + result.stdout
+    assert not list(tmp_path.iterdir())
