@@ -13,29 +13,11 @@ output depends only on (logits, params, seed, step):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from .protocol import SamplingParams  # the type lives with the other request types
+
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 def splitmix64(value: int) -> int:

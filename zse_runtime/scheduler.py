@@ -17,69 +17,34 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from .engine import PREFILL_CHUNK, Engine
 from .model import Batch
-from .sampling import SamplingParams, sample
+from .protocol import Event, FinishEvent, QueueFull, Request, TokenEvent, check_room
+from .sampling import sample
+
+__all__ = ["Scheduler", "Request", "TokenEvent", "FinishEvent", "QueueFull"]
 
 log = logging.getLogger("zse")
 
 
-@dataclass
-class TokenEvent:
-    token: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-@dataclass
-class FinishEvent:
-    reason: str  # "stop" | "length" | "cancelled" | "error"
-    message: str = ""
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    emit: Callable[[TokenEvent | FinishEvent], None]
-    stop_token_ids: frozenset[int] = frozenset()
-    logprobs: int | None = None  # None: none; k: the chosen token's and the top k
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # state, owned by the engine thread
-    slot: int = -1
-    prefilled: int = 0
-    generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    arrived: float = field(default_factory=time.perf_counter)
-
-    @property
-    def needs_host_logits(self) -> bool:
-        return (self.logprobs is not None or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
-
-
-class QueueFull(Exception):
-    pass
-
-
 class Scheduler:
-    def __init__(self, engine: Engine, max_waiting: int, on_step: Callable | None = None):
+    def __init__(self, engine: Engine, max_waiting: int, on_step: Callable | None = None,
+                 deliver: Callable[[list[tuple[Request, Event]]], None] | None = None):
+        """`deliver` hands out a batch of held events in order (default: each request's
+        `emit`); the engine process sends each batch to the HTTP process as one message."""
         self.engine = engine
         self.max_waiting = max_waiting
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.on_step = on_step or (lambda scheduler: None)
+        self.deliver = deliver or _emit_each
         self.failed: str | None = None
-        self._events: list[tuple[Request, TokenEvent | FinishEvent]] = []  # not yet emitted
+        self._events: list[tuple[Request, Event]] = []  # not yet delivered
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="zse-engine", daemon=True)
@@ -91,8 +56,7 @@ class Scheduler:
         with self._wake:
             if self.failed:
                 raise RuntimeError(f"the engine failed: {self.failed}")
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            check_room(len(self.running) + len(self.waiting), self.engine.slots, self.max_waiting)
             self.waiting.append(request)
             self._wake.notify()
 
@@ -142,14 +106,14 @@ class Scheduler:
             self._finish(request, FinishEvent("cancelled", "the server is shutting down"))
         self._flush()
 
-    def _emit(self, request: Request, event: TokenEvent | FinishEvent) -> None:
+    def _emit(self, request: Request, event: Event) -> None:
         self._events.append((request, event))
 
     def _flush(self) -> None:
-        """Emit the held events, in the order they happened."""
+        """Deliver the held events, in the order they happened."""
         events, self._events = self._events, []
-        for request, event in events:
-            request.emit(event)
+        if events:
+            self.deliver(events)
 
     def _admit(self) -> None:
         while self.waiting and self.engine.free_slots:
@@ -273,3 +237,8 @@ def _apply_penalties(logits: np.ndarray, request: Request) -> np.ndarray:
         tokens, counts = np.unique(np.asarray(request.generated), return_counts=True)
         logits[tokens] -= request.frequency_penalty * counts + request.presence_penalty
     return logits
+
+
+def _emit_each(events: list[tuple[Request, Event]]) -> None:
+    for request, event in events:
+        request.emit(event)
