@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .gpu.starter import ContextStarter
 from .model import Batch, Decoder
 from .sampling import SamplingParams
+from .source import open_zse
 from .tokenizer import Tokenizer
 from .zsefile import ZseFile
 
@@ -58,7 +59,7 @@ class EngineError(ValueError):
 
 
 class Engine:
-    def __init__(self, zse: ZseFile, ops, config: ModelConfig, tokenizer: Tokenizer,
+    def __init__(self, zse: ZseFile, ops, config: ModelConfig, tokenizer: Tokenizer | None,
                  device: str, slots: int, max_model_len: int, startup: StartupTimes):
         self.zse = zse
         self.ops = ops
@@ -73,10 +74,10 @@ class Engine:
         self._step_ids: np.ndarray | None = None  # an eager step's ids, until end_step
 
     @classmethod
-    def open(cls, path: str | Path, device: str = "auto", max_model_len: int | None = None,
+    def open(cls, path: str | Path | ZseFile, device: str = "auto", max_model_len: int | None = None,
              slots: int = 1, cache_dir: str | Path | None = None,
              context_starter: ContextStarter | None = None,
-             batch_invariant: bool = False) -> "Engine":
+             batch_invariant: bool = False, load_tokenizer: bool = True) -> "Engine":
         """Validate the file, load it onto `device` ("cuda", "cpu", or "auto": a GPU if present)
         and get every kernel ready, so the first request runs at full speed.
 
@@ -90,7 +91,12 @@ class Engine:
         size (the GEMV token tiles throughout) and let the scheduler prefill one prompt per chunk,
         so a request's tokens do not depend on what else runs; otherwise decode batches of more
         than 8 sequences multiply on tensor cores, with float16 activations, and prompts share
-        prefill chunks (faster). The CPU backend is batch-invariant anyway."""
+        prefill chunks (faster). The CPU backend is batch-invariant anyway.
+        `path` may also be a ZseFile opened with `source.open_zse` (then `cache_dir` is unused
+        and the manifest read is not among the start-up stages): zse-run's engine process opens
+        the file before it imports this module, to hand the tokenizer to its HTTP process early.
+        `load_tokenizer=False`: token ids in and out only (engine.tokenizer is None); zse-run's
+        engine process, whose HTTP process tokenizes."""
         started = time.perf_counter()
         startup = StartupTimes()
         if device not in DEVICES:
@@ -101,9 +107,12 @@ class Engine:
             context_starter = None
         elif context_starter is None:
             context_starter = ContextStarter()  # overlaps the manifest read
-        zse, manifest_stage = _open_zse(path, cache_dir)
+        if isinstance(path, ZseFile):  # opened by the caller, with source.open_zse
+            zse, t = path, started
+        else:
+            zse, manifest_stage = open_zse(path, cache_dir)
+            t = startup.mark(manifest_stage, started)
         config = ModelConfig.from_manifest(zse.model_config)
-        t = startup.mark(manifest_stage, started)
         max_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if not 0 < max_len <= config.max_position_embeddings:
             raise EngineError(f"max_model_len {max_len} must be in 1..{config.max_position_embeddings}")
@@ -129,13 +138,14 @@ class Engine:
             ops = CpuOps(zse, config, slots, max_len)
             t = startup.mark("weights+kv_cache", t)
             device = "cpu"
-        # Built after the upload, which zse-run overlaps with its HTTP imports: Qwen2.5's
-        # tokenizer.json takes 0.46 s to build on the H200 box and holds the GIL throughout
-        # (tokenizers' from_str), so before the upload it delayed both (warm /health 1.65-1.89
-        # -> 1.52-1.67 s, docs/benchmarks.md)
-        t = time.perf_counter()
-        tokenizer = Tokenizer(zse.manifest["tokenizer"])
-        startup.mark("tokenizer", t)
+        # Built after the upload: Qwen2.5's tokenizer.json takes 0.37-0.57 s to build on the
+        # H200 box and holds the GIL throughout (tokenizers' from_str), which would stall the
+        # upload's reader threads. zse-run builds it in its HTTP process instead.
+        tokenizer = None
+        if load_tokenizer:
+            t = time.perf_counter()
+            tokenizer = Tokenizer(zse.manifest["tokenizer"])
+            startup.mark("tokenizer", t)
         engine = cls(zse, ops, config, tokenizer, device, slots, max_len, startup)
         t = time.perf_counter()
         if context is not None:
@@ -263,39 +273,6 @@ def _context(starter: ContextStarter | None, required: bool):
             raise EngineError(error)
         log.info("no usable GPU (%s); running on the CPU backend", error)
     return context
-
-
-def _open_zse(path: str | Path, cache_dir: str | Path | None) -> tuple[ZseFile, str]:
-    """A local file as before; a URL through a ByteSource: the --cache-dir copy when it holds
-    this version of the object, otherwise a remote ZseFile (manifest read, data not yet)."""
-    from .source import is_url, open_source
-
-    if not is_url(path):
-        return ZseFile(path), "manifest"
-    source = open_source(str(path))
-    if source.local_path is not None:  # hf:// found in the local Hub cache
-        return ZseFile(source.local_path), "manifest (hub cache)"
-    try:
-        from .streaming import cache_path, remove_stale_copies
-
-        cached = cache_path(cache_dir, source) if cache_dir else None
-        if cache_dir and cached is None:
-            log.warning("%s has no ETag or version: not caching it", source.describe())
-        if cached is not None and cached.is_file():
-            log.info("%s: using the cached copy %s", source.describe(), cached)
-            source.close()
-            return ZseFile(cached), "manifest (cache hit)"
-        zse = ZseFile.from_source(source)
-    except BaseException:
-        source.close()
-        raise
-    if cached is not None:
-        zse.mirror = cached
-        removed = remove_stale_copies(cached)
-        if removed:
-            log.info("removed %d stale cached cop%s of %s", len(removed),
-                     "y" if len(removed) == 1 else "ies", source.describe())
-    return zse, "manifest (remote)"
 
 
 def _download_for_cpu(zse: ZseFile, startup: StartupTimes) -> ZseFile:

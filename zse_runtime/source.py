@@ -22,6 +22,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from .zsefile import ZseFile
+
 log = logging.getLogger("zse")
 
 INSTALL_HINT = "pip install 'zse[remote]'"
@@ -372,3 +374,35 @@ def open_source(location: str | os.PathLike) -> ByteSource:
     if scheme == "hf":
         return _open_hf(location)
     return _open_fsspec(location)
+
+
+def open_zse(path: str | Path, cache_dir: str | Path | None) -> tuple[ZseFile, str]:
+    """(ZseFile, name of the start-up stage) for a local path, or for a URL through a
+    ByteSource: the `cache_dir` copy when it holds this version of the object, otherwise a
+    remote ZseFile (manifest read and checked, tensor bytes not yet)."""
+    if not is_url(path):
+        return ZseFile(path), "manifest"
+    source = open_source(str(path))
+    if source.local_path is not None:  # hf:// found in the local Hub cache
+        return ZseFile(source.local_path), "manifest (hub cache)"
+    try:
+        from .streaming import cache_path, remove_stale_copies
+
+        cached = cache_path(cache_dir, source) if cache_dir else None
+        if cache_dir and cached is None:
+            log.warning("%s has no ETag or version: not caching it", source.describe())
+        if cached is not None and cached.is_file():
+            log.info("%s: using the cached copy %s", source.describe(), cached)
+            source.close()
+            return ZseFile(cached), "manifest (cache hit)"
+        zse = ZseFile.from_source(source)
+    except BaseException:
+        source.close()
+        raise
+    if cached is not None:
+        zse.mirror = cached
+        removed = remove_stale_copies(cached)
+        if removed:
+            log.info("removed %d stale cached cop%s of %s", len(removed),
+                     "y" if len(removed) == 1 else "ies", source.describe())
+    return zse, "manifest (remote)"

@@ -13,16 +13,23 @@ out-of-bounds read.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
-import numpy as np
 import xxhash
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where tensor bytes are first viewed, not with this module: zse-run's engine
+# process reads the manifest and hands the tokenizer on before it imports numpy (0.3 s on the
+# H200 host), so the HTTP process can start building the tokenizer that much earlier.
 
 # ---------------------------------------------------------------------------------------------
 # Constants (normative copy: formats/zse-v1.md). Never reuse a retired value.
@@ -126,7 +133,7 @@ def int4_section_sizes(rows: int, cols: int, group_size: int) -> tuple[int, int,
 def expected_nbytes(dtype: str, shape: list[int], layout: str, group_size: int | None) -> int:
     """nbytes = f(shape, dtype, layout): the one formula the writer and the reader share."""
     if layout == LAYOUT_DENSE:
-        return int(np.prod(shape, dtype=object)) * DTYPE_ITEMSIZE[dtype]
+        return math.prod(shape) * DTYPE_ITEMSIZE[dtype]
     rows, cols = shape
     return sum(int4_section_sizes(rows, cols, group_size))
 
@@ -233,7 +240,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=object))
+        return math.prod(self.shape)
 
 
 class Int4Weight(NamedTuple):
@@ -251,6 +258,8 @@ class Int4Weight(NamedTuple):
 
 def unpack_int4(qweight: np.ndarray) -> np.ndarray:
     """uint32 [N, K/8] -> uint8 [N, K] quantized values, in k order."""
+    import numpy as np
+
     shifts = np.arange(0, 32, 4, dtype=np.uint32)
     values = (qweight[..., None] >> shifts) & np.uint32(0xF)
     return values.reshape(*qweight.shape[:-1], qweight.shape[-1] * 8).astype(np.uint8)
@@ -258,6 +267,8 @@ def unpack_int4(qweight: np.ndarray) -> np.ndarray:
 
 def dequantize_int4(weight: Int4Weight) -> np.ndarray:
     """Reference dequantization in float32, exactly as the kernels compute it."""
+    import numpy as np
+
     q = unpack_int4(weight.qweight).astype(np.float32)
     rows, cols = q.shape
     q = q.reshape(rows, cols // weight.group_size, weight.group_size)
@@ -477,6 +488,8 @@ def dense_view(info: TensorInfo, blob: np.ndarray) -> np.ndarray:
     """A dense.v1 tensor's bytes (uint8, info.nbytes of them) as its typed array, zero-copy."""
     if info.layout != LAYOUT_DENSE:
         raise TypeError(f"tensor '{info.name}' has layout {info.layout}, not {LAYOUT_DENSE}")
+    import numpy as np
+
     return blob.view(np.dtype(info.dtype).newbyteorder("<")).reshape(info.shape)
 
 
@@ -515,8 +528,8 @@ class ZseFile:
                 raise ZseFormatError(self.path, "file shrank while reading the manifest")
             self._accept_manifest(raw)
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self.data = np.frombuffer(self._map, dtype=np.uint8, offset=self.header.data_offset,
-                                  count=self.header.data_length)
+        self._data = None
+        self._closed = False
 
     @classmethod
     def from_source(cls, source, prefetch: int = MANIFEST_PREFETCH) -> "ZseFile":
@@ -524,8 +537,8 @@ class ZseFile:
         and a second only when the manifest runs past it. Tensor bytes are not read: the loader
         streams them (`data` is None). `head` keeps bytes [0, data_offset) for a local mirror."""
         self = cls.__new__(cls)
-        self.path, self.source, self.mirror, self._map, self.data = (
-            source.describe(), source, None, None, None)
+        self.path, self.source, self.mirror, self._map, self._data, self._closed = (
+            source.describe(), source, None, None, None, False)
         head = source.read(0, min(source.size, prefetch))
         self.header = read_header(self.path, head, source.size)
         if self.header.data_offset > len(head):
@@ -563,6 +576,16 @@ class ZseFile:
     @property
     def model_config(self) -> dict[str, Any]:
         return self.manifest["model"]
+
+    @property
+    def data(self) -> np.ndarray | None:
+        """The data section as a zero-copy uint8 array; None for a remote file or once closed."""
+        if self._data is None and self._map is not None and not self._closed:
+            import numpy as np
+
+            self._data = np.frombuffer(self._map, dtype=np.uint8, offset=self.header.data_offset,
+                                       count=self.header.data_length)
+        return self._data
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a zero-copy uint8 view."""
@@ -613,7 +636,7 @@ class ZseFile:
     def dequantized(self, name: str) -> np.ndarray:
         """Any tensor as float32 (int4 dequantized with the reference formula)."""
         value = self.weight(name)
-        return dequantize_int4(value) if isinstance(value, Int4Weight) else value.astype(np.float32)
+        return dequantize_int4(value) if isinstance(value, Int4Weight) else value.astype("float32")
 
     def iter_corrupt(self) -> Iterator[tuple[TensorInfo, str]]:
         """Recompute every checksum; yields (tensor, actual digest) for each mismatch."""
@@ -624,7 +647,7 @@ class ZseFile:
 
     def close(self) -> None:
         """Unmap now if no tensor view is alive; otherwise the last view releases the mapping."""
-        self.data = None
+        self._data, self._closed = None, True
         if self.source is not None:
             self.source.close()
         try:
