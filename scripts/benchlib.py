@@ -390,7 +390,10 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 ENGINE_READY = re.compile(r"zse: ready in ([\d.]+) s on .*\); KV cache")
 CLI_READY = re.compile(r"zse: ready in ([\d.]+) s since process start \((.*)\)$")
 STAGE = re.compile(r"^(.+) (\d+) ms$")
-CLI_MILESTONE = re.compile(r"zse: (engine modules|HTTP stack) imported ([\d.]+) s since process start")
+CLI_MILESTONE = re.compile(
+    r"zse: (engine modules imported|HTTP stack imported|tokenizer built) ([\d.]+) s since process start")
+MILESTONE_KEYS = {"engine modules imported": "engine_import", "HTTP stack imported": "http_import",
+                  "tokenizer built": "tokenizer_built"}
 
 
 def log_time(line: str) -> float | None:
@@ -407,8 +410,8 @@ def log_time(line: str) -> float | None:
 def parse_ready_lines(text: str) -> dict[str, Any]:
     """From zse-run's log: when the engine and the CLI logged "ready" (wall clock), the engine's
     own open time, the CLI's time since its module was imported, the stage list as printed
-    (milliseconds, rounded), and when the engine's modules and the HTTP stack had imported
-    (seconds since the CLI module was imported)."""
+    (milliseconds, rounded), and when the engine's modules and the HTTP stack had imported and
+    the tokenizer was built (seconds since the CLI module was imported)."""
     found: dict[str, Any] = {}
     for line in text.splitlines():
         if (match := ENGINE_READY.search(line)) and "engine_ready_wall" not in found:
@@ -421,8 +424,7 @@ def parse_ready_lines(text: str) -> dict[str, Any]:
                     stages[stage.group(1)] = int(stage.group(2)) / 1000
             found["logged_stages_s"] = stages
         elif match := CLI_MILESTONE.search(line):
-            key = "engine_import" if match.group(1) == "engine modules" else "http_import"
-            found[f"cli_to_{key}_s"] = float(match.group(2))
+            found[f"cli_to_{MILESTONE_KEYS[match.group(1)]}_s"] = float(match.group(2))
     return found
 
 

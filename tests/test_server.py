@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import LiveServer
+from tests.conftest import REPO, LiveServer
 from zse_runtime.engine import Engine
 from zse_runtime.tokenizer import IncrementalDecoder
 
@@ -360,6 +363,89 @@ def test_unloadable_file_exits_non_zero(tmp_path):
 
 
 @pytest.mark.slow
+def _engine_pid(live: LiveServer) -> int:
+    match = re.search(r"engine process (\d+) started", live.output())
+    assert match, live.output()
+    return int(match.group(1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        time.sleep(0.05)
+
+
+def test_the_manifest_and_the_http_side_need_no_numpy(tiny_qwen2_zse):
+    """zse-run's start-up order depends on it: the engine process reads the manifest and hands
+    the tokenizer on before it imports numpy (0.3 s on the H200 host), and the HTTP process
+    never imports numpy or the engine."""
+    code = ("import sys, zse_runtime.cli, zse_runtime.server, zse_runtime.engine_process, "
+            "zse_runtime.tokenizer, zse_runtime.gpu.starter\n"
+            "from zse_runtime.source import open_zse\n"
+            f"zse, stage = open_zse({str(tiny_qwen2_zse)!r}, None)\n"
+            "assert stage == 'manifest' and zse.manifest['tokenizer']['tokenizer_json']\n"
+            "print(sorted(m for m in ('numpy', 'numba', 'zse_runtime.engine') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_engine_runs_in_a_child_process_that_ends_with_the_server(tiny_qwen2_zse):
+    """zse-run forks its engine into a process of its own; the two start up side by side and
+    stop together: on SIGTERM after the drain, and when the HTTP process is killed outright."""
+    for ending in (signal.SIGTERM, signal.SIGKILL):
+        live = LiveServer(tiny_qwen2_zse, "--served-model-name", MODEL).wait_ready()
+        try:
+            pid = _engine_pid(live)
+            with open(f"/proc/{pid}/stat") as stat:
+                assert int(stat.read().rsplit(")", 1)[1].split()[1]) == live.process.pid  # ppid
+            answer = httpx.post(f"{live.url}/v1/completions", timeout=30, json={
+                "model": MODEL, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0})
+            assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+            live.process.send_signal(ending)
+            assert live.process.wait(timeout=30) == (0 if ending == signal.SIGTERM else -ending)
+            _wait_gone(pid)  # SIGKILL: the engine process sees its socket close and exits
+        finally:
+            live.stop()
+
+
+def test_a_lost_engine_process_fails_requests_and_health_clearly(tiny_qwen2_zse):
+    """An engine process that dies (the OOM killer, say) ends the streams in flight with an
+    error naming it, turns /health 503, and leaves the HTTP process answering."""
+    live = LiveServer(tiny_qwen2_zse, "--served-model-name", MODEL).wait_ready()
+    try:
+        pid = _engine_pid(live)
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True,
+                "ignore_eos": True}
+        lines = []
+        with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line and not lines:
+                    os.kill(pid, signal.SIGKILL)
+                if line:
+                    lines.append(line)
+        error = json.loads(lines[-1][6:])["error"]
+        assert "engine process exited (killed by signal 9)" in error["message"]
+        health = httpx.get(f"{live.url}/health", timeout=5)
+        assert health.status_code == 503 and "killed by signal 9" in health.json()["error"]
+        again = httpx.post(f"{live.url}/v1/completions", timeout=5,
+                           json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert again.status_code == 503 and "killed by signal 9" in again.json()["error"]["message"]
+        assert live.process.poll() is None
+    finally:
+        live.stop()
+
+
 def test_smollm2_server_answers_like_the_engine(tmp_path_factory):
     from tests.gguf_fixtures import smollm2_folder
     from zse_convert.convert import convert
@@ -429,6 +515,24 @@ def _run_scheduler(engine, prompts, max_tokens):
     finally:
         scheduler.stop()
     return outputs
+
+
+def test_a_scheduler_holds_its_slots_plus_max_waiting_requests(tiny_qwen2_zse):
+    """The admission rule zse-run's HTTP process also applies to its engine process: refused
+    once the held (running or waiting) requests fill the slots and `max_waiting` more."""
+    from zse_runtime.sampling import SamplingParams
+    from zse_runtime.scheduler import QueueFull, Request, Scheduler
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", slots=2)
+    scheduler = Scheduler(engine, max_waiting=1)
+    try:
+        with scheduler._wake:  # held: the engine thread cannot finish any of them meanwhile
+            for _ in range(3):
+                scheduler.submit(Request([5], SamplingParams(0.0), 50, emit=lambda e: None))
+            with pytest.raises(QueueFull, match="3 requests are running or waiting"):
+                scheduler.submit(Request([5], SamplingParams(0.0), 50, emit=lambda e: None))
+    finally:
+        scheduler.stop()
 
 
 def _record_forwards(engine, monkeypatch) -> list:

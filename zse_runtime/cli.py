@@ -3,9 +3,10 @@
 FILE may also be a URL: `s3://bucket/model.zse` (or any installed fsspec protocol),
 `https://...` or `hf://org/repo[@revision]/model.zse`, with `--cache-dir` to keep a verified copy.
 
-Start-up order is the point: the engine starts loading (CUDA context, manifest, weights) on a
-thread first, then the HTTP stack is imported and bound, so /health answers 503 within a
-fraction of a second and flips to 200 the moment the weights are in place.
+Start-up order is the point: the engine process is forked first and loads the model (CUDA
+context, manifest, weights) while this process imports and binds the HTTP stack and builds the
+tokenizer from the manifest the engine process hands over, so /health answers 503 within a
+fraction of a second and flips to 200 the moment both are in place.
 """
 
 from __future__ import annotations
@@ -24,36 +25,34 @@ app = typer.Typer(add_completion=False)
 log = logging.getLogger("zse")
 
 
-def _load(state, path: str, open_options: dict, on_failure, imported: threading.Event) -> None:
-    """Open the engine (Engine.open's keyword arguments in `open_options`) and attach it."""
-    from .gpu.starter import ContextStarter
-
-    # the context's driver calls run while the engine's modules import
-    context_starter = ContextStarter() if open_options["device"] != "cpu" else None
-    from .source import redact
+def _load(state, engine, on_failure) -> None:
+    """Build the tokenizer from the manifest the engine process sends, then wait for the
+    engine and start serving."""
+    from .engine_process import EngineProcessError
 
     try:
-        try:
-            from .engine import Engine
+        from .tokenizer import Tokenizer
 
-            log.info("engine modules imported %.2f s since process start",
-                     time.perf_counter() - _PROCESS_START)
-        finally:
-            imported.set()
-        state.attach(Engine.open(path, context_starter=context_starter, **open_options))
-        log.info("ready in %.2f s since process start (%s)",
-                 time.perf_counter() - _PROCESS_START, state.engine.startup)
+        manifest = engine.wait_manifest()
+        started = time.perf_counter()
+        tokenizer = Tokenizer(manifest["tokenizer"])
+        built = time.perf_counter()
+        log.info("tokenizer built %.2f s since process start", built - _PROCESS_START)
+        info = engine.wait_ready()
+        # the tokenizer is built here while the engine process loads: it ran beside that
+        stages = {**info["stages"], "tokenizer (overlapped)": built - started}
+        state.ready(engine, tokenizer, info["max_model_len"], manifest["vocab_size"],
+                    info["slots"], stages)
+        log.info("ready in %.2f s since process start (%s)", time.perf_counter() - _PROCESS_START,
+                 ", ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in stages.items()))
     except Exception as exc:  # noqa: BLE001 - any load failure ends the process, clearly
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("could not load %s: %s", redact(path), exc)
+        if not isinstance(exc, EngineProcessError):  # the engine process logged its own
+            log.error("could not serve: %s", exc)
         on_failure()
-    finally:
-        sys.setswitchinterval(_DEFAULT_SWITCH_INTERVAL_S)
 
 
 _PROCESS_START = time.perf_counter()
-_DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()
-STARTUP_SWITCH_INTERVAL_S = 0.0005
 
 
 @app.command()
@@ -98,21 +97,18 @@ def main(
             time.sleep(0.01)
         server_box[0].should_exit = True
 
-    engine_imported = threading.Event()
-    # While the weights stream, the upload's reader threads need the GIL back after every read
-    # and copy call, and this thread holds it importing the HTTP stack: a short switch interval
-    # hands it over sooner. _load restores the default once the engine is ready.
-    sys.setswitchinterval(STARTUP_SWITCH_INTERVAL_S)
-    loader = threading.Thread(target=_load, name="zse-loader", daemon=True,
-                              args=(state, file, dict(device=device, max_model_len=max_model_len,
-                                                      slots=max_num_seqs, cache_dir=cache_dir,
-                                                      batch_invariant=batch_invariant),
-                                    stop_server, engine_imported))
-    loader.start()
-    # Imports hold the GIL: importing the HTTP stack beside the engine's imports would only slow
-    # both. Once the engine's modules are in, its work (context creation, reads, copies) mostly
-    # runs outside the GIL, and the HTTP stack imports while the weights stream.
-    engine_imported.wait(timeout=10)
+    # First, before any thread exists: the engine gets a process of its own (engine_process.py
+    # says why), which loads the model while this one imports the HTTP stack and builds the
+    # tokenizer.
+    from .engine_process import EngineProcess
+
+    engine = EngineProcess.start(file, dict(device=device, max_model_len=max_model_len,
+                                            slots=max_num_seqs, cache_dir=cache_dir,
+                                            batch_invariant=batch_invariant),
+                                 max_waiting=max_queue, process_start=_PROCESS_START,
+                                 on_step=state.observe)
+    threading.Thread(target=_load, name="zse-loader", daemon=True,
+                     args=(state, engine, stop_server)).start()
 
     import uvicorn
 
@@ -127,7 +123,11 @@ def main(
     # after a completed drain that means a clean exit, status 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: sys.exit(0))
-    server.run()
+    try:
+        server.run()
+    finally:
+        if state.scheduler is None:  # never served: the lifespan did not stop the engine
+            engine.stop()
     if state.status == "failed":
         raise typer.Exit(1)
 

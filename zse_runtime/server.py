@@ -24,8 +24,7 @@ from starlette.routing import Route
 
 from .api_types import ChatCompletionRequest, CompletionRequest, RequestError
 from .api_types import parse as parse_body
-from .sampling import SamplingParams
-from .scheduler import FinishEvent, QueueFull, Request, TokenEvent
+from .protocol import FinishEvent, QueueFull, Request, SamplingParams, TokenEvent
 from .state import ServerState
 from .tokenizer import ChatTemplateError, IncrementalDecoder
 
@@ -154,7 +153,7 @@ def create_app(state: ServerState) -> Starlette:
 
     async def models(request: HttpRequest):
         authorize(request)
-        max_len = state.engine.max_model_len if state.engine else None
+        max_len = state.max_model_len
         return JSONResponse({"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": state.created,
             "owned_by": "zse", "max_model_len": max_len}]})
@@ -164,12 +163,12 @@ def create_app(state: ServerState) -> Starlette:
         body: CompletionRequest = await parse(request, CompletionRequest)
         require_ready()
         prompt = body.single_prompt
-        tokenizer = state.engine.tokenizer
+        tokenizer = state.tokenizer
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            if any(not 0 <= i < state.engine.config.vocab_size for i in ids):
+            if any(not 0 <= i < state.vocab_size for i in ids):
                 raise ApiError(400, "prompt token ids must be within the vocabulary", param="prompt")
         if body.echo and body.logprobs is not None:
             raise ApiError(400, "echo together with logprobs is not supported", param="echo")
@@ -184,28 +183,28 @@ def create_app(state: ServerState) -> Starlette:
         messages = [{"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})}
                     for m in body.messages]
         try:
-            ids = state.engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+            ids = state.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        limit = body.token_limit or max(1, state.engine.max_model_len - len(ids))
+        limit = body.token_limit or max(1, state.max_model_len - len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await generate(request, body, ids, limit, logprobs, chat=True)
 
     async def generate(http: HttpRequest, body, ids: list[int], max_tokens: int,
                        logprobs: int | None, chat: bool, echo_text: str = ""):
-        engine = state.engine
+        tokenizer = state.tokenizer
         endpoint = http.url.path
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        if len(ids) + max_tokens > engine.max_model_len:
-            raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} "
+        if len(ids) + max_tokens > state.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {state.max_model_len} "
                            f"tokens. However, you requested {len(ids) + max_tokens} tokens "
                            f"({len(ids)} in the prompt, {max_tokens} for the completion). Please "
                            "reduce the prompt or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        stop_ids = frozenset() if body.ignore_eos else frozenset(engine.tokenizer.eos_token_ids)
+        stop_ids = frozenset() if body.ignore_eos else frozenset(tokenizer.eos_token_ids)
         choices = []
         for index in range(body.n):
             seed = (body.seed + index) if body.seed is not None else secrets.randbits(63)
@@ -217,7 +216,7 @@ def create_app(state: ServerState) -> Starlette:
                               stop_token_ids=stop_ids, logprobs=logprobs,
                               presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty)
-            choices.append(Choice(index, request, IncrementalDecoder(engine.tokenizer),
+            choices.append(Choice(index, request, IncrementalDecoder(tokenizer),
                                   StopMatcher(body.stop_strings)))
         try:
             for choice in choices:
@@ -304,14 +303,14 @@ def create_app(state: ServerState) -> Starlette:
                     "model": state.model_name, "usage": usage(),
                     "choices": [{"index": c.index, "finish_reason": c.finish_reason,
                                  "message": {"role": "assistant", "content": c.text},
-                                 "logprobs": _chat_logprobs(engine.tokenizer, c.logprobs)
+                                 "logprobs": _chat_logprobs(tokenizer, c.logprobs)
                                  if logprobs is not None else None} for c in choices]})
             return JSONResponse({
                 "id": request_id, "object": "text_completion", "created": created,
                 "model": state.model_name, "usage": usage(),
                 "choices": [{"index": c.index, "text": echo_text + c.text,
                              "finish_reason": c.finish_reason,
-                             "logprobs": _completion_logprobs(engine.tokenizer, c.logprobs)
+                             "logprobs": _completion_logprobs(tokenizer, c.logprobs)
                              if logprobs is not None else None} for c in choices]})
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -329,12 +328,12 @@ def create_app(state: ServerState) -> Starlette:
                 entry = {"index": choice.index, "delta": {"content": text} if text else {},
                          "finish_reason": choice.finish_reason if choice.index in finished else None}
                 if logprobs is not None:
-                    entry["logprobs"] = _chat_logprobs(engine.tokenizer, [event]) if event else None
+                    entry["logprobs"] = _chat_logprobs(tokenizer, [event]) if event else None
             else:
                 entry = {"index": choice.index, "text": text,
                          "finish_reason": choice.finish_reason if choice.index in finished else None}
                 if logprobs is not None:
-                    entry["logprobs"] = _completion_logprobs(engine.tokenizer, [event]) if event else None
+                    entry["logprobs"] = _completion_logprobs(tokenizer, [event]) if event else None
             return entry
 
         async def stream():

@@ -1,5 +1,5 @@
-"""What the HTTP layer and the loader thread share: the engine once it is ready, its status and
-the Prometheus metrics.
+"""What the HTTP layer and the loader thread share: the scheduler and tokenizer once the engine
+is ready, its status and the Prometheus metrics.
 
 Deliberately light (no HTTP framework, no numpy, no CUDA): `zse-run` creates this before it starts the
 loader thread, and everything imported here sits on the critical path to the first token.
@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
 
 
 class Metrics:
@@ -41,26 +38,40 @@ class ServerState:
     max_waiting: int
     status: str = "loading"  # loading | ready | failed
     error: str | None = None
-    engine: Any = None
-    scheduler: Scheduler | None = None
+    # Set once the engine is ready. `scheduler` is a Scheduler (an engine in this process) or
+    # an EngineProcess (zse-run's engine process); the HTTP layer uses only what both offer:
+    # submit, cancel, stop, failed.
+    scheduler: Any = None
+    tokenizer: Any = None
+    max_model_len: int | None = None
+    vocab_size: int | None = None
+    slots: int = 1
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def attach(self, engine) -> None:
-        """Called by the loader thread once the engine is ready."""
+        """Serve an engine opened in this process."""
         from .scheduler import Scheduler
 
-        self.engine = engine
-        self.scheduler = Scheduler(engine, self.max_waiting, on_step=self._observe)
-        for stage, seconds in engine.startup.stages.items():
+        scheduler = Scheduler(engine, self.max_waiting, on_step=self.observe)
+        self.ready(scheduler, engine.tokenizer, engine.max_model_len, engine.config.vocab_size,
+                   engine.slots, engine.startup.stages)
+
+    def ready(self, scheduler, tokenizer, max_model_len: int, vocab_size: int, slots: int,
+              stages: dict[str, float]) -> None:
+        """Start serving: from here on requests go to `scheduler`."""
+        self.scheduler, self.tokenizer = scheduler, tokenizer
+        self.max_model_len, self.vocab_size, self.slots = max_model_len, vocab_size, slots
+        for stage, seconds in stages.items():
             self.metrics.startup.labels(stage).set(seconds)
         self.status = "ready"
 
-    def _observe(self, scheduler: Scheduler) -> None:
+    def observe(self, scheduler) -> None:
+        """The queue gauges, after each step (in process) or each batch of events."""
         running, waiting = scheduler.counts
         self.metrics.running.set(running)
         self.metrics.waiting.set(waiting)
-        self.metrics.kv_usage.set(running / self.engine.slots)
+        self.metrics.kv_usage.set(running / self.slots)
 
     @property
     def healthy(self) -> bool:
