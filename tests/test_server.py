@@ -419,6 +419,22 @@ def test_the_engine_runs_in_a_child_process_that_ends_with_the_server(tiny_qwen2
             live.stop()
 
 
+def test_a_port_in_use_ends_both_processes(tiny_qwen2_zse):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "zse_runtime.cli", str(tiny_qwen2_zse), "--port", str(port),
+             "--device", "cpu"], capture_output=True, text=True, timeout=120, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0 and "address already in use" in result.stderr.lower()
+    pid = int(re.search(r"engine process (\d+) started", result.stderr).group(1))
+    _wait_gone(pid)
+
+
 def test_a_lost_engine_process_fails_requests_and_health_clearly(tiny_qwen2_zse):
     """An engine process that dies (the OOM killer, say) ends the streams in flight with an
     error naming it, turns /health 503, and leaves the HTTP process answering."""

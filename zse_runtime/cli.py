@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False)
 log = logging.getLogger("zse")
 
 
-def _load(state, engine, on_failure) -> None:
+def _load(state, engine, http_up: threading.Event, on_failure) -> None:
     """Build the tokenizer from the manifest the engine process sends, then wait for the
     engine and start serving."""
     from .engine_process import EngineProcessError
@@ -34,6 +34,9 @@ def _load(state, engine, on_failure) -> None:
         from .tokenizer import Tokenizer
 
         manifest = engine.wait_manifest()
+        # Building the tokenizer holds the GIL for its whole 0.4-0.5 s (one call into
+        # tokenizers): after the HTTP stack is up, so /health answers 503 meanwhile.
+        http_up.wait()
         started = time.perf_counter()
         tokenizer = Tokenizer(manifest["tokenizer"])
         built = time.perf_counter()
@@ -107,17 +110,25 @@ def main(
                                             batch_invariant=batch_invariant),
                                  max_waiting=max_queue, process_start=_PROCESS_START,
                                  on_step=state.observe)
+    http_up = threading.Event()
     threading.Thread(target=_load, name="zse-loader", daemon=True,
-                     args=(state, engine, stop_server)).start()
+                     args=(state, engine, http_up, stop_server)).start()
 
     import uvicorn
 
     from .server import create_app
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            try:
+                await super().startup(sockets)
+            finally:
+                http_up.set()  # answering, or failed to bind (then the process exits)
+
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace_period, access_log=False)
     log.info("HTTP stack imported %.2f s since process start", time.perf_counter() - _PROCESS_START)
-    server = uvicorn.Server(config)
+    server = Server(config)
     server_box.append(server)
     # uvicorn drains on SIGTERM/SIGINT, restores these handlers, then re-raises the signal:
     # after a completed drain that means a clean exit, status 0.
