@@ -3,10 +3,12 @@
 FILE may also be a URL: `s3://bucket/model.zse` (or any installed fsspec protocol),
 `https://...` or `hf://org/repo[@revision]/model.zse`, with `--cache-dir` to keep a verified copy.
 
-Start-up order is the point: the engine process is forked first and loads the model (CUDA
-context, manifest, weights) while this process imports and binds the HTTP stack and builds the
-tokenizer from the manifest the engine process hands over, so /health answers 503 within a
-fraction of a second and flips to 200 the moment both are in place.
+Start-up order is the point: the engine process is forked first and loads the model (manifest,
+CUDA context, weights) while this process imports and binds the HTTP stack and builds the
+tokenizer from the manifest the engine process hands over; /health answers 503 until both are
+in place, then 200. (Building a large tokenizer holds this process's GIL for ~0.4 s, during
+which the HTTP stack cannot answer at all; it starts as soon as the manifest arrives, because
+building it after uvicorn was up measured no earlier answers and no earlier 200, H200.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ app = typer.Typer(add_completion=False)
 log = logging.getLogger("zse")
 
 
-def _load(state, engine, http_up: threading.Event, on_failure) -> None:
+def _load(state, engine, on_failure) -> None:
     """Build the tokenizer from the manifest the engine process sends, then wait for the
     engine and start serving."""
     from .engine_process import EngineProcessError
@@ -34,9 +36,6 @@ def _load(state, engine, http_up: threading.Event, on_failure) -> None:
         from .tokenizer import Tokenizer
 
         manifest = engine.wait_manifest()
-        # Building the tokenizer holds the GIL for its whole 0.4-0.5 s (one call into
-        # tokenizers): after the HTTP stack is up, so /health answers 503 meanwhile.
-        http_up.wait()
         started = time.perf_counter()
         tokenizer = Tokenizer(manifest["tokenizer"])
         built = time.perf_counter()
@@ -110,25 +109,17 @@ def main(
                                             batch_invariant=batch_invariant),
                                  max_waiting=max_queue, process_start=_PROCESS_START,
                                  on_step=state.observe)
-    http_up = threading.Event()
     threading.Thread(target=_load, name="zse-loader", daemon=True,
-                     args=(state, engine, http_up, stop_server)).start()
+                     args=(state, engine, stop_server)).start()
 
     import uvicorn
 
     from .server import create_app
 
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            try:
-                await super().startup(sockets)
-            finally:
-                http_up.set()  # answering, or failed to bind (then the process exits)
-
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace_period, access_log=False)
     log.info("HTTP stack imported %.2f s since process start", time.perf_counter() - _PROCESS_START)
-    server = Server(config)
+    server = uvicorn.Server(config)
     server_box.append(server)
     # uvicorn drains on SIGTERM/SIGINT, restores these handlers, then re-raises the signal:
     # after a completed drain that means a clean exit, status 0.
