@@ -398,6 +398,15 @@ def test_the_manifest_and_the_http_side_need_no_numpy(tiny_qwen2_zse):
                             timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+    # and the engine process's engine, which works on ids, imports no tokenizer or jinja2
+    code = ("import sys\nfrom zse_runtime.engine import Engine\n"
+            f"engine = Engine.open({str(tiny_qwen2_zse)!r}, device='cpu', load_tokenizer=False)\n"
+            "assert engine.tokenizer is None and list(engine.generate([5, 6], 2, ignore_eos=True))\n"
+            "print(sorted(m for m in ('jinja2', 'tokenizers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_engine_runs_in_a_child_process_that_ends_with_the_server(tiny_qwen2_zse):

@@ -88,10 +88,20 @@ def main(
     if not is_url(file) and not Path(file).is_file():
         typer.echo(f"error: {file} is not a file", err=True)
         raise typer.Exit(1)
-    from .state import ServerState  # light: no HTTP stack, no engine, no CUDA
+    # First, before any thread exists or anything the engine does not need is imported: the
+    # engine gets a process of its own (engine_process.py says why), which loads the model while
+    # this one imports the HTTP stack and builds the tokenizer.
+    from .engine_process import EngineProcess
+
+    engine = EngineProcess.start(file, dict(device=device, max_model_len=max_model_len,
+                                            slots=max_num_seqs, cache_dir=cache_dir,
+                                            batch_invariant=batch_invariant),
+                                 max_waiting=max_queue, process_start=_PROCESS_START)
+    from .state import ServerState  # no HTTP stack, no engine, no CUDA
 
     default_name = Path(redact(file).rstrip("/").rpartition("/")[2] if is_url(file) else file).stem
     state = ServerState(served_model_name or default_name, api_key, max_waiting=max_queue)
+    engine.on_step = state.observe  # before any request: the loader attaches the engine later
     server_box: list = []
 
     def stop_server() -> None:
@@ -99,16 +109,6 @@ def main(
             time.sleep(0.01)
         server_box[0].should_exit = True
 
-    # First, before any thread exists: the engine gets a process of its own (engine_process.py
-    # says why), which loads the model while this one imports the HTTP stack and builds the
-    # tokenizer.
-    from .engine_process import EngineProcess
-
-    engine = EngineProcess.start(file, dict(device=device, max_model_len=max_model_len,
-                                            slots=max_num_seqs, cache_dir=cache_dir,
-                                            batch_invariant=batch_invariant),
-                                 max_waiting=max_queue, process_start=_PROCESS_START,
-                                 on_step=state.observe)
     threading.Thread(target=_load, name="zse-loader", daemon=True,
                      args=(state, engine, stop_server)).start()
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,8 +25,10 @@ from .gpu.starter import ContextStarter
 from .model import Batch, Decoder
 from .sampling import SamplingParams
 from .source import open_zse
-from .tokenizer import Tokenizer
 from .zsefile import ZseFile
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 log = logging.getLogger("zse")
 
@@ -144,6 +147,8 @@ class Engine:
         tokenizer = None
         if load_tokenizer:
             t = time.perf_counter()
+            from .tokenizer import Tokenizer  # jinja2 and tokenizers: not for an ids-only engine
+
             tokenizer = Tokenizer(zse.manifest["tokenizer"])
             startup.mark("tokenizer", t)
         engine = cls(zse, ops, config, tokenizer, device, slots, max_len, startup)

@@ -52,8 +52,7 @@ class EngineProcess:
 
     @classmethod
     def start(cls, path: str, open_options: dict[str, Any], max_waiting: int,
-              process_start: float, on_step: Callable[["EngineProcess"], None] | None = None
-              ) -> "EngineProcess":
+              process_start: float) -> "EngineProcess":
         """Fork the engine process. Call it before this process starts any thread: a fork
         copies only the calling thread, and a lock another thread held would stay locked."""
         ours, theirs = socket.socketpair()
@@ -71,13 +70,13 @@ class EngineProcess:
                 os._exit(status)
         theirs.close()
         log.info("engine process %d started", pid)
-        return cls(pid, Connection(ours.detach()), max_waiting, on_step)
+        return cls(pid, Connection(ours.detach()), max_waiting)
 
-    def __init__(self, pid: int, conn: Connection, max_waiting: int,
-                 on_step: Callable[["EngineProcess"], None] | None):
+    def __init__(self, pid: int, conn: Connection, max_waiting: int):
         self.pid = pid
         self.max_waiting = max_waiting
-        self.on_step = on_step or (lambda process: None)
+        # called with this object after each batch of events (zse-run: the queue gauges)
+        self.on_step: Callable[["EngineProcess"], None] = lambda process: None
         self.failed: str | None = None  # set once serving has failed; /health turns 503
         self.counts: tuple[int, int] = (0, 0)  # (running, waiting) at the last events
         self.slots = 0
