@@ -101,7 +101,7 @@ class EngineProcess:
         process has read and checked the manifest (before it imports the engine)."""
         self._manifest_seen.wait()
         if self._manifest is None:
-            raise EngineProcessError(self._load_error or "the engine process exited")
+            raise EngineProcessError(self._load_error)
         return self._manifest
 
     def wait_ready(self) -> dict[str, Any]:
@@ -109,7 +109,7 @@ class EngineProcess:
         engine serves."""
         self._ready_seen.wait()
         if self._ready is None:
-            raise EngineProcessError(self._load_error or "the engine process exited")
+            raise EngineProcessError(self._load_error)
         return self._ready
 
     # -- the scheduler's interface ---------------------------------------------------------------
@@ -177,11 +177,14 @@ class EngineProcess:
         _, status = os.waitpid(self.pid, 0)
         if not self._stopping:
             why = self._load_error or f"the engine process exited ({_describe(status)})"
-            self.failed = self.failed or why
-            if self._ready is not None:
+            if self._load_error is None:  # not a load failure, which it has logged itself
                 log.error("%s", why)
+                self._load_error = why
+            self.failed = self.failed or why
             for rid in list(self._requests):
                 self._dispatch(rid, FinishEvent("error", why))
+        else:
+            self._load_error = self._load_error or "the engine process was stopped"
         self._manifest_seen.set()
         self._ready_seen.set()
 
@@ -192,7 +195,10 @@ class EngineProcess:
         if isinstance(event, FinishEvent):
             del self._requests[rid]
             self._rid_of.pop(id(request), None)
-        request.emit(event)
+        try:
+            request.emit(event)
+        except Exception:  # noqa: BLE001 - one broken consumer must not stop every stream
+            log.exception("delivering an event of request %d failed", rid)
 
 
 def _fields(request: Request) -> tuple:
