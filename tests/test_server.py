@@ -384,29 +384,32 @@ def _wait_gone(pid: int, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def test_the_manifest_and_the_http_side_need_no_numpy(tiny_qwen2_zse):
-    """zse-run's start-up order depends on it: the engine process reads the manifest and hands
-    the tokenizer on before it imports numpy (0.3 s on the H200 host), and the HTTP process
-    never imports numpy or the engine."""
-    code = ("import sys, zse_runtime.cli, zse_runtime.server, zse_runtime.engine_process, "
-            "zse_runtime.tokenizer, zse_runtime.gpu.starter\n"
-            "from zse_runtime.source import open_zse\n"
-            f"zse, stage = open_zse({str(tiny_qwen2_zse)!r}, None)\n"
-            "assert stage == 'manifest' and zse.manifest['tokenizer']['tokenizer_json']\n"
-            "print(sorted(m for m in ('numpy', 'numba', 'zse_runtime.engine') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
-    # and the engine process's engine, which works on ids, imports no tokenizer or jinja2
-    code = ("import sys\nfrom zse_runtime.engine import Engine\n"
-            f"engine = Engine.open({str(tiny_qwen2_zse)!r}, device='cpu', load_tokenizer=False)\n"
-            "assert engine.tokenizer is None and list(engine.generate([5, 6], 2, ignore_eos=True))\n"
-            "print(sorted(m for m in ('jinja2', 'tokenizers') if m in sys.modules))")
+def _modules_loaded_after(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported after running `code`."""
+    code += f"\nimport sys\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    return json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"'))
+
+
+def test_the_manifest_and_the_http_side_need_no_numpy(tiny_qwen2_zse):
+    """zse-run's start-up order depends on it: the engine process reads the manifest and hands
+    the tokenizer on before it imports numpy (0.3 s on the H200 host), the HTTP process never
+    imports numpy or the engine, and the engine process's engine, which works on token ids,
+    imports neither the tokenizer library nor jinja2."""
+    assert _modules_loaded_after(
+        "import zse_runtime.cli, zse_runtime.server, zse_runtime.engine_process, "
+        "zse_runtime.tokenizer, zse_runtime.gpu.starter\n"
+        "from zse_runtime.source import open_zse\n"
+        f"zse, stage = open_zse({str(tiny_qwen2_zse)!r}, None)\n"
+        "assert stage == 'manifest' and zse.manifest['tokenizer']['tokenizer_json']",
+        ("numpy", "numba", "zse_runtime.engine")) == []
+    assert _modules_loaded_after(
+        "from zse_runtime.engine import Engine\n"
+        f"engine = Engine.open({str(tiny_qwen2_zse)!r}, device='cpu', load_tokenizer=False)\n"
+        "assert engine.tokenizer is None and list(engine.generate([5, 6], 2, ignore_eos=True))",
+        ("jinja2", "tokenizers")) == []
 
 
 def test_the_engine_runs_in_a_child_process_that_ends_with_the_server(tiny_qwen2_zse):
