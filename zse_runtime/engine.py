@@ -77,8 +77,9 @@ class Engine:
         self._step_ids: np.ndarray | None = None  # an eager step's ids, until end_step
 
     @classmethod
-    def open(cls, path: str | Path | ZseFile, device: str = "auto", max_model_len: int | None = None,
-             slots: int = 1, cache_dir: str | Path | None = None,
+    def open(cls, path: str | Path | ZseFile, device: str = "auto",
+             max_model_len: int | None = None, slots: int = 1,
+             cache_dir: str | Path | None = None,
              context_starter: ContextStarter | None = None,
              batch_invariant: bool = False, load_tokenizer: bool = True) -> "Engine":
         """Validate the file, load it onto `device` ("cuda", "cpu", or "auto": a GPU if present)
