@@ -431,6 +431,22 @@ def test_the_engine_runs_in_a_child_process_that_ends_with_the_server(tiny_qwen2
             live.stop()
 
 
+def test_an_engine_process_lost_while_loading_ends_zse_run_clearly(tiny_qwen2_zse, tmp_path):
+    # An empty numba cache makes the CPU backend compile its kernels at start: seconds of load.
+    live = LiveServer(tiny_qwen2_zse, env={"NUMBA_CACHE_DIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while not re.search(r"engine process (\d+) started", live.output()):
+            assert time.monotonic() < deadline, live.output()
+            time.sleep(0.01)
+        os.kill(_engine_pid(live), signal.SIGKILL)
+        assert live.process.wait(timeout=60) == 1
+        assert "the engine process exited (killed by signal 9)" in live.output()
+        assert "ready in" not in live.output()
+    finally:
+        live.stop()
+
+
 def test_a_port_in_use_ends_both_processes(tiny_qwen2_zse):
     import socket
 
