@@ -447,6 +447,14 @@ def test_an_engine_process_lost_while_loading_ends_zse_run_clearly(tiny_qwen2_zs
         live.stop()
 
 
+def test_without_fork_zse_run_says_it_needs_posix(tiny_qwen2_zse):
+    code = ("import os, sys\ndel os.fork\nfrom zse_runtime.cli import entry\n"
+            f"sys.argv = ['zse-run', {str(tiny_qwen2_zse)!r}]\nentry()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 1 and "needs a POSIX system" in result.stderr
+
+
 def test_a_port_in_use_ends_both_processes(tiny_qwen2_zse):
     import socket
 

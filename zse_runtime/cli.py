@@ -14,6 +14,7 @@ building it after uvicorn was up measured no earlier answers and no earlier 200,
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -87,6 +88,11 @@ def main(
 
     if not is_url(file) and not Path(file).is_file():
         typer.echo(f"error: {file} is not a file", err=True)
+        raise typer.Exit(1)
+    if not hasattr(os, "fork"):
+        typer.echo("error: zse-run forks its engine into a process of its own and needs a POSIX "
+                   "system (Linux, macOS); `python -m zse_runtime` runs a model in one process",
+                   err=True)
         raise typer.Exit(1)
     # First, before any thread exists or anything the engine does not need is imported: the
     # engine gets a process of its own (engine_process.py says why), which loads the model while
