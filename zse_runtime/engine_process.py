@@ -47,8 +47,8 @@ class EngineProcessError(RuntimeError):
 
 
 class EngineProcess:
-    """The HTTP process's handle on the engine process: the scheduler's interface (`submit`,
-    `cancel`, `stop`, `failed`, `counts`) over the socket, plus the two start-up messages."""
+    """The HTTP process's handle on the engine process: `protocol.Serving` (what a Scheduler
+    offers the HTTP layer) over the socket, plus the two start-up messages."""
 
     @classmethod
     def start(cls, path: str, open_options: dict[str, Any], max_waiting: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,21 @@ def check_room(held: int, slots: int, max_waiting: int) -> None:
     if held >= slots + max_waiting:
         raise QueueFull(f"{held} requests are running or waiting ({slots} slots + "
                         f"{max_waiting} waiting)")
+
+
+class Serving(Protocol):
+    """What the HTTP layer asks of whatever runs its requests: a Scheduler over an engine in
+    the same process, or zse-run's EngineProcess over the engine process's socket."""
+
+    failed: Optional[str]  # set once serving has failed for good (/health turns 503)
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; raises QueueFull, or RuntimeError once serving has failed."""
+
+    def cancel(self, request: Request) -> None: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting)"""

@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .protocol import Serving
+
 
 class Metrics:
     def __init__(self):
@@ -38,10 +40,8 @@ class ServerState:
     max_waiting: int
     status: str = "loading"  # loading | ready | failed
     error: str | None = None
-    # Set once the engine is ready. `scheduler` is a Scheduler (an engine in this process) or
-    # an EngineProcess (zse-run's engine process); the HTTP layer uses only what both offer:
-    # submit, cancel, stop, failed.
-    scheduler: Any = None
+    # set once the engine is ready
+    scheduler: Serving | None = None
     tokenizer: Any = None
     max_model_len: int | None = None
     vocab_size: int | None = None
@@ -57,7 +57,7 @@ class ServerState:
         self.ready(scheduler, engine.tokenizer, engine.max_model_len, engine.config.vocab_size,
                    engine.slots, engine.startup.stages)
 
-    def ready(self, scheduler, tokenizer, max_model_len: int, vocab_size: int, slots: int,
+    def ready(self, scheduler: Serving, tokenizer, max_model_len: int, vocab_size: int, slots: int,
               stages: dict[str, float]) -> None:
         """Start serving: from here on requests go to `scheduler`."""
         self.scheduler, self.tokenizer = scheduler, tokenizer
@@ -66,7 +66,7 @@ class ServerState:
             self.metrics.startup.labels(stage).set(seconds)
         self.status = "ready"
 
-    def observe(self, scheduler) -> None:
+    def observe(self, scheduler: Serving) -> None:
         """The queue gauges, after each step (in process) or each batch of events."""
         running, waiting = scheduler.counts
         self.metrics.running.set(running)
