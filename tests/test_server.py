@@ -455,6 +455,25 @@ def test_without_fork_zse_run_says_it_needs_posix(tiny_qwen2_zse):
     assert result.returncode == 1 and "needs a POSIX system" in result.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_zse_run_while_it_loads_kills_the_engine_process(tiny_qwen2_zse, tmp_path):
+    # An empty numba cache makes the CPU backend compile its kernels at start: seconds of load,
+    # during which the engine process does not read its socket.
+    live = LiveServer(tiny_qwen2_zse, env={"NUMBA_CACHE_DIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while "engine modules imported" not in live.output():
+            assert time.monotonic() < deadline, live.output()
+            time.sleep(0.01)
+        pid = _engine_pid(live)
+        live.process.kill()
+        live.process.wait(timeout=30)
+        _wait_gone(pid, timeout=2)
+        assert "ready in" not in live.output()
+    finally:
+        live.stop()
+
+
 def test_a_port_in_use_ends_both_processes(tiny_qwen2_zse):
     import socket
 

@@ -21,8 +21,9 @@ They talk over a socket pair, one pickled message per send:
                      ("failed", message)       the engine did not load; the process exits 1
 
 The engine process ignores SIGINT and SIGTERM: the HTTP process drains its requests first and
-then sends "stop". It exits by itself when the socket closes (the HTTP process died), and the
-HTTP process reports an engine process that died as a failed engine (/health 503).
+then sends "stop". It exits by itself when the socket closes, and on Linux is killed the moment
+the HTTP process dies (PR_SET_PDEATHSIG), loading or not; the HTTP process reports an engine
+process that died as a failed engine (/health 503).
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ class EngineProcess:
     @classmethod
     def start(cls, path: str, open_options: dict[str, Any], max_waiting: int,
               process_start: float) -> "EngineProcess":
-        """Fork the engine process. Call it before this process starts any thread: a fork
-        copies only the calling thread, and a lock another thread held would stay locked."""
+        """Fork the engine process. Call it from the main thread before this process starts
+        any other: a fork copies only the calling thread (a lock another thread held would stay
+        locked), and on Linux the engine process is killed when the forking thread ends."""
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the engine process: never returns into the caller's code
             ours.close()
+            _die_with_parent(os.getppid())
             status = 1
             try:
                 status = _serve(Connection(theirs.detach()), path, open_options, max_waiting,
@@ -199,6 +202,22 @@ class EngineProcess:
             request.emit(event)
         except Exception:  # noqa: BLE001 - one broken consumer must not stop every stream
             log.exception("delivering an event of request %d failed", rid)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: be killed the moment the HTTP process dies, even in the middle of loading (the
+    socket's EOF is only noticed between requests). Elsewhere the EOF alone ends this process."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux, or no prctl
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _fields(request: Request) -> tuple:
