@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.checkpoints import CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+from tests.checkpoints import CHAT_TEMPLATE, synthetic_tokenizer_json  # noqa: E402
 from zse_convert.convert import ConvertOptions, plan_tensors  # noqa: E402
 from zse_convert.writer import ZseWriter  # noqa: E402
 from zse_runtime.zsefile import (FORMAT_NAME, FORMAT_VERSION_MAJOR, FORMAT_VERSION_MINOR,  # noqa: E402
@@ -62,10 +62,11 @@ def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 
                      tokenizer_json: str | None = None) -> Path:
     """`chat_template` (e.g. tests.checkpoints.CHAT_TEMPLATE) lets /v1/chat/completions serve it;
     `lm_head` is zse-convert's --lm-head (float16 or int4). `tokenizer_json`: a real model's
-    tokenizer.json text instead of the 512-token toy, so that start-up pays what a real model
-    pays to build its tokenizer (Qwen2.5's 151k-token BPE); it must have `<|im_end|>`."""
-    tokenizer = Tokenizer.from_str(tokenizer_json) if tokenizer_json else build_tokenizer(512)
-    tokenizer_json = tokenizer_json or tokenizer.to_str()
+    tokenizer.json text (it must have `<|im_end|>`); by default a synthetic byte-level BPE that
+    fills the model's vocabulary (tests.checkpoints.synthetic_tokenizer_json), so that start-up
+    pays about what a real model pays to build its tokenizer (152k tokens at the 7B preset)."""
+    tokenizer_json = tokenizer_json or synthetic_tokenizer_json(model["vocab_size"], seed)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
     eos = tokenizer.token_to_id("<|im_end|>")
     if eos is None:
         raise ValueError("the tokenizer has no <|im_end|> token to end generation with")
@@ -99,7 +100,8 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--lm-head", choices=("float16", "int4"), default="float16")
     parser.add_argument("--tokenizer", type=Path,
-                        help="a real model's tokenizer.json to embed instead of the 512-token toy")
+                        help="a real model's tokenizer.json to embed instead of a synthetic BPE "
+                             "as large as the model's vocabulary")
     args = parser.parse_args()
     model = dict(PRESETS[args.preset])
     if args.layers:
