@@ -95,8 +95,8 @@ def lm_head_suffix(lm_head: str) -> str:
 def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
                log: Callable[[str], None], tokenizer: Path | None = None) -> Models:
     """make_synthetic_zse.write_random_zse: random INT4 codes written straight into a .zse, with
-    a chat template and a synthetic BPE as large as the vocabulary or `tokenizer` (a
-    tokenizer.json); reused
+    a chat template and a BPE as large as the vocabulary trained on the standard library, or
+    `tokenizer` (a tokenizer.json); reused
     when `work` already holds one for this preset."""
     from make_synthetic_zse import write_random_zse
 
@@ -119,7 +119,7 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
                      lm_head=lm_head, tokenizer_json=tokenizer_json)
     made = {"how": "scripts/make_synthetic_zse.py write_random_zse (random INT4 codes, no "
                    "checkpoint, no quantization)", "preset": preset, "layers": layers,
-            "lm_head": lm_head, "tokenizer": str(tokenizer) if tokenizer else "synthetic BPE filling the vocabulary",
+            "lm_head": lm_head, "tokenizer": str(tokenizer) if tokenizer else "BPE trained on the standard library",
             "write_s": time.perf_counter() - started, "zse_bytes": path.stat().st_size}
     sidecar.write_text(json.dumps(made, indent=2))
     log(f"  {made['zse_bytes'] / 1e9:.2f} GB in {made['write_s']:.1f} s")
@@ -208,7 +208,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_work: str) -> N
                         help="lm_head precision of the model built (zse-convert --lm-head)")
     parser.add_argument("--tokenizer", type=Path,
                         help="a real model's tokenizer.json for the built .zse (default: a "
-                             "synthetic byte-level BPE as large as the model's vocabulary)")
+                             "BPE as large as the model's vocabulary, trained on the standard "
+                             "library)")
     parser.add_argument("--zse", type=Path, help="use this .zse instead of building one")
     parser.add_argument("--checkpoint", type=Path,
                         help="HF checkpoint for the transformers baseline (implies --baseline); "
