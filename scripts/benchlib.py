@@ -92,10 +92,21 @@ def lm_head_suffix(lm_head: str) -> str:
     return "" if lm_head == "float16" else f"-lmhead-{lm_head}"
 
 
+def tokenizer_size(zse: Path) -> int:
+    """Ids in a .zse's tokenizer (a default one is as large as the Python sources it was trained
+    on allow, up to the model's vocabulary)."""
+    from tokenizers import Tokenizer
+
+    from zse_runtime.zsefile import ZseFile
+
+    with ZseFile(zse) as file:
+        return Tokenizer.from_str(file.manifest["tokenizer"]["tokenizer_json"]).get_vocab_size()
+
+
 def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
                log: Callable[[str], None], tokenizer: Path | None = None) -> Models:
     """make_synthetic_zse.write_random_zse: random INT4 codes written straight into a .zse, with
-    a chat template and a BPE as large as the vocabulary trained on the standard library, or
+    a chat template and a BPE as large as the vocabulary trained on Python sources, or
     `tokenizer` (a tokenizer.json); reused
     when `work` already holds one for this preset."""
     from make_synthetic_zse import write_random_zse
@@ -119,7 +130,9 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
                      lm_head=lm_head, tokenizer_json=tokenizer_json)
     made = {"how": "scripts/make_synthetic_zse.py write_random_zse (random INT4 codes, no "
                    "checkpoint, no quantization)", "preset": preset, "layers": layers,
-            "lm_head": lm_head, "tokenizer": str(tokenizer) if tokenizer else "BPE trained on the standard library",
+            "lm_head": lm_head,
+            "tokenizer": str(tokenizer) if tokenizer else "BPE trained on Python sources",
+            "tokenizer_ids": tokenizer_size(path),
             "write_s": time.perf_counter() - started, "zse_bytes": path.stat().st_size}
     sidecar.write_text(json.dumps(made, indent=2))
     log(f"  {made['zse_bytes'] / 1e9:.2f} GB in {made['write_s']:.1f} s")
@@ -208,8 +221,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_work: str) -> N
                         help="lm_head precision of the model built (zse-convert --lm-head)")
     parser.add_argument("--tokenizer", type=Path,
                         help="a real model's tokenizer.json for the built .zse (default: a "
-                             "BPE as large as the model's vocabulary, trained on the standard "
-                             "library)")
+                             "BPE as large as the model's vocabulary, trained on Python sources)")
     parser.add_argument("--zse", type=Path, help="use this .zse instead of building one")
     parser.add_argument("--checkpoint", type=Path,
                         help="HF checkpoint for the transformers baseline (implies --baseline); "

@@ -63,9 +63,9 @@ def write_random_zse(out: Path, model: dict, group_size: int = 128, seed: int = 
     """`chat_template` (e.g. tests.checkpoints.CHAT_TEMPLATE) lets /v1/chat/completions serve it;
     `lm_head` is zse-convert's --lm-head (float16 or int4). `tokenizer_json`: a real model's
     tokenizer.json text (it must have `<|im_end|>`); by default a byte-level BPE as large as the
-    model's vocabulary, trained on the standard library (tests.checkpoints.
-    synthetic_tokenizer_json; ~30 s at the 7B preset's 152k ids on two cores), so that start-up
-    pays about what a real model pays to build its tokenizer."""
+    model's vocabulary, trained on Python sources (tests.checkpoints.synthetic_tokenizer_json;
+    ~30 s at the 7B preset's 152k ids on two cores), so that start-up pays about what a real
+    model pays to build its tokenizer."""
     tokenizer_json = tokenizer_json or synthetic_tokenizer_json(model["vocab_size"])
     tokenizer = Tokenizer.from_str(tokenizer_json)
     eos = tokenizer.token_to_id("<|im_end|>")
@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--lm-head", choices=("float16", "int4"), default="float16")
     parser.add_argument("--tokenizer", type=Path,
                         help="a real model's tokenizer.json to embed instead of a BPE as large "
-                             "as the model's vocabulary, trained on the standard library")
+                             "as the model's vocabulary, trained on Python sources")
     args = parser.parse_args()
     model = dict(PRESETS[args.preset])
     if args.layers:

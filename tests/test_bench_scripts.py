@@ -119,13 +119,13 @@ def test_a_synthetic_zse_can_carry_a_real_tokenizer(tmp_path):
 
 
 def test_the_default_tokenizer_is_a_bpe_as_large_as_the_vocabulary(tmp_path):
-    """Without --tokenizer the .zse carries a byte-level BPE trained on the standard library
+    """Without --tokenizer the .zse carries a byte-level BPE trained on Python sources
     with as many ids as the model's vocabulary (152,064 at the 7B preset: as costly to build as
     a real one), <|im_end|> as its end token; it round-trips text and its merges apply."""
     from tokenizers import Tokenizer
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from benchlib import synthetic_model_config
+    from benchlib import direct_zse, synthetic_model_config
     from make_synthetic_zse import write_random_zse
 
     from tests.checkpoints import synthetic_tokenizer_json
@@ -141,6 +141,9 @@ def test_the_default_tokenizer_is_a_bpe_as_large_as_the_vocabulary(tmp_path):
     assert tokenizer.decode(ids) == text and len(ids) < len(text.encode()) / 2
     with pytest.raises(ValueError, match="smaller than 256 bytes"):
         synthetic_tokenizer_json(256 + 21)
+    # the benchmarks record its size (a host with too little Python source trains fewer ids)
+    made = direct_zse(tmp_path, "llama-tiny", 1, "float16", lambda line: None).provenance
+    assert made["tokenizer_ids"] == synthetic_model_config("llama-tiny", 1)["vocab_size"]
 
 
 @pytest.mark.parametrize("args,message", [
