@@ -8,7 +8,8 @@ stage breakdown, and GPU memory in use when ready, with the page cache warm and 
     python scripts/bench_coldstart.py --out DIR --device cpu --preset llama-tiny --runs 1
 
 Model: by default a Qwen2.5-7B-shaped .zse with random INT4 codes written directly by
-make_synthetic_zse.write_random_zse (~30 s, 5.65 GB, with a chat template). With --baseline a
+make_synthetic_zse.write_random_zse (~30 s, 5.65 GB, with a chat template and a 152k-id BPE
+trained on Python sources, or --tokenizer's tokenizer.json). With --baseline a
 random fp16 checkpoint is written by make_synthetic_checkpoint (15.2 GB) and converted with
 zse_convert.convert() (minutes; the time is recorded), and both sides run on those weights.
 Everything is built in --work and reused there by later runs.

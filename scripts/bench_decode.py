@@ -13,7 +13,8 @@ Model choice: writing the 15.2 GB fp16 checkpoint and converting it takes minute
 box a 7B-shaped checkpoint with 1 layer converts in 25 s and each further layer adds ~6.6 s:
 ~200 s for 28, plus ~60 s to write it), too much to share one 10-minute device call with the
 measurements. So by default the model is a Qwen2.5-7B-shaped .zse with random INT4
-codes written directly by make_synthetic_zse.write_random_zse, and no baseline runs. --baseline
+codes written directly by make_synthetic_zse.write_random_zse (with a 152k-id BPE trained on
+Python sources, or --tokenizer's), and no baseline runs. --baseline
 writes a random fp16 checkpoint with make_synthetic_checkpoint, converts it with
 zse_convert.convert() (time recorded), measures ZSE on that conversion and transformers on the
 checkpoint. Both are kept in --work and reused, so a first call can build them (`--parts
