@@ -107,8 +107,7 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
                log: Callable[[str], None], tokenizer: Path | None = None) -> Models:
     """make_synthetic_zse.write_random_zse: random INT4 codes written straight into a .zse, with
     a chat template and a BPE as large as the vocabulary trained on Python sources, or
-    `tokenizer` (a tokenizer.json); reused
-    when `work` already holds one for this preset."""
+    `tokenizer` (a tokenizer.json); reused when `work` already holds one for this preset."""
     from make_synthetic_zse import write_random_zse
 
     from tests.checkpoints import CHAT_TEMPLATE
@@ -406,8 +405,8 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 ENGINE_READY = re.compile(r"zse: ready in ([\d.]+) s on .*\); KV cache")
 CLI_READY = re.compile(r"zse: ready in ([\d.]+) s since process start \((.*)\)$")
 STAGE = re.compile(r"^(.+) (\d+) ms$")
-CLI_MILESTONE = re.compile(
-    r"zse: (engine modules imported|HTTP stack imported|tokenizer built) ([\d.]+) s since process start")
+CLI_MILESTONE = re.compile(r"zse: (engine modules imported|HTTP stack imported|tokenizer built) "
+                           r"([\d.]+) s since process start")
 MILESTONE_KEYS = {"engine modules imported": "engine_import", "HTTP stack imported": "http_import",
                   "tokenizer built": "tokenizer_built"}
 
