@@ -12,7 +12,7 @@ The HTTP process forks this one first thing, before it starts a thread or import
 heavy: the child starts from a copy of the CLI's few modules, with no second interpreter start.
 They talk over a socket pair, one pickled message per send:
 
-    HTTP -> engine   ("submit", rid, fields)   a Request's fields, without its callback
+    HTTP -> engine   ("submit", rid, request)  the Request, without its callback
                      ("cancel", rid)
                      ("stop",)                 finish what runs as cancelled, then exit
     engine -> HTTP   ("manifest", info)        the tokenizer section, vocabulary size
@@ -28,6 +28,7 @@ process that died as a failed engine (/health 503).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -127,7 +128,7 @@ class EngineProcess:
             rid = next(self._ids)
             self._requests[rid] = request
             self._rid_of[id(request)] = rid
-            self._conn.send(("submit", rid, _fields(request)))
+            self._conn.send(("submit", rid, dataclasses.replace(request, emit=None)))
 
     def cancel(self, request: Request) -> None:
         rid = self._rid_of.get(id(request))
@@ -220,11 +221,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _fields(request: Request) -> tuple:
-    return (request.prompt_ids, request.params, request.max_tokens, request.stop_token_ids,
-            request.logprobs, request.presence_penalty, request.frequency_penalty)
-
-
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by signal {os.WTERMSIG(status)}"
@@ -295,10 +291,7 @@ def _serve(conn: Connection, path: str, open_options: dict[str, Any], max_waitin
         except (EOFError, OSError):  # the HTTP process is gone
             break
         if message[0] == "submit":
-            _, rid, fields = message
-            request = Request(*fields[:3], emit=None, stop_token_ids=fields[3],
-                              logprobs=fields[4], presence_penalty=fields[5],
-                              frequency_penalty=fields[6])
+            _, rid, request = message
             requests[rid], rid_of[id(request)] = request, rid
             try:
                 scheduler.submit(request)
