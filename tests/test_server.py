@@ -377,6 +377,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_for_output(live: LiveServer, pattern: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, live.output()):
+        assert time.monotonic() < deadline, live.output()
+        time.sleep(0.01)
+
+
 def _wait_gone(pid: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while _alive(pid):
@@ -435,10 +442,7 @@ def test_an_engine_process_lost_while_loading_ends_zse_run_clearly(tiny_qwen2_zs
     # An empty numba cache makes the CPU backend compile its kernels at start: seconds of load.
     live = LiveServer(tiny_qwen2_zse, env={"NUMBA_CACHE_DIR": str(tmp_path)})
     try:
-        deadline = time.monotonic() + 60
-        while not re.search(r"engine process (\d+) started", live.output()):
-            assert time.monotonic() < deadline, live.output()
-            time.sleep(0.01)
+        _wait_for_output(live, r"engine process \d+ started")
         os.kill(_engine_pid(live), signal.SIGKILL)
         assert live.process.wait(timeout=60) == 1
         assert "the engine process exited (killed by signal 9)" in live.output()
@@ -461,10 +465,7 @@ def test_killing_zse_run_while_it_loads_kills_the_engine_process(tiny_qwen2_zse,
     # during which the engine process does not read its socket.
     live = LiveServer(tiny_qwen2_zse, env={"NUMBA_CACHE_DIR": str(tmp_path)})
     try:
-        deadline = time.monotonic() + 60
-        while "engine modules imported" not in live.output():
-            assert time.monotonic() < deadline, live.output()
-            time.sleep(0.01)
+        _wait_for_output(live, "engine modules imported")
         pid = _engine_pid(live)
         live.process.kill()
         live.process.wait(timeout=30)
