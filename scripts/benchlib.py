@@ -111,13 +111,18 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
     from make_synthetic_zse import write_random_zse
 
     from tests.checkpoints import CHAT_TEMPLATE
+    from zse_convert.convert import ConvertOptions
 
     tokenizer_json = tokenizer.read_text() if tokenizer else None
     # a different tokenizer is a different file (and files of older versions of this script,
     # which embedded a 512-token toy tokenizer, are not reused)
     tag = (f"-tok{hashlib.sha256(tokenizer_json.encode()).hexdigest()[:8]}" if tokenizer
            else "-synthtok")
-    path = work / f"{preset}-l{layers or 'all'}{lm_head_suffix(lm_head)}{tag}-direct.zse"
+    # the converter's default group sizes (files of another default are not reused)
+    defaults = ConvertOptions()
+    groups = defaults.effective_group_size_overrides
+    layout = "".join(f"-{kind}{size}" for kind, size in groups.items())
+    path = work / f"{preset}-l{layers or 'all'}{lm_head_suffix(lm_head)}{tag}{layout}-direct.zse"
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and sidecar.is_file():
         made = json.loads(sidecar.read_text())
@@ -129,7 +134,7 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
                      lm_head=lm_head, tokenizer_json=tokenizer_json)
     made = {"how": "scripts/make_synthetic_zse.py write_random_zse (random INT4 codes, no "
                    "checkpoint, no quantization)", "preset": preset, "layers": layers,
-            "lm_head": lm_head,
+            "lm_head": lm_head, "group_size": defaults.group_size, "group_size_overrides": groups,
             "tokenizer": str(tokenizer) if tokenizer else "BPE trained on Python sources",
             "tokenizer_ids": tokenizer_size(path),
             "write_s": time.perf_counter() - started, "zse_bytes": path.stat().st_size}

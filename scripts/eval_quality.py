@@ -18,8 +18,9 @@ How each variant runs:
   awq+gptq gN       the same, converted with --awq --gptq;
   gguf q4_0 / q4_1  the same tensors quantized by the gguf package's reference quantizers,
                     dequantized, and run through transformers (ZSE cannot execute GGUF blocks).
-A ZSE variant may add per-projection group sizes after its own, `+KIND=SIZE` each
-(zse-convert's --group-size-for): `zse-g128+down_proj=32`, `awq-g64+qkv=32+down_proj=32`.
+A ZSE variant converts with zse-convert's defaults at its group size, q/k/v at 32 included, and
+may add per-projection group sizes, `+KIND=SIZE` each (zse-convert's --group-size-for):
+`zse-g128+down_proj=32`, `awq-g64+qkv=32+down_proj=32`; `zse-g128+qkv=128` is g128 throughout.
 Quantized in every variant: the q/k/v, o, gate/up and down projections (and lm_head with
 --lm-head int4); the embedding stays fp16 and norms/biases float32. Bits per weight count those
 quantized tensors, from each tensor's size in the file (its own group size).

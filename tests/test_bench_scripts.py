@@ -146,6 +146,37 @@ def test_the_default_tokenizer_is_a_bpe_as_large_as_the_vocabulary(tmp_path):
     assert made["tokenizer_ids"] == synthetic_model_config("llama-tiny", 1)["vocab_size"]
 
 
+def test_a_synthetic_zse_has_the_converters_group_sizes(tmp_path):
+    """The benchmarks' random .zse is laid out as zse-convert lays a checkpoint out (q/k/v at 32
+    by default), takes --group-size-for like it, and its name and JSON say which layout."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchlib import direct_zse, synthetic_model_config
+    from make_synthetic_zse import write_random_zse
+
+    from tests.checkpoints import build_tokenizer
+    from zse_runtime.zsefile import ZseFile
+
+    model = synthetic_model_config("llama-tiny", 1)
+    text = build_tokenizer(700).to_str()
+    for overrides, want in (({}, {"qkv": 32}), ({"qkv": 128, "down_proj": 64}, {"down_proj": 64})):
+        with ZseFile(write_random_zse(tmp_path / "g.zse", model, tokenizer_json=text,
+                                      group_size_overrides=overrides)) as zse:
+            assert zse.manifest["quantization"]["group_size_overrides"] == want
+            groups = {name.split(".")[-1]: t.group_size for name, t in zse.tensors.items()
+                      if name.startswith("layers.0.") and t.group_size}
+        assert groups == {"qkv": 128, "o_proj": 128, "gate_up": 128, "down_proj": 128, **want}
+    models = direct_zse(tmp_path, "llama-tiny", 1, "float16", lambda line: None)
+    assert "-qkv32-" in models.zse.name
+    assert models.provenance["group_size_overrides"] == {"qkv": 32}
+
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_zse.py"),
+                          str(tmp_path / "bad.zse"), "--group-size-for", "qkv=48"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    assert bad.returncode == 2 and "qkv's group size must be one of [32, 64, 128], got 48" in (
+        bad.stderr) and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.zse").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tokenizer", "missing.json"], "--tokenizer missing.json does not exist"),
     (["--tokenizer", "README.md", "--zse", "README.md"], "keeps its own tokenizer")])

@@ -27,7 +27,8 @@ def test_convert_inspect_verify(tiny_qwen2, tmp_path):
     assert summary["output"] == str(out) and summary["architecture"] == "qwen2"
     assert summary["group_size"] == 64 and summary["group_size_fallbacks"] == {}
     assert summary["file_bytes"] == out.stat().st_size
-    assert summary["int4_bits_per_weight"] == 4.5  # 4 bits + two fp16 per 64 weights
+    # 4 bits + two fp16 per 64 weights, per 32 in qkv (320 x 192 of the 319,488 per layer)
+    assert summary["int4_bits_per_weight"] == round((4.5 * 319488 + 0.5 * 320 * 192) / 319488, 4)
 
     inspected = run_cli("inspect", str(out), "--json")
     assert inspected.returncode == 0, inspected.stderr

@@ -30,12 +30,13 @@ def test_override_reaches_the_bytes_and_nothing_else_moves(tiny_qwen2, tiny_qwen
     _, default, _ = _table(tiny_qwen2_zse)  # the same checkpoint with no override
 
     assert manifest["quantization"]["group_size"] == 128
-    assert manifest["quantization"]["group_size_overrides"] == {"down_proj": 32}
-    assert summary["group_size_overrides"] == {"down_proj": 32}
-    # hidden 192 is no multiple of 128: qkv, o_proj and gate_up fall back to 64 as before;
-    # down_proj got what it asked for, so it is no fallback
+    # the default's qkv=32 stays beside the override
+    assert manifest["quantization"]["group_size_overrides"] == {"qkv": 32, "down_proj": 32}
+    assert summary["group_size_overrides"] == {"qkv": 32, "down_proj": 32}
+    # hidden 192 is no multiple of 128: o_proj and gate_up fall back to 64 as before; qkv and
+    # down_proj got what was asked for them, so they are no fallbacks
     assert set(summary["group_size_fallbacks"]) == {
-        f"layers.{i}.{kind}" for i in range(2) for kind in ("qkv", "o_proj", "gate_up")}
+        f"layers.{i}.{kind}" for i in range(2) for kind in ("o_proj", "gate_up")}
 
     blob = out.read_bytes()
     src = _source_tensors(tiny_qwen2)
@@ -55,6 +56,33 @@ def test_override_reaches_the_bytes_and_nothing_else_moves(tiny_qwen2, tiny_qwen
         _, want_scales, want_zeros, _, _ = reference_quantize(_expected(name, src), 32)
         np.testing.assert_array_equal(scales, want_scales, name)
         np.testing.assert_array_equal(zeros, want_zeros, name)
+
+
+def test_the_default_puts_qkv_at_32_and_an_override_replaces_it(tiny_qwen2, tiny_qwen2_zse,
+                                                                  tmp_path):
+    _, default, _ = _table(tiny_qwen2_zse)
+    with ZseFile(tiny_qwen2_zse) as zse:
+        assert zse.manifest["quantization"]["group_size_overrides"] == {"qkv": 32}
+        assert zse.int4("layers.1.qkv").scales.shape == (320, 192 // 32)
+    assert [default[f"layers.1.{kind}"]["group_size"] for kind in QUANTIZED_PARTS] == [
+        32, 64, 64, 128]
+
+    # qkv=128 asks for one size everywhere: qkv then falls back to 64 like o_proj and gate_up
+    uniform = tmp_path / "uniform.zse"
+    summary = convert(str(tiny_qwen2), uniform, ConvertOptions(group_size_overrides={"qkv": 128}))
+    manifest, tensors, _ = _table(uniform)
+    assert manifest["quantization"]["group_size_overrides"] == summary["group_size_overrides"] == {}
+    assert summary["group_size_fallbacks"]["layers.0.qkv"] == 64
+    for name, entry in tensors.items():
+        if not name.endswith(".qkv"):
+            assert {**entry, "offset": None} == {**default[name], "offset": None}, name
+        else:
+            assert entry["group_size"] == 64
+
+    # at -g 32 the default asks nothing different from the base, and the manifest says so
+    manifest, _, _ = _table(convert(str(tiny_qwen2), tmp_path / "g32.zse",
+                                    ConvertOptions(group_size=32))["output"])
+    assert manifest["quantization"]["group_size_overrides"] == {}
 
 
 def test_override_above_the_base_and_its_fallback(tiny_qwen2, tmp_path):
@@ -103,9 +131,10 @@ def test_cli_option(tiny_qwen2, tmp_path):
                      "--group-size-for", "o_proj=32", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["group_size_overrides"] == {"o_proj": 32, "down_proj": 32}
+    assert summary["group_size_overrides"] == {"qkv": 32, "o_proj": 32, "down_proj": 32}
     inspected = json.loads(run_cli("inspect", str(out), "--json").stdout)["manifest"]
-    assert inspected["quantization"]["group_size_overrides"] == {"o_proj": 32, "down_proj": 32}
+    assert inspected["quantization"]["group_size_overrides"] == {
+        "qkv": 32, "o_proj": 32, "down_proj": 32}
     assert {t["name"]: t.get("group_size") for t in inspected["tensors"]}["layers.0.o_proj"] == 32
 
     for args, message in [
@@ -129,13 +158,14 @@ def test_eval_quality_counts_each_tensors_group_size(tiny_qwen2):
     windows = [list(range(5, 69)), list(range(100, 164))]
     results = evaluate(tiny_qwen2, windows, ["zse-g128", "zse-g128+down_proj=32"],
                        log=lambda line: None)
-    # per layer: qkv 320x192, o_proj 192x192, gate_up 768x192 at g64 (192 is no multiple of
-    # 128), down_proj 192x384 at g128 or g32; 4 bits and two fp16 per group
-    other, down = 320 * 192 + 192 * 192 + 768 * 192, 192 * 384
+    # per layer: qkv 320x192 at g32 (the default), o_proj 192x192 and gate_up 768x192 at g64
+    # (192 is no multiple of 128), down_proj 192x384 at g128 or g32; 4 bits, two fp16 per group
+    qkv, other, down = 320 * 192, 192 * 192 + 768 * 192, 192 * 384
     for variant, down_group in (("zse-g128", 128), ("zse-g128+down_proj=32", 32)):
-        bits = (other * (4 + 32 / 64) + down * (4 + 32 / down_group)) / (other + down)
+        bits = (qkv * (4 + 32 / 32) + other * (4 + 32 / 64) + down * (4 + 32 / down_group)) / (
+            qkv + other + down)
         assert results[variant]["bits_per_weight"] == round(bits, 3)
-        assert results[variant]["group_sizes"] == {"qkv": [64], "o_proj": [64], "gate_up": [64],
+        assert results[variant]["group_sizes"] == {"qkv": [32], "o_proj": [64], "gate_up": [64],
                                                    "down_proj": [down_group]}
     assert results["zse-g128+down_proj=32"]["kl_mean"] >= 0
     with pytest.raises(SourceError, match="unknown projection kind 'down'"):

@@ -366,12 +366,13 @@ def test_converted_manifest_matches_schema(converted, case):
     arch, overrides, options = CASES[case]
     assert manifest["model"]["architecture"] == arch
     assert manifest["quantization"]["group_size"] == options.group_size
-    assert manifest["quantization"]["group_size_overrides"] == options.group_size_overrides
+    assert manifest["quantization"]["group_size_overrides"] == (
+        options.effective_group_size_overrides)
     kinds = {t["name"]: (t["layout"], t.get("group_size")) for t in manifest["tensors"]}
     assert kinds[zf.EMBED][0] == (zf.LAYOUT_INT4_ROWS if options.embedding == "int4" else zf.LAYOUT_DENSE)
     assert kinds[zf.LM_HEAD][0] == (zf.LAYOUT_INT4_ROWS if options.lm_head == "int4" else zf.LAYOUT_DENSE)
     for name, (_, group) in kinds.items():
-        requested = options.group_size_overrides.get(name.rsplit(".", 1)[-1], options.group_size)
+        requested = options.requested_group_sizes.get(name.rsplit(".", 1)[-1], options.group_size)
         assert group is None or group <= requested, name
     if "rope_scaling" in overrides:
         assert manifest["model"]["rope_scaling"] == overrides["rope_scaling"]

@@ -23,8 +23,9 @@ from zse_runtime import __version__
 from zse_runtime.zsefile import ZseFile, ZseFormatError
 
 from .calibration import DEFAULT_TOKENS, WINDOW
-from .convert import (QUANTIZED_PARTS, ConvertOptions, Progress as ConvertProgress,
-                      convert as run_convert, parse_group_size_override)
+from .convert import (DEFAULT_GROUP_SIZE_FOR, QUANTIZED_PARTS, ConvertOptions,
+                      Progress as ConvertProgress, convert as run_convert,
+                      parse_group_size_override)
 from .source import SourceError
 from .writer import TensorSpec
 
@@ -143,11 +144,14 @@ def convert_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output .zse file."),
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit (default: main)."),
     group_size: int = typer.Option(128, "--group-size", "-g",
-                                   help="INT4 group size along the input dimension: 32, 64 or 128."),
+                                   help="INT4 group size along the input dimension: 32, 64 or 128 "
+                                        "(q/k/v: see --group-size-for)."),
     group_size_for: Optional[list[str]] = typer.Option(
         None, "--group-size-for", metavar="KIND=SIZE", callback=_check_group_size_overrides,
         help="Group size for one projection kind instead of --group-size, e.g. down_proj=32 "
-             f"(repeatable; kinds: {', '.join(QUANTIZED_PARTS)}). See docs/quality.md."),
+             f"(repeatable; kinds: {', '.join(QUANTIZED_PARTS)}). Default: "
+             f"{', '.join(f'{k}={v}' for k, v in DEFAULT_GROUP_SIZE_FOR.items())}; "
+             "qkv=128 with -g 128 quantizes every kind alike. See docs/quality.md."),
     lm_head: str = typer.Option("float16", help="lm_head precision: float16 or int4 (4x smaller, "
                                 "measurably worse: see the README)."),
     embedding: str = typer.Option("float16", help="Embedding table precision: float16 or int4."),
