@@ -24,7 +24,6 @@ import ast
 import hashlib
 import importlib.util
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
