@@ -25,8 +25,7 @@ rows x 32 tokens as 2 x 4 tiles of 16 x 8, reading its fragments straight from g
 from numba import cuda, float32, uint32
 
 from .common import warp_max, warp_sum
-from .geometry import (GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_MAX_REGISTERS, GEMM_TILE_N,
-                       GEMM_TILE_T, WARP)
+from .geometry import GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_TILE_N, GEMM_TILE_T, WARP
 from .memory import (bits_as_float, codes_as_halves, float_bits, floats_as_halves,
                      halves_as_floats, load, load_u32x4, mma_m16n8k8)
 from .mma_tile import A_REGISTERS, M_TILES, N_TILES, make_warp_tile, store_tile
@@ -100,26 +99,12 @@ def _make_int4_gemm(tile_rows, tile_tokens):
         a_words = cuda.local.array((A_REGISTERS, 4), uint32)  # 4 chunks of each fragment row
         x_words = cuda.local.array((N_TILES, 4), uint32)
         a = cuda.local.array(A_REGISTERS, uint32)
-        # the group's epilogue operands: the lane's rows' scales and zeros, its tokens' unscales
-        # and sums, loaded before the group's products so that their latency hides behind them
-        row_scale = cuda.local.array(A_REGISTERS, float32)
-        row_zero = cuda.local.array(A_REGISTERS, float32)
-        token_unscale = cuda.local.array((N_TILES, 2), float32)
-        token_sum = cuda.local.array((N_TILES, 2), float32)
         for i in range(M_TILES):
             for j in range(N_TILES):
                 for e in range(4):
                     partial[i, j, e] = float32(0.0)
                     acc[i, j, e] = float32(0.0)
         for g in range(first_group, min(groups, first_group + per_split)):
-            for i in range(A_REGISTERS):
-                row_scale[i] = float32(load(scales, a_rows[i], g))
-                row_zero[i] = float32(load(zeros, a_rows[i], g))
-            for j in range(N_TILES):
-                for c in range(2):
-                    t = min(tok0 + 8 * j + 2 * pair + c, tokens - 1)
-                    token_unscale[j, c] = load(unscale, t, g)
-                    token_sum[j, c] = load(xsum, t, g)
             for quad in range(g * words_per_group // 4, (g + 1) * words_per_group // 4):
                 for i in range(A_REGISTERS):
                     (a_words[i, 0], a_words[i, 1], a_words[i, 2],
@@ -139,13 +124,15 @@ def _make_int4_gemm(tile_rows, tile_tokens):
             # the group ends: apply its scales and zero points in float32
             for i in range(M_TILES):
                 for half in range(2):
-                    s = row_scale[2 * i + half]
-                    z = row_zero[2 * i + half]
+                    n = a_rows[2 * i + half]
+                    s = float32(load(scales, n, g))
+                    z = float32(load(zeros, n, g))
                     for j in range(N_TILES):
                         for c in range(2):
+                            t = min(tok0 + 8 * j + 2 * pair + c, tokens - 1)
                             e = 2 * half + c
-                            acc[i, j, e] += s * (partial[i, j, e] * token_unscale[j, c]
-                                                 - z * token_sum[j, c])
+                            acc[i, j, e] += s * (partial[i, j, e] * load(unscale, t, g)
+                                                 - z * load(xsum, t, g))
                             partial[i, j, e] = float32(0.0)
         store_tile(acc, row0, tok0, rows, tokens, bias, has_bias != 0 and cuda.blockIdx.z == 0, out,
                    cuda.blockIdx.z * tokens)
@@ -176,4 +163,3 @@ KERNELS = {
     "int4_gemm_t32": (_make_int4_gemm(GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T), _GEMM_SIGNATURE),
     "sum_splits": (sum_splits, "void(float32[:, ::1], int32, float32[:, ::1])"),
 }
-MAX_REGISTERS = {"int4_gemm": GEMM_MAX_REGISTERS, "int4_gemm_t32": GEMM_MAX_REGISTERS}

@@ -8,10 +8,6 @@ WARP = 32
 GEMM_TILE_T = 64
 GEMM_TILE_N = 64
 GEMM_THREADS = 128
-# Three 128-thread GEMM blocks per SM fit a 64K-register file at 168 registers each. The
-# epilogue operands loaded ahead of each group's products take sm_90's build to 166 and sm_75's
-# to 172 uncapped, which would leave a T4 two blocks per SM.
-GEMM_MAX_REGISTERS = 168
 # int4_gemm_t32, for decode batches of up to 32 tokens: the same 4 warps side by side over rows,
 # so none computes padding tokens
 GEMM_DECODE_TILE_T = 32
