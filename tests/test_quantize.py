@@ -132,10 +132,12 @@ def test_reported_error_is_the_dequantized_error_and_never_worse_than_rtn(kind, 
 
 
 # Weighted-error ratio search / round-to-nearest measured on these 256 x 2048 matrices
-# (2026-11-29): Gaussian 0.818 / 0.865 / 0.890, Student-t(3) 0.594 / 0.646 / 0.689 at g32/64/128.
+# (2026-12-01, starts in [14, 15]): Gaussian 0.843 / 0.898 / 0.933, Student-t(3) 0.610 / 0.662 /
+# 0.708 at g32/64/128. (With the clipping starts of the earlier grid, 2026-11-29: 0.818 / 0.865 /
+# 0.890 and 0.594 / 0.646 / 0.689: lower error, but higher perplexity on both real models.)
 EXPECTED_ERROR_RATIO = {
-    ("gaussian", 32): (0.80, 0.84), ("gaussian", 64): (0.85, 0.88), ("gaussian", 128): (0.87, 0.91),
-    ("student_t", 32): (0.57, 0.62), ("student_t", 64): (0.62, 0.67), ("student_t", 128): (0.66, 0.71),
+    ("gaussian", 32): (0.83, 0.86), ("gaussian", 64): (0.88, 0.91), ("gaussian", 128): (0.92, 0.95),
+    ("student_t", 32): (0.59, 0.63), ("student_t", 64): (0.64, 0.68), ("student_t", 128): (0.69, 0.73),
 }
 
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from zse_runtime.zsefile import Int4Weight
 
-from .quantize import LEVELS, QuantStats, check_quantizable, quantize_int4
+from .quantize import (CALIBRATED_SEARCH_NUMERATORS, LEVELS, QuantStats, check_quantizable,
+                       quantize_int4)
 
 # Fraction of mean(diag(H)) added to H's diagonal. The GPTQ reference uses 0.01; with 8192
 # calibration tokens that overfits the calibration text: on Qwen2.5-Coder-0.5B (layers 0-2) the
@@ -190,7 +191,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int,
             weights = column_weight[b0 + g0:b0 + g0 + group_size]
             params, _ = quantize_int4(np.ascontiguousarray(block[:, g0:g0 + group_size]),
                                       group_size, options.clip_search, name,
-                                      weights / weights.mean())
+                                      weights / weights.mean(), CALIBRATED_SEARCH_NUMERATORS)
             scales[:, group], zeros[:, group] = params.scales[:, 0], params.zeros[:, 0]
             _quantize_group_with_feedback(block, hinv_block, g0, group_size,
                                           params.scales[:, 0].astype(np.float32),

@@ -4,9 +4,9 @@ Each row is split into groups of `group_size` consecutive input-dimension values
 stored as 4-bit codes q in [0, 15] plus an fp16 scale s and fp16 zero z, and reconstructs as
 w = (q - z) * s (the formula every kernel uses).
 
-Choosing (s, z): plain round-to-nearest over [min, max] wastes levels on outliers. Like
-llama.cpp's `make_qkx2_quants`, we try a grid of inverse scales around 15 / (max - min)
-(larger ones clip the extremes), assign codes for each, and fit (s, m) to those codes by
+Choosing (s, z): like llama.cpp's `make_qkx2_quants`, we try a grid of inverse scales at and
+below 15 / (max - min) (none that would clip the extremes: clipping starts lowered the error below
+but raised the models' perplexity), assign codes for each, and fit (s, m) to those codes by
 weighted least squares; the candidate with the smallest weighted squared error wins. Each
 element's error is weighted by rms(group) + |x| (llama.cpp's weighting): with plain squared
 error the search clipped the few large weights the output depends on most, and SmolLM2's
@@ -31,10 +31,17 @@ from zse_runtime.zsefile import INT4_GROUP_SIZES, Int4Weight
 
 LEVELS = 15  # largest 4-bit code
 FP16_MAX = float(np.finfo(np.float16).max)
-# Inverse-scale numerators tried by the search, over the group range: above LEVELS clips the
-# group's extremes, below leaves headroom. 13 steps over [14, 17] matched 21 steps over wider
-# grids to within 0.3% of squared error on Gaussian and Student-t(3) matrices, at 60% of the cost.
-SEARCH_NUMERATORS = np.linspace(LEVELS - 1.0, LEVELS + 2.0, 13).astype(np.float32)
+# Inverse-scale numerators tried by the search, over the group range: above LEVELS would clip
+# the group's extremes, below leaves headroom; each start's codes are then refit by least squares.
+# Starts in [14, 15] only: on both real-model fixtures the clipping starts of the earlier grid
+# ([14, 17], 13 steps) lowered the weighted error but raised perplexity and KL; without them the
+# g128 perplexity increase went 0.647 -> 0.593 (Qwen2.5-Coder-0.5B) and 6.55 -> 5.44 (SmolLM2)
+# (docs/quality.md, "The search without clipping starts").
+SEARCH_NUMERATORS = np.linspace(LEVELS - 1.0, LEVELS, 5).astype(np.float32)
+# The earlier grid, clipping starts included, for GPTQ (gptq.py): there the error is weighted by
+# the calibration inputs' energy, and without the clipping starts SmolLM2's --gptq lost more
+# (CI's 600 tokens: perplexity increase 0.575 -> 0.654, KL 0.078 -> 0.098).
+CALIBRATED_SEARCH_NUMERATORS = np.linspace(LEVELS - 1.0, LEVELS + 2.0, 13).astype(np.float32)
 
 _CANDIDATE_SEARCH, _CANDIDATE_RTN, _CANDIDATE_SYMMETRIC = range(3)
 
@@ -206,13 +213,14 @@ def check_quantizable(w: np.ndarray, group_size: int, name: str = "tensor") -> N
 
 
 def quantize_int4(w: np.ndarray, group_size: int, clip_search: bool = True,
-                  name: str = "tensor", column_weight: np.ndarray | None = None
-                  ) -> tuple[Int4Weight, QuantStats]:
+                  name: str = "tensor", column_weight: np.ndarray | None = None,
+                  numerators: np.ndarray = SEARCH_NUMERATORS) -> tuple[Int4Weight, QuantStats]:
     """float32 [rows, cols] -> int4.rows.v1 arrays (qweight, fp16 scales, fp16 zeros).
 
     column_weight: float64 [cols] multiplying every error weight of that input column (GPTQ
     passes its calibration inputs' mean square there); None means ones, bit for bit the
-    calibration-free search.
+    calibration-free search. numerators: the search's starts (SEARCH_NUMERATORS, or GPTQ's
+    CALIBRATED_SEARCH_NUMERATORS).
     """
     w = np.ascontiguousarray(w)
     check_quantizable(w, group_size, name)
@@ -221,7 +229,7 @@ def quantize_int4(w: np.ndarray, group_size: int, clip_search: bool = True,
     column_weight = np.ascontiguousarray(column_weight, np.float64)
     if column_weight.shape != (w.shape[1],) or not (column_weight > 0).all():
         raise ValueError(f"{name}: column weights must be {w.shape[1]} positive values")
-    numerators = SEARCH_NUMERATORS if clip_search else SEARCH_NUMERATORS[:0]
+    numerators = numerators if clip_search else numerators[:0]
     scales, mins = _search_groups(w, group_size, numerators, column_weight)
     scales16, zeros16 = fp16_candidates(scales, mins)
     if not clip_search:  # the round-to-nearest ablation: symmetric only where RTN overflows fp16
