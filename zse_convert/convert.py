@@ -112,7 +112,6 @@ class ConvertOptions:
             if value not in PRECISIONS:
                 raise SourceError(f"{option} must be one of {list(PRECISIONS)}, got {value!r}")
 
-
     @property
     def requested_group_sizes(self) -> dict[str, int]:
         """Projection kind -> the group size requested for it (before any fallback)."""

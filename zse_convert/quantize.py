@@ -5,8 +5,8 @@ stored as 4-bit codes q in [0, 15] plus an fp16 scale s and fp16 zero z, and rec
 w = (q - z) * s (the formula every kernel uses).
 
 Choosing (s, z): like llama.cpp's `make_qkx2_quants`, we try a grid of inverse scales at and
-below 15 / (max - min) (none that would clip the extremes: clipping starts lowered the error below
-but raised the models' perplexity), assign codes for each, and fit (s, m) to those codes by
+below 15 / (max - min) (none above: starts that clip the extremes lowered the error described
+below but raised the models' perplexity), assign codes for each, and fit (s, m) to those codes by
 weighted least squares; the candidate with the smallest weighted squared error wins. Each
 element's error is weighted by rms(group) + |x| (llama.cpp's weighting): with plain squared
 error the search clipped the few large weights the output depends on most, and SmolLM2's
