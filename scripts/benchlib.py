@@ -130,8 +130,8 @@ def direct_zse(work: Path, preset: str, layers: int | None, lm_head: str,
         return Models(path, None, {**made, "reused": True})
     log(f"writing a random {preset} .zse directly into {path}")
     started = time.perf_counter()
-    write_random_zse(path, synthetic_model_config(preset, layers), chat_template=CHAT_TEMPLATE,
-                     lm_head=lm_head, tokenizer_json=tokenizer_json)
+    write_random_zse(path, synthetic_model_config(preset, layers), defaults.group_size,
+                     chat_template=CHAT_TEMPLATE, lm_head=lm_head, tokenizer_json=tokenizer_json)
     made = {"how": "scripts/make_synthetic_zse.py write_random_zse (random INT4 codes, no "
                    "checkpoint, no quantization)", "preset": preset, "layers": layers,
             "lm_head": lm_head, "group_size": defaults.group_size, "group_size_overrides": groups,
