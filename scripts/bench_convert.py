@@ -178,7 +178,8 @@ def converter_command(folder: Path, out: Path, args: argparse.Namespace) -> list
     base = [str(script)] if script.exists() else [sys.executable, "-m", "zse_convert.cli"]
     command = [*base, str(folder), "--out", str(out), "--group-size", str(args.group_size),
                "--json"]
-    return command + (["--no-clip-search"] if args.no_clip_search else [])
+    return (command + (["--no-clip-search"] if args.no_clip_search else [])
+            + (["--no-column-weights"] if args.no_column_weights else []))
 
 
 def run_converter(command: list[str]) -> ConverterRun:
@@ -322,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--no-clip-search", action="store_true",
                         help="pass --no-clip-search to the converter")
+    parser.add_argument("--no-column-weights", action="store_true",
+                        help="pass --no-column-weights to the converter")
     parser.add_argument("--drop-caches", action="store_true",
                         help="drop the page cache before converting (root only)")
     parser.add_argument("--json-out", type=Path, default=Path("bench_convert.json"))

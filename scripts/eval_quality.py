@@ -12,6 +12,7 @@ The text is cut into non-overlapping windows; each window is a fresh sequence.
 How each variant runs:
   fp16 (reference)  transformers, float32 on the CPU, on the checkpoint as it is;
   zse gN / rtn gN   converted with zse-convert and run through ZSE's own CPU backend;
+  plain gN          the same as zse gN with --no-column-weights (down_proj's search unweighted);
   gptq gN           the same, converted with --gptq (calibration text: the converter's default,
                     Python standard-library source, disjoint from the text scored here);
   awq gN            the same, converted with --awq (same calibration text);
@@ -158,12 +159,12 @@ def evaluate(folder: Path, windows: list[list[int]], variants: list[str], lm_hea
             started = time.perf_counter()
             scores = Scores()
             kind, spec = variant.split("-", 1)
-            if kind in ("zse", "rtn", "gptq", "awq", "awq+gptq"):
+            if kind in ("zse", "rtn", "plain", "gptq", "awq", "awq+gptq"):
                 out = Path(tmp) / f"{variant}.zse"
                 group, *overrides = spec.split("+")
-                extra = dict(gptq="gptq" in kind, awq="awq" in kind,
+                extra = dict(gptq="gptq" in kind, awq="awq" in kind, column_weights=kind != "plain",
                              group_size_overrides=dict(map(parse_group_size_override, overrides)))
-                if kind not in ("zse", "rtn"):
+                if kind not in ("zse", "rtn", "plain"):
                     extra.update(gptq_options or {})
                 summary = convert(str(folder), out, ConvertOptions(
                     group_size=int(group[1:]), clip_search=kind != "rtn", lm_head=lm_head, **extra))
@@ -205,9 +206,10 @@ def main() -> int:
     parser.add_argument("--text", type=Path, nargs="*")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text to score")
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--variants", default="zse-g128,zse-g64,zse-g32,rtn-g128,rtn-g64,rtn-g32,"
-                                               "gptq-g128,gptq-g64,awq-g128,awq-g64,awq+gptq-g128,"
-                                               "awq+gptq-g64,gguf-q4_0,gguf-q4_1")
+    parser.add_argument("--variants", default="zse-g128,zse-g64,zse-g32,plain-g128,plain-g64,"
+                                               "rtn-g128,rtn-g64,rtn-g32,gptq-g128,gptq-g64,"
+                                               "awq-g128,awq-g64,awq+gptq-g128,awq+gptq-g64,"
+                                               "gguf-q4_0,gguf-q4_1")
     parser.add_argument("--lm-head", choices=["int4", "float16"], default="float16",
                         help="lm_head precision in every quantized variant")
     parser.add_argument("--calibration-tokens", type=int, help="for the gptq and awq variants "

@@ -16,8 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"zse": ("o", "tab:blue"), "rtn": ("s", "tab:gray"), "gptq": ("D", "tab:green"),
-         "awq": ("v", "tab:purple"), "awq+gptq": ("P", "tab:olive"), "gguf": ("^", "tab:red")}
+STYLE = {"zse": ("o", "tab:blue"), "plain": ("o", "tab:cyan"), "rtn": ("s", "tab:gray"),
+         "gptq": ("D", "tab:green"), "awq": ("v", "tab:purple"), "awq+gptq": ("P", "tab:olive"),
+         "gguf": ("^", "tab:red")}
 
 
 def main() -> int:

@@ -63,6 +63,7 @@ def test_default_command_and_human_summary(tiny_qwen2, tmp_path):
     result = run_cli("convert", str(tiny_qwen2), "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "bits per weight" in result.stdout and "group size fallback" in result.stdout
+    assert "clipping search (down_proj columns weighted)" in result.stdout
 
 
 def test_gptq_with_a_calibration_file(tiny_qwen2, tmp_path):

@@ -16,6 +16,7 @@ from tests.checkpoints import CHAT_TEMPLATE, make_checkpoint
 from tests.test_quantize import reference_quantize, weighted_error
 from zse_convert import convert as convert_module
 from zse_convert.convert import ConvertOptions, convert
+from zse_convert.importance import down_proj_column_weight, scaled_row_energy
 from zse_convert.source import SourceError
 from zse_runtime.zsefile import LAYOUT_DENSE, LAYOUT_INT4_ROWS, ZseFile, dequantize_int4
 
@@ -38,6 +39,14 @@ FUSED = {
 }
 
 
+def down_proj_column_weight_of(name: str, src: dict[str, np.ndarray]) -> np.ndarray:
+    """layers.{i}.down_proj's search column weights, from the whole gate, up and post-attention
+    norm tensors (the converter takes them chunk by chunk while it quantizes gate_up)."""
+    prefix = f"model.layers.{name.split('.')[1]}."
+    gate, up, norm = (src[prefix + p] for p in FUSED["gate_up"] + FUSED["mlp_norm"])
+    return down_proj_column_weight(scaled_row_energy(gate, norm), scaled_row_energy(up, norm))
+
+
 def _expected(name: str, src: dict[str, np.ndarray]) -> np.ndarray:
     if name == "embed_tokens":
         return src["model.embed_tokens.weight"]
@@ -56,6 +65,8 @@ def test_every_tensor_matches_its_source(checkpoint, request, tmp_path):
     summary = convert(str(folder), out, ConvertOptions(group_size=128))
     src = _source_tensors(folder)
     with ZseFile(out) as zse:
+        assert zse.manifest["quantization"]["search_column_weights"] == {
+            "down_proj": "gate_up_estimate"}
         assert [t["name"] for t in zse.manifest["tensors"]][:3] == [
             "embed_tokens", "layers.0.attn_norm", "layers.0.qkv"]
         for name, info in zse.tensors.items():
@@ -70,16 +81,22 @@ def test_every_tensor_matches_its_source(checkpoint, request, tmp_path):
             want = 32 if name.endswith(".qkv") else 128 if expected.shape[1] % 128 == 0 else 64
             assert info.group_size == want, name
             weight = zse.int4(name)
-            codes, scales, zeros, _, rtn_err = reference_quantize(expected, info.group_size)
+            # down_proj's search weights its columns by importance.py's estimate (checked
+            # against its formula in test_importance.py); the other kinds are unweighted
+            column_weight = (down_proj_column_weight_of(name, src)
+                             if name.endswith(".down_proj") else None)
+            codes, scales, zeros, _, rtn_err = reference_quantize(expected, info.group_size,
+                                                                  column_weight=column_weight)
             np.testing.assert_array_equal(weight.scales, scales, name)
             np.testing.assert_array_equal(weight.zeros, zeros, name)
             restored = dequantize_int4(weight)
-            err = weighted_error(restored, expected, info.group_size)
+            err = weighted_error(restored, expected, info.group_size, column_weight)
             assert (err <= rtn_err * (1 + 1e-6) + 1e-12).all(), name
             rel = np.linalg.norm(restored - expected) / np.linalg.norm(expected)
             assert rel < 0.12, (name, rel)
     assert set(summary["group_size_fallbacks"].values()) == {64}
     assert summary["error_vs_round_to_nearest"] < 0.95
+    assert summary["search_column_weights"] == {"down_proj": "gate_up_estimate"}
 
 
 def test_manifest_metadata(tiny_qwen2, tiny_qwen2_zse):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.test_convert import _assert_nothing_written, _expected, _source_tensors
+from tests.test_convert import (_assert_nothing_written, _expected, _source_tensors,
+                                down_proj_column_weight_of)
 from tests.test_quantize import reference_quantize
 from zse_convert.convert import (QUANTIZED_PARTS, ConvertOptions, convert,
                                  parse_group_size_override)
@@ -53,7 +54,9 @@ def test_override_reaches_the_bytes_and_nothing_else_moves(tiny_qwen2, tiny_qwen
         scales = np.frombuffer(blob[start:start + scale_bytes], "<f2").reshape(rows, cols // 32)
         zeros = np.frombuffer(blob[start + scale_bytes:start + scale_bytes + zero_bytes],
                               "<f2").reshape(rows, cols // 32)
-        _, want_scales, want_zeros, _, _ = reference_quantize(_expected(name, src), 32)
+        column_weight = down_proj_column_weight_of(name, src)
+        _, want_scales, want_zeros, _, _ = reference_quantize(_expected(name, src), 32,
+                                                              column_weight=column_weight)
         np.testing.assert_array_equal(scales, want_scales, name)
         np.testing.assert_array_equal(zeros, want_zeros, name)
 

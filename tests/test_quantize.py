@@ -14,17 +14,21 @@ def _seq_sum(a: np.ndarray) -> np.ndarray:
     return np.cumsum(a, axis=-1)[..., -1]
 
 
-def reference_quantize(w: np.ndarray, group_size: int, clip_search: bool = True):
+def reference_quantize(w: np.ndarray, group_size: int, clip_search: bool = True,
+                       column_weight: np.ndarray | None = None):
     """Vectorised numpy version of the same algorithm (module docstring of quantize.py).
 
     Returns (codes uint8 [N, K], scales f16 [N, G], zeros f16 [N, G], per-group weighted error,
-    per-group round-to-nearest weighted error), errors weighted by rms(group) + |x|.
+    per-group round-to-nearest weighted error), errors weighted by rms(group) + |x| (times
+    column_weight[k] of the element's column, when given).
     """
     rows, cols = w.shape
     x = w.reshape(rows, cols // group_size, group_size)
     x64 = x.astype(np.float64)
     floor = np.sqrt(_seq_sum(x64 * x64) / group_size)
     v = floor[..., None] + np.abs(x64)
+    if column_weight is not None:
+        v = v * np.asarray(column_weight, np.float64).reshape(1, cols // group_size, group_size)
     xmin, xmax = x64.min(-1), x64.max(-1)
     span = xmax - xmin
     safe_span = np.where(span > 0, span, 1.0)
@@ -79,12 +83,15 @@ def reference_quantize(w: np.ndarray, group_size: int, clip_search: bool = True)
     return codes, pick(1), pick(2), np.min(errors, axis=0), rtn_err
 
 
-def weighted_error(restored: np.ndarray, w: np.ndarray, group_size: int) -> np.ndarray:
-    """Per-group sum of (rms(group) + |x|) * (restored - x)^2, float64."""
+def weighted_error(restored: np.ndarray, w: np.ndarray, group_size: int,
+                   column_weight: np.ndarray | None = None) -> np.ndarray:
+    """Per-group sum of (rms(group) + |x|) * (restored - x)^2 (times column_weight[k] of the
+    element's column, when given), float64."""
     x = w.astype(np.float64).reshape(w.shape[0], -1, group_size)
     d = restored.astype(np.float64).reshape(x.shape) - x
     floor = np.sqrt((x * x).sum(-1, keepdims=True) / group_size)
-    return ((floor + np.abs(x)) * d * d).sum(-1)
+    column = 1.0 if column_weight is None else np.reshape(column_weight, (1, -1, group_size))
+    return ((floor + np.abs(x)) * column * d * d).sum(-1)
 
 
 def _matrix(kind: str, rows=96, cols=512, seed=0) -> np.ndarray:

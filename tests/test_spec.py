@@ -215,7 +215,7 @@ def test_manifest_key_tables():
     assert set(quantization) == set(SCHEMA["$defs"]["quantization"]["properties"])
     # keys added by a minor version are optional: files of the earlier minor version lack them
     added = {key for key, row in quantization.items() if row[2].startswith("Since 1.")}
-    assert added == {"gptq", "awq", "group_size_overrides"}
+    assert added == {"gptq", "awq", "group_size_overrides", "search_column_weights"}
     assert set(SCHEMA["$defs"]["quantization"]["required"]) == set(quantization) - added
     assert set(idents("`tokenizer`")) == set(SCHEMA["$defs"]["tokenizer"]["required"])
 

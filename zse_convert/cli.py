@@ -158,6 +158,10 @@ def convert_command(
     clip_search: bool = typer.Option(True, "--clip-search/--no-clip-search",
                                      help="Search per-group clipping (default) or plain min/max "
                                           "round-to-nearest."),
+    column_weights: bool = typer.Option(
+        True, "--column-weights/--no-column-weights",
+        help="Weight down_proj's clipping search by its inputs' mean square, estimated from the "
+             "checkpoint's gate and up rows (default; no calibration text). See docs/quality.md."),
     gptq: bool = typer.Option(False, "--gptq/--no-gptq",
                               help="Quantize the decoder layers with GPTQ against calibration "
                                    "text (lower output error; slower: see docs/quality.md)."),
@@ -180,7 +184,8 @@ def convert_command(
         _fail("--calibration and --calibration-tokens apply only with --gptq or --awq")
     options = ConvertOptions(group_size=group_size,
                              group_size_overrides=_group_size_overrides(group_size_for),
-                             clip_search=clip_search, lm_head=lm_head,
+                             clip_search=clip_search, column_weights=column_weights,
+                             lm_head=lm_head,
                              embedding=embedding, revision=revision, gptq=gptq, awq=awq,
                              calibration=str(calibration) if calibration else None,
                              calibration_tokens=calibration_tokens)
@@ -223,6 +228,8 @@ def convert_command(
 
 def _method(summary: dict[str, Any]) -> str:
     search = "clipping search" if summary["clip_search"] else "round-to-nearest"
+    if summary["search_column_weights"]:
+        search += f" ({', '.join(summary['search_column_weights'])} columns weighted)"
     calibrated = summary["gptq"] or summary["awq"]
     if not calibrated:
         return search

@@ -27,6 +27,7 @@ from .awq import ALPHAS, SEARCH_ROWS, SEARCH_TOKENS, AwqOptions
 from .calibration import (AWQ_CONSUMERS, DEFAULT_TOKENS, WINDOW, LayerCalibrator, load_text,
                           token_windows)
 from .gptq import ACT_ORDERS, DAMPING, SEARCH_WEIGHTS, GptqOptions
+from .importance import DOWN_PROJ_ESTIMATE, down_proj_column_weight, scaled_row_energy
 from .quantize import QuantStats, quantize_int4
 from .source import Checkpoint, ResolvedSource, SourceError, resolve_source
 from .tokenizer_meta import tokenizer_section
@@ -68,6 +69,8 @@ class ConvertOptions:
     # these replace DEFAULT_GROUP_SIZE_FOR's entries (qkv=group_size: one size for every kind)
     group_size_overrides: dict[str, int] = field(default_factory=dict)
     clip_search: bool = True
+    # weight down_proj's search by its inputs' mean square estimated from gate/up (importance.py)
+    column_weights: bool = True
     # float16: on both real-model fixtures an INT4 lm_head cost more perplexity than every INT4
     # layer together at group 32 (scripts/eval_quality.py, README "Known gaps").
     lm_head: str = "float16"
@@ -117,6 +120,13 @@ class ConvertOptions:
         """Projection kind -> the group size requested for it (before any fallback)."""
         requested = {**DEFAULT_GROUP_SIZE_FOR, **self.group_size_overrides}
         return {kind: requested.get(kind, self.group_size) for kind in QUANTIZED_PARTS}
+
+    @property
+    def search_column_weights(self) -> dict[str, str]:
+        """Kind -> how its search weighted input columns (the manifest's
+        quantization.search_column_weights): only the weight-only search uses the estimate."""
+        weighted = self.column_weights and self.clip_search and not (self.gptq or self.awq)
+        return {"down_proj": DOWN_PROJ_ESTIMATE} if weighted else {}
 
     @property
     def effective_group_size_overrides(self) -> dict[str, int]:
@@ -219,10 +229,49 @@ def dense_blob(spec: TensorSpec, values: np.ndarray) -> np.ndarray:
     return out.view(np.uint8).reshape(-1)
 
 
+RowsObserver = Callable[[str, int, np.ndarray], None]  # (source, first row, float32 rows)
+
+
+class DownProjInputs:
+    """down_proj's column weights (importance.py; the manifest's
+    quantization.search_column_weights), from the row energies of the same layer's gate and up
+    rows, taken while gate_up is quantized (it precedes down_proj in every layer)."""
+
+    def __init__(self, ckpt: Checkpoint, sources: dict[str, list[str]]):
+        self._ckpt, self._sources = ckpt, sources
+        self._energy: dict[str, np.ndarray] = {}  # gate or up source -> energy per row
+
+    def rows_observer(self, spec: TensorSpec) -> RowsObserver | None:
+        """For a gate_up tensor, what build_tensor hands each chunk of its source rows."""
+        layer, _, kind = spec.name.rpartition(".")
+        if kind != "gate_up":
+            return None
+        norm = self._sources[f"{layer}.mlp_norm"][0]
+        gamma = self._ckpt.read_rows(norm, 0, self._ckpt.tensors[norm].shape[0]).copy()
+
+        def observe(source: str, start: int, rows: np.ndarray) -> None:
+            energy = self._energy.setdefault(source,
+                                             np.empty(self._ckpt.tensors[source].shape[0]))
+            energy[start:start + len(rows)] = scaled_row_energy(rows, gamma)
+        return observe
+
+    def column_weight(self, spec: TensorSpec) -> np.ndarray | None:
+        """For a down_proj tensor, its search's column weights."""
+        layer, _, kind = spec.name.rpartition(".")
+        if kind != "down_proj":
+            return None
+        gate, up = self._sources[f"{layer}.gate_up"]
+        return down_proj_column_weight(self._energy.pop(gate), self._energy.pop(up))
+
+
 def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_search: bool,
                  on_rows: Callable[[int], None] = lambda n: None,
-                 stop_requested: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, QuantStats]:
-    """The tensor's exact on-disk bytes, assembled chunk by chunk from its (fused) sources."""
+                 stop_requested: Callable[[], bool] = lambda: False,
+                 column_weight: np.ndarray | None = None,
+                 observe_rows: RowsObserver | None = None) -> tuple[np.ndarray, QuantStats]:
+    """The tensor's exact on-disk bytes, assembled chunk by chunk from its (fused) sources.
+    column_weight: the search's per-input-column error weights (None: all equal);
+    observe_rows: called with each chunk of source rows read as float32."""
     blob = np.empty(spec.nbytes, np.uint8)
     stats = QuantStats(0.0, 0.0, 0)
     cols = spec.shape[1] if len(spec.shape) == 2 else 1
@@ -243,13 +292,16 @@ def build_tensor(ckpt: Checkpoint, spec: TensorSpec, sources: list[str], clip_se
                 on_rows(stop - start)
                 continue
             values = ckpt.read_rows(source, start, stop)
+            if observe_rows is not None:
+                observe_rows(source, start, values)
             if spec.layout == LAYOUT_DENSE:
                 if spec.dtype == "float16" and np.abs(values).max(initial=0) > 65504:
                     raise SourceError(f"{source}: values exceed the float16 range; use a higher "
                                       "precision option for this tensor")
                 target[at] = values
             else:
-                weight, chunk_stats = quantize_int4(values, spec.group_size, clip_search, source)
+                weight, chunk_stats = quantize_int4(values, spec.group_size, clip_search, source,
+                                                    column_weight)
                 qweight[at], scales[at], zeros[at] = weight.qweight, weight.scales, weight.zeros
                 stats.error += chunk_stats.error
                 stats.rtn_error += chunk_stats.rtn_error
@@ -354,6 +406,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                 "scale_dtype": INT4_SCALE_DTYPE,
                 "zero_dtype": INT4_ZERO_DTYPE,
                 "clip_search": options.clip_search,
+                "search_column_weights": options.search_column_weights,
                 "gptq": gptq_record,
                 "awq": awq_record,
                 "embedding": options.embedding,
@@ -383,6 +436,8 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
             pending = None
             try:
                 calibrated: dict[str, tuple[Int4Weight, QuantStats]] = {}
+                down_proj_inputs = (DownProjInputs(ckpt, sources)
+                                    if options.search_column_weights else None)
                 calibrated_layer = None
                 for spec in specs:
                     cols = spec.shape[1] if len(spec.shape) == 2 else 1
@@ -405,7 +460,9 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                             ckpt, spec, sources[spec.name], options.clip_search,
                             lambda rows, spec=spec, cols=cols: progress.tensor_written(spec,
                                                                                        rows * cols),
-                            lambda: progress.stop_requested)
+                            lambda: progress.stop_requested,
+                            down_proj_inputs and down_proj_inputs.column_weight(spec),
+                            down_proj_inputs and down_proj_inputs.rows_observer(spec))
                     if pending is not None:
                         pending.result()
                     pending = io_thread.submit(writer.write, spec.name, blob)
@@ -442,6 +499,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         "group_size_fallbacks": {s.name: s.group_size for s in quantized
                                  if s.group_size != _requested_group_size(s.name, options)},
         "clip_search": options.clip_search,
+        "search_column_weights": manifest["quantization"]["search_column_weights"],
         "gptq": manifest["quantization"]["gptq"],
         "awq": manifest["quantization"]["awq"],
         # weighted squared error of the chosen parameters over that of round-to-nearest

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 
 MAGIC = b"\x89ZSE\r\n\x1a\n"  # PNG-style: catches text-mode transfers and truncation at byte 0
 FORMAT_VERSION_MAJOR = 1  # bumped only for changes an old reader would misread
-FORMAT_VERSION_MINOR = 3  # bumped for additions an old reader may ignore (1.1: quantization.gptq,
-# 1.2: quantization.awq, 1.3: quantization.group_size_overrides)
+FORMAT_VERSION_MINOR = 4  # bumped for additions an old reader may ignore (1.1: quantization.gptq,
+# 1.2: quantization.awq, 1.3: quantization.group_size_overrides,
+# 1.4: quantization.search_column_weights)
 PREFETCH_CHUNK = 8 << 20  # bytes per read of ZseFile.prefetch
 ALIGNMENT = 4096  # every tensor and the data section start on a multiple of this
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
