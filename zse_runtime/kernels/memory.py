@@ -43,12 +43,12 @@ if config.ENABLE_CUDASIM:
 
     @cuda.jit(device=True, inline="always")
     def dot4_u8s8(unsigned_bytes, signed_bytes, accumulator):
-        total = np.int64(accumulator)
-        for i in range(4):
-            a = (np.uint32(unsigned_bytes) >> np.uint32(8 * i)) & np.uint32(0xFF)
-            b = np.int64((np.uint32(signed_bytes) >> np.uint32(8 * i)) & np.uint32(0xFF))
-            total += np.int64(a) * (b - 256 if b >= 128 else b)
-        return np.int32(total)
+        # Python ints, not numpy scalars: the simulator calls this for every word of every lane
+        a, b, total = int(unsigned_bytes), int(signed_bytes), int(accumulator)
+        for shift in (0, 8, 16, 24):
+            signed = (b >> shift) & 0xFF
+            total += ((a >> shift) & 0xFF) * (signed - 256 if signed >= 128 else signed)
+        return np.int32((total + 2**31) % 2**32 - 2**31)  # dp4a's 32-bit accumulator wraps
 
     @cuda.jit(device=True, inline="always")
     def load(array, row, col):
