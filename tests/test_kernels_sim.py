@@ -372,12 +372,14 @@ def test_attention_split_over_partitions(kind, window, partition, length, heads,
             np.testing.assert_allclose(out[t, h * dim:(h + 1) * dim], expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel,heads", [("attention_decode", 1), ("attention_decode_grouped", 2)])
-def test_attention_merge_of_more_partitions_than_threads(kernel, heads):
+@pytest.mark.parametrize("kernel,heads,position", [("attention_decode", 1, 130),
+                                                    ("attention_decode_grouped", 2, 70)])
+def test_attention_merge_of_more_partitions_than_threads(kernel, heads, position):
     """A thread of the merge folds several partitions into a running sum (decode partitions of
-    one key, 131 of them against the per-head merge's 128 threads and the grouped merge's 32
-    lanes per head; the grouped block merges two query heads sharing one KV head)."""
-    dim, length, position = 32, 136, 130
+    one key: 131 against the per-head merge's 128 threads, 71 against the grouped merge's 32
+    lanes per head, each with a ragged last round; the grouped block merges two query heads
+    sharing one KV head). Each partition is a simulated block, hence no more than needed."""
+    dim, length = 32, 136
     k_cache = rng.standard_normal((1, 1, length, dim)).astype(np.float16)
     v_cache = rng.standard_normal((1, 1, length, dim)).astype(np.float16)
     q = rng.standard_normal((1, heads * dim)).astype(np.float32)
