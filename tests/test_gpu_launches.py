@@ -19,13 +19,12 @@ import pytest
 from tests.conftest import REPO
 from zse_runtime.config import ModelConfig
 from zse_runtime.gpu.backend import GpuOps, Int4Device, gemv_token_tile, int4_gemm_plan
-from zse_runtime.gpu.loader import device_window_start
 from zse_runtime.gpu.kernels import DeviceArray
 from zse_runtime.kernels import build
 from zse_runtime.kernels import geometry as geo
 from zse_runtime.model import Batch, Decoder
 from zse_runtime.sampling import SamplingParams
-from zse_runtime.zsefile import EMBED, LM_HEAD, ZseFile
+from zse_runtime.zsefile import EMBED, LM_HEAD, ZseFile, device_window_start
 
 sys.path.insert(0, str(REPO / "scripts"))
 from make_synthetic_zse import write_random_zse  # noqa: E402

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -23,7 +24,7 @@ from zse_runtime.source import (ByteSource, RemoteAccessDenied, RemoteNotFound,
                                 RemoteUnavailable, open_source, redact)
 from zse_runtime.streaming import HostSink, MirrorFile, cache_path, stream_data_section
 from zse_runtime.tokenizer import IncrementalDecoder
-from zse_runtime.zsefile import ZseFile, ZseFormatError
+from zse_runtime.zsefile import ZseFile, ZseFormatError, device_window_start
 
 BUCKET = "zse-models"
 PROMPT = list(range(10, 40))
@@ -579,7 +580,7 @@ def test_upload_weights_streams_remote_bytes_to_the_device(fake_gpu, tiny_qwen2_
     """Everything after the embedding reaches the device, byte for byte; the embedding's bytes
     come back in host memory (the local file's own map, or a copy out of the stream)."""
     from zse_runtime.engine import StartupTimes
-    from zse_runtime.gpu.loader import device_window_start, upload_weights
+    from zse_runtime.gpu.loader import upload_weights
 
     with ZseFile(tiny_qwen2_zse) as local:
         embed = local.tensors["embed_tokens"]
@@ -605,9 +606,41 @@ def test_upload_weights_streams_remote_bytes_to_the_device(fake_gpu, tiny_qwen2_
     assert zse.mirror.read_bytes() == tiny_qwen2_zse.read_bytes()
 
 
+def test_a_local_upload_stops_the_read_ahead(fake_gpu, tiny_qwen2_zse, monkeypatch):
+    """zse-run reads the device window ahead from the manifest on (`starter.read_ahead`); the
+    upload takes over: the read-ahead ends after the chunk it is reading, and the device gets
+    every byte all the same."""
+    from zse_runtime import zsefile
+    from zse_runtime.gpu import starter
+    from zse_runtime.gpu.loader import upload_weights
+
+    monkeypatch.setattr(zsefile, "PREFETCH_CHUNK", 4096)
+    started, gate, ahead, real_preadv = threading.Event(), threading.Event(), [], os.preadv
+
+    def preadv(fd, buffers, offset):
+        if threading.current_thread().name == "zse-prefetch":
+            ahead.append(offset)
+            started.set()
+            gate.wait(10)  # the read-ahead holds in its first read until the upload has begun
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    with ZseFile(tiny_qwen2_zse) as local:
+        window = device_window_start(local)
+        reader = starter.read_ahead(local)
+        assert started.wait(10) and ahead == [local.header.data_offset + window]
+        device = np.zeros(local.header.data_length - window, np.uint8)
+        upload_weights(local, device.ctypes.data, window, _FakeContext())
+        gate.set()
+        reader.join(10)
+        assert not reader.is_alive()
+        assert len(ahead) == 1  # it read no second chunk
+        assert np.array_equal(device, np.array(local.data)[window:])
+
+
 def test_upload_weights_checksum_failure_frees_buffers_and_leaves_no_cache(fake_gpu, tiny_qwen2_zse,
                                                                           tmp_path):
-    from zse_runtime.gpu.loader import device_window_start, upload_weights
+    from zse_runtime.gpu.loader import upload_weights
 
     blob = bytearray(tiny_qwen2_zse.read_bytes())
     with ZseFile(tiny_qwen2_zse) as local:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import threading
+import time
 
 import numpy as np
 import pytest
 import xxhash
 
+from zse_runtime import zsefile
 from zse_runtime.zsefile import (ALIGNMENT, HEADER_SIZE, HEADER_STRUCT, LAYOUT_INT4_ROWS, MAGIC,
                                  MAX_MANIFEST_BYTES, ZseFile, ZseFormatError)
 
@@ -81,9 +84,75 @@ def test_views_are_zero_copy_and_match_the_bytes(tiny_qwen2_zse):
         np.testing.assert_array_equal(
             norm, np.frombuffer(blob, "<f4", entry["shape"][0], d_off + entry["offset"]))
         assert list(zse.iter_corrupt()) == []
-        reader = zse.prefetch("embed_tokens")  # a background read into the page cache
+
+
+def _recorded_reads(monkeypatch, gate=None):
+    """Replace the prefetch reader's os.preadv with one that records (offset, length) and, with
+    `gate`, blocks each read until the gate opens."""
+    reads = []
+
+    def preadv(fd, buffers, offset):
+        reads.append((offset, buffers[0].nbytes))
+        if gate is not None:
+            gate.wait(10)
+        return buffers[0].nbytes
+
+    monkeypatch.setattr(zsefile.os, "preadv", preadv)
+    return reads
+
+
+def test_prefetch_reads_exactly_the_range(tiny_qwen2_zse, monkeypatch):
+    monkeypatch.setattr(zsefile, "PREFETCH_CHUNK", 4096)
+    reads = _recorded_reads(monkeypatch)
+    with ZseFile(tiny_qwen2_zse) as zse:
+        base = zse.header.data_offset
+        start, end = ALIGNMENT, zse.header.data_length - 1000  # a short last chunk
+        zse.prefetch(start, end).join(30)
+        assert reads == [(offset, min(4096, base + end - offset))
+                         for offset in range(base + start, base + end, 4096)]
+        reads.clear()
+        embed = zse.tensors["embed_tokens"]
+        zse.prefetch_tensor("embed_tokens").join(30)
+        assert reads[0][0] == base + embed.offset
+        assert sum(length for _, length in reads) == embed.nbytes
+        reads.clear()
+        zse.prefetch().join(30)  # the whole data section
+        assert sum(length for _, length in reads) == zse.header.data_length
+
+
+def test_stop_prefetching_ends_the_reader_at_its_next_chunk(tiny_qwen2_zse, monkeypatch):
+    monkeypatch.setattr(zsefile, "PREFETCH_CHUNK", 4096)
+    gate = threading.Event()
+    reads = _recorded_reads(monkeypatch, gate)
+    with ZseFile(tiny_qwen2_zse) as zse:
+        assert zse.header.data_length > 2 * 4096
+        reader = zse.prefetch()
+        deadline = time.monotonic() + 10
+        while not reads and time.monotonic() < deadline:  # until it is held in its first read
+            time.sleep(0.001)
+        zse.stop_prefetching()
+        gate.set()
         reader.join(30)
         assert not reader.is_alive()
+        assert len(reads) == 1  # the read under way finished; no other began
+        zse.prefetch().join(30)  # a later prefetch is not stopped by the earlier stop
+        assert sum(length for _, length in reads[1:]) == zse.header.data_length
+
+
+def test_prefetch_of_a_remote_file_does_nothing(tiny_qwen2_zse):
+    class Bytes:  # the ByteSource calls ZseFile.from_source makes
+        def __init__(self, blob):
+            self.blob, self.size = blob, len(blob)
+
+        def describe(self):
+            return "mem://model.zse"
+
+        def read(self, offset, length):
+            return self.blob[offset:offset + length]
+
+    zse = ZseFile.from_source(Bytes(tiny_qwen2_zse.read_bytes()))
+    assert zse.prefetch() is None and zse.prefetch_tensor("embed_tokens") is None
+    zse.stop_prefetching()
 
 
 def _expect_error(path, *fragments):

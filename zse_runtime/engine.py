@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import ModelConfig
-from .gpu.starter import ContextStarter
+from .gpu.starter import ContextStarter, read_ahead
 from .model import Batch, Decoder
 from .sampling import SamplingParams
 from .source import open_zse
@@ -116,6 +116,8 @@ class Engine:
         else:
             zse, manifest_stage = open_zse(path, cache_dir)
             t = startup.mark(manifest_stage, started)
+            if context_starter is not None:
+                read_ahead(zse)
         config = ModelConfig.from_manifest(zse.model_config)
         max_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if not 0 < max_len <= config.max_position_embeddings:

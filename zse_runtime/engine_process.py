@@ -240,7 +240,7 @@ def _serve(conn: Connection, path: str, open_options: dict[str, Any], max_waitin
         with send_lock:
             conn.send(message)
 
-    from .gpu.starter import ContextStarter
+    from .gpu.starter import ContextStarter, read_ahead
     from .source import open_zse, redact
 
     # the context's driver calls run while the manifest is read and the engine's modules import
@@ -252,6 +252,8 @@ def _serve(conn: Connection, path: str, open_options: dict[str, Any], max_waitin
         started = time.perf_counter()
         zse, manifest_stage = open_zse(path, cache_dir)
         manifest_seconds = time.perf_counter() - started
+        if context_starter is not None:
+            read_ahead(zse)
         send(("manifest", {"tokenizer": zse.manifest["tokenizer"],
                            "vocab_size": zse.model_config["vocab_size"]}))
         from .engine import Engine

@@ -531,6 +531,7 @@ class ZseFile:
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._data = None
         self._closed = False
+        self._prefetch_stops: list[threading.Event] = []
 
     @classmethod
     def from_source(cls, source, prefetch: int = MANIFEST_PREFETCH) -> "ZseFile":
@@ -540,6 +541,7 @@ class ZseFile:
         self = cls.__new__(cls)
         self.path, self.source, self.mirror, self._map, self._data, self._closed = (
             source.describe(), source, None, None, None, False)
+        self._prefetch_stops = []
         head = source.read(0, min(source.size, prefetch))
         self.header = read_header(self.path, head, source.size)
         if self.header.data_offset > len(head):
@@ -605,15 +607,17 @@ class ZseFile:
     def weight(self, name: str) -> np.ndarray | Int4Weight:
         return tensor_view(self.tensors[name], self.raw(name))
 
-    def prefetch(self, name: str) -> threading.Thread | None:
-        """Read a tensor's bytes once in a background thread, so that they are in the page
-        cache before they are used (best effort: read errors are ignored). None, and nothing
-        to do, for a remote file."""
+    def prefetch(self, start: int = 0, end: int | None = None) -> threading.Thread | None:
+        """Read data-section bytes [start, end) once in a background thread, so that they are in
+        the page cache before they are used (best effort: a read error ends it quietly), until
+        `stop_prefetching()` ends it at its next chunk. One thread: on the H200 host's disk it
+        reads as fast as 8 or 16 (1.7 GB/s). None, and nothing to do, for a remote file."""
         if self._map is None:
             return None
-        info = self.tensors[name]
-        start = self.header.data_offset + info.offset
-        end = start + info.nbytes
+        first = self.header.data_offset + start
+        last = self.header.data_offset + (self.header.data_length if end is None else end)
+        stop = threading.Event()
+        self._prefetch_stops.append(stop)
 
         def read() -> None:
             buffer = memoryview(bytearray(PREFETCH_CHUNK))
@@ -622,17 +626,30 @@ class ZseFile:
             except OSError:
                 return
             try:
-                for offset in range(start, end, PREFETCH_CHUNK):
-                    if os.preadv(fd, [buffer[:min(PREFETCH_CHUNK, end - offset)]], offset) <= 0:
+                for offset in range(first, last, PREFETCH_CHUNK):
+                    if stop.is_set():
+                        return
+                    if os.preadv(fd, [buffer[:min(PREFETCH_CHUNK, last - offset)]], offset) <= 0:
                         return
             except OSError:
                 return
             finally:
                 os.close(fd)
 
-        thread = threading.Thread(target=read, name=f"zse-prefetch-{name}", daemon=True)
+        thread = threading.Thread(target=read, name="zse-prefetch", daemon=True)
         thread.start()
         return thread
+
+    def prefetch_tensor(self, name: str) -> threading.Thread | None:
+        info = self.tensors[name]
+        return self.prefetch(info.offset, info.offset + info.nbytes)
+
+    def stop_prefetching(self) -> None:
+        """End the prefetches started so far at their next chunk (a reader of the same bytes
+        has taken over)."""
+        for stop in self._prefetch_stops:
+            stop.set()
+        self._prefetch_stops = []
 
     def dequantized(self, name: str) -> np.ndarray:
         """Any tensor as float32 (int4 dequantized with the reference formula)."""
@@ -662,3 +679,11 @@ class ZseFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def device_window_start(zse: ZseFile) -> int:
+    """Data-section offset from which the tensors live on a GPU: where the first tensor other
+    than the embedding begins. The converter writes the embedding first, so the device holds
+    everything but it. A decode step reads one embedding row per token, which the host gathers
+    (GpuOps.embed): at 7B shape that keeps 1.09 GB off the GPU and out of the upload."""
+    return min(info.offset for name, info in zse.tensors.items() if name != EMBED)

@@ -22,10 +22,10 @@ from ..kernels import geometry as geo
 from ..model import Batch, Decoder
 from ..sampling import SamplingParams
 from ..zsefile import (EMBED, FINAL_NORM, LAYOUT_INT4_ROWS, LM_HEAD, Int4Weight, ZseFile,
-                       int4_section_sizes, tensor_view)
+                       device_window_start, int4_section_sizes, tensor_view)
 from . import driver
 from .kernels import DeviceArray, KernelLibrary, download, upload
-from .loader import device_window_start, upload_weights
+from .loader import upload_weights
 
 log = logging.getLogger("zse")
 
@@ -222,7 +222,7 @@ class GpuOps:
         # after a cold start, each new token's row would otherwise be a disk read on the
         # serving path (H200: +0.4-0.8 ms per token in the first decode run after a cache
         # drop): read the table into the page cache in the background
-        zse.prefetch(EMBED)
+        zse.prefetch_tensor(EMBED)
         t = startup.mark("upload", t)
         self.buffers = self.arena.allocate()
         cos, sin = rope_tables(config, max_len)

@@ -1,5 +1,5 @@
 """File or URL -> one device allocation: the `.zse` data section is copied byte for byte, all
-but the embedding table, which stays in host memory (`device_window_start`).
+but the embedding table, which stays in host memory (`zsefile.device_window_start`).
 
 Local files: reader threads each own two pinned staging buffers and a stream: a thread reads
 chunk i into one buffer while the copy engine moves chunk i - 1 out of the other, so disk (or
@@ -80,14 +80,6 @@ def upload_data_section(path: str | os.PathLike, data_offset: int, data_length: 
         os.close(fd)
 
 
-def device_window_start(zse: ZseFile) -> int:
-    """Data-section offset from which the tensors live on the device: where the first tensor
-    other than the embedding begins. The converter writes the embedding first, so the device
-    holds everything but it. A decode step reads one embedding row per token, which the host
-    gathers (GpuOps.embed): at 7B shape that keeps 1.09 GB off the GPU and out of the upload."""
-    return min(info.offset for name, info in zse.tensors.items() if name != EMBED)
-
-
 class DeviceSink:
     """The streaming pipeline's device side: a ring of pinned buffers and one copy stream.
     Copies run in issue order on the stream; an event per ring slot says when it is free.
@@ -157,6 +149,7 @@ def upload_weights(zse: ZseFile, device_pointer: int, window_start: int,
     is then download+upload."""
     embedding = zse.tensors[EMBED]
     if zse.source is None:
+        zse.stop_prefetching()  # `starter.read_ahead`: what it read is in the page cache
         upload_data_section(zse.path, zse.header.data_offset + window_start,
                             zse.header.data_length - window_start, device_pointer, context)
         return zse.raw(EMBED)

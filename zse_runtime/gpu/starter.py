@@ -1,15 +1,18 @@
-"""The CUDA context, created on a thread from as early as the caller likes.
+"""GPU start-up work begun as early as the caller likes: the CUDA context, and the weights'
+bytes read into the page cache.
 
-Creating it takes ~0.2 s on an H200 (importing cuda.bindings, cuInit, retaining the primary
-context), mostly in driver calls that release the GIL, so it overlaps the caller's own imports
-and the manifest read. `zse-run` starts it before it imports the engine. This module imports
-nothing heavy itself.
+Creating the context takes ~0.2 s on an H200 (importing cuda.bindings, cuInit, retaining the
+primary context), mostly in driver calls that release the GIL, so it overlaps the caller's own
+imports and the manifest read. `zse-run` starts it before it imports the engine. This module
+imports nothing heavy itself.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+
+from ..zsefile import ZseFile, device_window_start
 
 
 class ContextStarter:
@@ -41,3 +44,13 @@ class ContextStarter:
         if self._context is not None:
             self._context.make_current()
         return self._context, self._error
+
+
+def read_ahead(zse: ZseFile) -> threading.Thread | None:
+    """Start reading the bytes the GPU backend will upload (all but the embedding) into the page
+    cache, from the manifest on: with a cold page cache the disk then works while the engine
+    imports and the context starts, instead of only once the upload begins (H200 host, 7B file,
+    `/health` 200 after a dropped cache 3.40-4.10 -> 3.05-3.41 s; the disk reads 1.7 GB/s).
+    The upload stops the reader as it begins (`ZseFile.stop_prefetching`); what it read by then
+    is in the page cache. The reader thread; None for a remote file."""
+    return zse.prefetch(device_window_start(zse))
