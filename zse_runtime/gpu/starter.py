@@ -50,7 +50,8 @@ def read_ahead(zse: ZseFile) -> threading.Thread | None:
     """Start reading the bytes the GPU backend will upload (all but the embedding) into the page
     cache, from the manifest on: with a cold page cache the disk then works while the engine
     imports and the context starts, instead of only once the upload begins (H200 host, 7B file,
-    `/health` 200 after a dropped cache 3.40-4.10 -> 3.05-3.41 s; the disk reads 1.7 GB/s).
+    `/health` 200 after a dropped cache: medians 3.67-3.78 -> 3.12-3.17 s; its disk reads
+    1.7 GB/s).
     The upload stops the reader as it begins (`ZseFile.stop_prefetching`); what it read by then
     is in the page cache. The reader thread; None for a remote file."""
     return zse.prefetch(device_window_start(zse))
