@@ -120,7 +120,8 @@ def test_prefetch_reads_exactly_the_range(tiny_qwen2_zse, monkeypatch):
         assert sum(length for _, length in reads) == zse.header.data_length
 
 
-def test_stop_prefetching_ends_the_reader_at_its_next_chunk(tiny_qwen2_zse, monkeypatch):
+def test_stop_prefetching_and_close_end_the_reader_at_its_next_chunk(tiny_qwen2_zse,
+                                                                     monkeypatch):
     monkeypatch.setattr(zsefile, "PREFETCH_CHUNK", 4096)
     gate = threading.Event()
     reads = _recorded_reads(monkeypatch, gate)
@@ -137,6 +138,15 @@ def test_stop_prefetching_ends_the_reader_at_its_next_chunk(tiny_qwen2_zse, monk
         assert len(reads) == 1  # the read under way finished; no other began
         zse.prefetch().join(30)  # a later prefetch is not stopped by the earlier stop
         assert sum(length for _, length in reads[1:]) == zse.header.data_length
+        gate.clear()
+        reads.clear()
+        reader = zse.prefetch()
+        deadline = time.monotonic() + 10
+        while not reads and time.monotonic() < deadline:
+            time.sleep(0.001)
+    gate.set()  # the file was closed while the reader was held: it ends there too
+    reader.join(30)
+    assert not reader.is_alive() and len(reads) == 1
 
 
 def test_prefetch_of_a_remote_file_does_nothing(tiny_qwen2_zse):

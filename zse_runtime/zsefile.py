@@ -664,7 +664,9 @@ class ZseFile:
                 yield info, actual
 
     def close(self) -> None:
-        """Unmap now if no tensor view is alive; otherwise the last view releases the mapping."""
+        """Unmap now if no tensor view is alive; otherwise the last view releases the mapping.
+        Prefetches end at their next chunk."""
+        self.stop_prefetching()
         self._data, self._closed = None, True
         if self.source is not None:
             self.source.close()
