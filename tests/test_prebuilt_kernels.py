@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -75,19 +76,49 @@ def _arguments(signature: str):
     return args
 
 
+def _value_sizes(form: str) -> list[int]:
+    """Bytes of each parameter's value in a pack_arguments format (every slot is 8 bytes)."""
+    return [4 if code in "if" else 8 for code in re.sub(r"\d+x", "", form.lstrip("<"))]
+
+
 def test_launch_arguments_match_the_compiled_parameter_lists():
-    from zse_runtime.gpu.kernels import _SCALAR_TYPES, DeviceArray
+    from zse_runtime.gpu.kernels import MAX_PARAMETERS, pack_arguments
 
     index = json.loads((PREBUILT / "index.json").read_text())
     for name, (_, signature) in build.kernel_table().items():
         ptx = (PREBUILT / "ptx" / f"{name}.ptx").read_text()
         params = sorted((int(i), _SIZES[t]) for t, i in _PTX_PARAM.findall(ptx))
         assert [i for i, _ in params] == list(range(len(params))), name
-        types = []
-        for arg in _arguments(signature):
-            types += arg.abi()[1] if isinstance(arg, DeviceArray) else [_SCALAR_TYPES[np.asarray(arg).dtype]]
-        assert [ctypes.sizeof(t) for t in types] == [size for _, size in params], name
+        form, values = pack_arguments(_arguments(signature))
+        assert _value_sizes(form) == [size for _, size in params], name
+        assert len(values) == len(params) <= MAX_PARAMETERS, name
+        assert struct.calcsize(form) == 8 * len(params), name
         assert index["entries"][name] in ptx
+
+
+def test_launch_parameters_are_packed_one_slot_each():
+    """The bytes the driver copies: a pointer per parameter, 8 bytes apart, to numba's array
+    fields (meminfo, parent, nitems, itemsize, data, shape, strides in bytes) and to each
+    scalar's value in the low bytes of its slot."""
+    from zse_runtime.gpu.kernels import DeviceArray, ParameterBlock
+
+    block = ParameterBlock(slots=16)
+    args = (DeviceArray(0xABCD00, (3, 5), np.dtype(np.float16)), np.int32(-7), np.float32(1.5),
+            np.int64(-(2**40)), np.uint64(2**63), 9)
+    address = block.fill(args)
+    pointers = (ctypes.c_void_p * 14).from_address(address)
+    base = ctypes.addressof(block.slots)
+    assert [pointers[i] for i in range(14)] == [base + 8 * i for i in range(14)]
+    raw = bytes(block.slots)[:8 * 14]
+    assert struct.unpack_from("<QQqqQqqqq", raw, 0) == (0, 0, 15, 2, 0xABCD00, 3, 5, 10, 2)
+    assert struct.unpack_from("<i", raw, 72) == (-7,)
+    assert struct.unpack_from("<f", raw, 80) == (1.5,)
+    assert struct.unpack_from("<q", raw, 88) == (-(2**40),)
+    assert struct.unpack_from("<Q", raw, 96) == (2**63,)
+    assert struct.unpack_from("<q", raw, 104) == (9,)  # a Python int goes as int64
+    # a second launch reuses the block: its values replace the first's
+    assert block.fill((DeviceArray(0x10, (4,), np.dtype(np.int32)),)) == address
+    assert struct.unpack_from("<QQqqQqq", bytes(block.slots), 0) == (0, 0, 4, 4, 0x10, 4, 4)
 
 
 def test_every_gemv_the_backend_plans_is_shipped():

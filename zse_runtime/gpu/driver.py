@@ -171,6 +171,7 @@ def local_bytes(function) -> int:
 
 
 def launch(function, grid: tuple[int, int, int], block: int, shared_bytes: int, stream: Stream,
-           values: tuple, types: tuple) -> None:
+           parameters: int) -> None:
+    """parameters: the address of an array of pointers to the kernel's parameter values."""
     check(cu.cuLaunchKernel(function, *grid, block, 1, 1, shared_bytes, stream.handle,
-                            (values, types), 0), "cuLaunchKernel")
+                            parameters, 0), "cuLaunchKernel")

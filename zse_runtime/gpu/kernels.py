@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
+import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +18,14 @@ from . import driver
 log = logging.getLogger("zse")
 PREBUILT = Path(__file__).resolve().parent.parent / "kernels" / "prebuilt"
 
-_SCALAR_TYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.float32): ctypes.c_float,
-                 np.dtype(np.int64): ctypes.c_int64, np.dtype(np.uint64): ctypes.c_uint64}
+# Launch parameters go to the driver as an array of pointers, one per parameter, each to an
+# 8-byte slot of one reusable block: struct formats per parameter, a 4-byte value in the low
+# half of its slot (the driver copies each parameter's own size, from the kernel image).
+_SCALAR_FORMATS = {np.int32: "i4x", np.float32: "f4x", np.int64: "q", np.uint64: "Q"}
+# numba's lowering of an array argument: meminfo, parent, nitems, itemsize, data, shape[ndim],
+# strides[ndim] (bytes), every field 8 bytes
+_ARRAY_FORMATS = {ndim: "QQqqQ" + "q" * (2 * ndim) for ndim in range(1, 5)}
+MAX_PARAMETERS = 128
 
 
 @dataclass(frozen=True)
@@ -29,28 +38,63 @@ class DeviceArray:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def rows(self, count: int) -> "DeviceArray":
         """The first `count` rows (a view)."""
         return DeviceArray(self.pointer, (count, *self.shape[1:]), self.dtype)
 
     def reshape(self, *shape: int) -> "DeviceArray":
-        assert np.prod(shape) == np.prod(self.shape), (shape, self.shape)
+        assert math.prod(shape) == math.prod(self.shape), (shape, self.shape)
         return DeviceArray(self.pointer, tuple(shape), self.dtype)
 
-    def abi(self) -> tuple[list, list]:
-        """numba's lowering of an array argument: meminfo, parent, nitems, itemsize, data,
-        shape[ndim], strides[ndim] (bytes)."""
-        strides, step = [], self.dtype.itemsize
-        for extent in reversed(self.shape):
-            strides.insert(0, step)
-            step *= extent
-        values = [0, 0, int(np.prod(self.shape, dtype=np.int64)), self.dtype.itemsize, self.pointer,
-                  *self.shape, *strides]
-        types = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                 *[ctypes.c_int64] * (2 * len(self.shape))]
-        return values, types
+    def abi(self) -> tuple[str, tuple]:
+        """(struct format, values) of numba's lowering of this array as kernel parameters."""
+        shape, itemsize = self.shape, self.dtype.itemsize
+        if len(shape) == 1:
+            strides = (itemsize,)
+        elif len(shape) == 2:
+            strides = (shape[1] * itemsize, itemsize)
+        else:
+            strides = tuple(math.prod(shape[i + 1:]) * itemsize for i in range(len(shape)))
+        return (_ARRAY_FORMATS[len(shape)],
+                (0, 0, math.prod(shape), itemsize, self.pointer, *shape, *strides))
+
+
+def pack_arguments(args) -> tuple[str, tuple]:
+    """(struct format, values) of a kernel's arguments in numba's ABI: DeviceArrays and numpy
+    scalars (np.int32, np.float32, np.int64, np.uint64), one 8-byte slot per parameter."""
+    formats, values = [], []
+    for arg in args:
+        if isinstance(arg, DeviceArray):
+            form, fields = arg.abi()
+            formats.append(form)
+            values += fields
+        else:
+            # numpy scalars as they are; anything else as numpy sees it (a Python int: int64)
+            scalar = arg if type(arg) in _SCALAR_FORMATS else np.asarray(arg)[()]
+            formats.append(_SCALAR_FORMATS[type(scalar)])
+            values.append(scalar.item())
+    return "<" + "".join(formats), tuple(values)
+
+
+class ParameterBlock:
+    """The launch parameters' host memory, reused by every launch on one thread: the driver
+    copies them before cuLaunchKernel returns (into the graph node, while capturing). One
+    struct call packs them; the bindings' (values, ctypes types) form built a ctypes object
+    per argument, most of a short prefill's host time (docs/benchmarks.md)."""
+
+    def __init__(self, slots: int = MAX_PARAMETERS):
+        self.slots = (ctypes.c_uint64 * slots)()
+        base = ctypes.addressof(self.slots)
+        self.pointers = (ctypes.c_void_p * slots)(*(base + 8 * i for i in range(slots)))
+        self.address = ctypes.addressof(self.pointers)
+
+    def fill(self, args) -> int:
+        """Pack `args` into the block; returns the address of its pointer array."""
+        form, values = pack_arguments(args)
+        struct.pack_into(form, self.slots, 0, *values)
+        return self.address
 
 
 def download(stream: driver.Stream, array: DeviceArray) -> np.ndarray:
@@ -97,17 +141,11 @@ class KernelLibrary:
                 name: driver.Module((prebuilt / "ptx" / f"{name}.ptx").read_bytes() + b"\0").function(entry)
                 for name, entry in self.entries.items()}
         self.local_bytes = max(driver.local_bytes(f) for f in self.functions.values())
+        self._blocks = threading.local()  # a ParameterBlock per launching thread
 
     def launch(self, name: str, grid, block: int, stream: driver.Stream, *args) -> None:
         grid = (grid, 1, 1) if isinstance(grid, int) else (*grid, *(1,) * (3 - len(grid)))
-        values, types = [], []
-        for arg in args:
-            if isinstance(arg, DeviceArray):
-                v, t = arg.abi()
-                values += v
-                types += t
-            else:
-                scalar = np.asarray(arg)
-                values.append(scalar.item())
-                types.append(_SCALAR_TYPES[scalar.dtype])
-        driver.launch(self.functions[name], grid, block, 0, stream, tuple(values), tuple(types))
+        parameters = getattr(self._blocks, "block", None)
+        if parameters is None:
+            parameters = self._blocks.block = ParameterBlock()
+        driver.launch(self.functions[name], grid, block, 0, stream, parameters.fill(args))
