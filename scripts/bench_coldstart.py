@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -158,6 +159,30 @@ def summarise(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
     return summary
 
 
+# what zse-run's two processes import on the way to /health 200
+STARTUP_PACKAGES = ("numpy", "cuda.bindings", "starlette", "uvicorn", "anyio", "jinja2",
+                    "tokenizers", "prometheus_client", "msgspec", "typer", "zse_runtime")
+
+
+def bytecode_state(packages=STARTUP_PACKAGES) -> dict[str, Any]:
+    """Whether the packages zse-run imports at start-up come byte-compiled. Python compiles a
+    module without a .pyc at every import when it may not write one (PYTHONDONTWRITEBYTECODE, a
+    read-only tree): on the H200 host that was 0.1-0.4 s of every warm start (docs/benchmarks.md,
+    sixteenth session), so a start-up figure means little without this."""
+    import importlib.util
+
+    compiled = {}
+    for name in packages:
+        try:
+            origin = importlib.util.find_spec(name).origin
+        except (ImportError, AttributeError, ValueError):  # not installed
+            compiled[name] = None
+            continue
+        compiled[name] = os.path.exists(importlib.util.cache_from_source(origin))
+    return {"dont_write_bytecode": bool(sys.flags.dont_write_bytecode),
+            "package_init_compiled": compiled}
+
+
 ZSE_KEYS = ["spawn_to_health_200_s", "spawn_to_first_token_s", "chat_request_to_first_token_s",
             "spawn_to_http_up_s", "spawn_to_engine_import_s", "spawn_to_http_import_s",
             "spawn_to_tokenizer_built_s", "engine_open_s", "gpu_in_use_gib"]
@@ -214,7 +239,11 @@ def main() -> int:
                      "zse": str(models.zse), "zse_bytes": models.zse.stat().st_size,
                      "checkpoint": str(models.checkpoint) if models.checkpoint else None,
                      "chat_request": CHAT},
-        "models": models.provenance}
+        "models": models.provenance, "bytecode": bytecode_state()}
+    uncompiled = [n for n, c in result["bytecode"]["package_init_compiled"].items() if c is False]
+    if uncompiled:
+        print(f"note: no .pyc for {', '.join(uncompiled)}: their imports compile from source at "
+              "every start (python -m compileall on their site-packages removes that)", flush=True)
     lanes: list = []
     save = lambda: benchlib.write_json(args.out, "bench_coldstart.json", result)  # noqa: E731
 

@@ -63,6 +63,31 @@ def test_bench_coldstart_cpu(tmp_path, work):
     assert positive(report["models"]["conversion"]["convert_s"])
     assert report["settings"]["max_model_len"] == 4096 and report["settings"]["slots"] == 1
     assert png(tmp_path / "coldstart_waterfall.png")
+    bytecode = report["bytecode"]
+    assert bytecode["dont_write_bytecode"] == bool(sys.flags.dont_write_bytecode)
+    assert {"numpy", "starlette", "tokenizers", "zse_runtime"} <= set(
+        bytecode["package_init_compiled"])
+
+
+def test_bench_coldstart_says_which_packages_lack_bytecode(tmp_path, monkeypatch):
+    """A start-up figure depends on whether imports compile from source: the benchmark records
+    it per package (compiled, not, or not installed)."""
+    import compileall
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench_coldstart import bytecode_state
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    package = tmp_path / "zse_probe_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("zse_probe_package", "zse_no_such_package")
+    assert bytecode_state(names)["package_init_compiled"] == {
+        "zse_probe_package": False, "zse_no_such_package": None}
+    assert compileall.compile_dir(str(package), quiet=1)
+    assert bytecode_state(names)["package_init_compiled"]["zse_probe_package"] is True
 
 
 def test_bench_decode_cpu(tmp_path, work):
