@@ -175,7 +175,7 @@ def bytecode_state(packages=STARTUP_PACKAGES) -> dict[str, Any]:
     for name in packages:
         try:
             origin = importlib.util.find_spec(name).origin
-        except (ImportError, AttributeError, ValueError):  # not installed
+        except (ImportError, AttributeError, TypeError, ValueError):  # not installed, no file
             compiled[name] = None
             continue
         compiled[name] = os.path.exists(importlib.util.cache_from_source(origin))
