@@ -74,11 +74,9 @@ def test_bench_coldstart_says_which_packages_lack_bytecode(tmp_path, monkeypatch
     it per package (compiled, not, or not installed)."""
     import compileall
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from bench_coldstart import bytecode_state
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bench_coldstart import bytecode_state
+
     package = tmp_path / "zse_probe_package"
     package.mkdir()
     (package / "__init__.py").write_text("VALUE = 1\n")

@@ -50,15 +50,13 @@ class DeviceArray:
 
     def abi(self) -> tuple[str, tuple]:
         """(struct format, values) of numba's lowering of this array as kernel parameters."""
-        shape, itemsize = self.shape, self.dtype.itemsize
-        if len(shape) == 1:
-            strides = (itemsize,)
-        elif len(shape) == 2:
-            strides = (shape[1] * itemsize, itemsize)
-        else:
-            strides = tuple(math.prod(shape[i + 1:]) * itemsize for i in range(len(shape)))
-        return (_ARRAY_FORMATS[len(shape)],
-                (0, 0, math.prod(shape), itemsize, self.pointer, *shape, *strides))
+        itemsize = self.dtype.itemsize
+        strides, step = [], itemsize  # C order: the last dimension's stride is the item's size
+        for extent in reversed(self.shape):
+            strides.append(step)
+            step *= extent
+        return (_ARRAY_FORMATS[len(self.shape)],
+                (0, 0, step // itemsize, itemsize, self.pointer, *self.shape, *reversed(strides)))
 
 
 def pack_arguments(args) -> tuple[str, tuple]:
