@@ -1,22 +1,27 @@
-"""A block scheduler for numba's CUDA simulator that waits instead of polling.
+"""A block scheduler for numba's CUDA simulator: a block's threads as greenlets, not OS threads.
 
-The simulator runs each CUDA thread of a block as a Python thread, and its BlockManager finds
-threads blocked in syncthreads() by polling them in a busy loop. That loop fights the worker
-threads for the GIL: profiled on the 2-core CI box, 75% of a GEMV test's 308 s went to the
-poll (300 million `Thread.is_alive` calls). Here the last thread to reach a barrier opens it,
-and the manager sleeps until a thread ends. The semantics are the simulator's: a barrier opens
-when every live thread of the block waits at it; an exception in one thread aborts the others
-and is re-raised.
+The simulator runs each CUDA thread of a block as a Python thread and finds threads blocked in
+syncthreads() by polling them. On the 2-core CI box that cost most of the kernel tests' time:
+first the poll itself (300 million `Thread.is_alive` calls in one GEMV test), then, with the
+poll replaced by a condition variable, the hand-offs of the GIL: at every barrier each of a
+block's 128 threads is woken by the OS and waits for the GIL in turn (the GIL sat idle ~40% of
+the time), and the warp helpers of kernels/common.py put two barriers behind every warp sum.
+Here a block's threads are greenlets on the launching thread: each runs until it reaches a
+barrier (a switch back to the block's loop) or returns, and a barrier opens when every thread
+still running has reached it. That is the simulator's semantics with no OS scheduling at all,
+in a deterministic order: ascending thread index up to the first barrier, descending up to the
+next, and so on, so that a value read from another thread without a barrier between the write
+and the read is stale in one of the two directions. An exception in one thread ends the launch
+with the simulator's message (its thread and block indices).
 
 The simulator also finds a block's shared arrays by their call site, which it reads from a full
 `traceback.extract_stack` per call: every thread of every block formats the whole stack (pytest's
 frames included) and stats its files through linecache, ~40% of the CPU time of an attention
 test. `_shared_array_by_call_site` keys the same (file, line) from the caller's frame directly.
 And every call of a device function swaps its module's `cuda` for the fake module under a
-per-module lock, twice per call: with a block's 128 threads calling dp4a in a loop, those locks
-and the GIL hand-offs they cause were most of a GEMV test's time. Here a launch swaps every
-device function's module once for the whole launch (the simulator runs one launch at a time),
-and device calls inside it go straight to the function.
+per-module lock, twice per call. Here a launch swaps every device function's module once for
+the whole launch (the simulator runs one launch at a time), and device calls inside it go
+straight to the function.
 
 `install()` patches numba_cuda's simulator in place (conftest.py calls it before any test).
 """
@@ -29,68 +34,78 @@ from contextlib import ExitStack, contextmanager
 from types import SimpleNamespace
 
 import numpy as np
+from greenlet import greenlet
 from numba.cuda.simulator import kernel as sim
 from numba.cuda.simulator import kernelapi
 
 
+class _SimulatedThread:
+    """One CUDA thread of the block being run: what the fake cuda module reads through
+    `threading.current_thread()` (its indices) and calls for barriers."""
+
+    def __init__(self, manager, block_index, thread_index):
+        self._manager = manager
+        self.blockIdx = kernelapi.Dim3(*block_index)
+        self.threadIdx = kernelapi.Dim3(*thread_index)
+        x, y, _ = manager._block_dim
+        self.thread_id = self.threadIdx.x + x * (self.threadIdx.y + y * self.threadIdx.z)
+
+    def syncthreads(self):
+        self._block_loop.switch()  # back to _run; resumed when the barrier opens
+
+    # the simulator's own reductions over a barrier (manager.block_state, two syncthreads)
+    syncthreads_count = sim.BlockThread.syncthreads_count
+    syncthreads_and = sim.BlockThread.syncthreads_and
+    syncthreads_or = sim.BlockThread.syncthreads_or
+
+
+_running: _SimulatedThread | None = None  # the simulated thread whose greenlet runs now
+
+
+class _ThreadingForKernelApi:
+    """kernelapi's `threading`: `current_thread()` is the simulated thread running now."""
+
+    def __getattr__(self, name):
+        return getattr(threading, name)
+
+    @staticmethod
+    def current_thread():
+        return _running if _running is not None else threading.current_thread()
+
+
 def _run(self, grid_point, *args):
-    threads = [sim.BlockThread(lambda: self._f(*args), self, grid_point, block_point, self._debug)
-               for block_point in np.ndindex(*self._block_dim)]
-    self.condition, self.blocked, self.finished = threading.Condition(), set(), 0
-    self.threads, self.failed = len(threads), None
-    for thread in threads:
-        thread.start()
-    with self.condition:  # woken only when a thread ends (barriers are opened by the threads)
-        while self.finished < len(threads) and self.failed is None:
-            self.condition.wait()
-    if self.failed is not None:
-        for other in threads:  # as the simulator: abort the others, then raise
-            other.abort = True
-            other.syncthreads_blocked = False
-            other.syncthreads_event.set()
-        raise self.failed.exception[0].with_traceback(self.failed.exception[1])
-    for thread in threads:
-        thread.join()
+    """BlockManager.run: every thread of the block to its next barrier (or its end), in
+    alternating thread order, until none is left."""
+    global _running
+    loop = greenlet.getcurrent()
+    debug = self._debug
 
+    def body():
+        if debug:  # as the simulator's debug mode: division by zero raises
+            np.seterr(divide="raise")
+        self._f(*args)
 
-def _open_barrier_if_all_wait(manager) -> None:
-    """With manager.condition held: when every live thread waits at the barrier, release them."""
-    alive = manager.threads - manager.finished
-    if alive and len(manager.blocked) == alive:
-        for thread in manager.blocked:
-            thread.syncthreads_blocked = False
-            thread.syncthreads_event.set()
-        manager.blocked = set()
-
-
-def _syncthreads(self):
-    if self.abort:
-        raise RuntimeError("abort flag set on syncthreads call")
-    manager = self._manager
-    with manager.condition:
-        self.syncthreads_blocked = True
-        manager.blocked.add(self)
-        _open_barrier_if_all_wait(manager)  # the last to arrive opens it (its own event too)
-    self.syncthreads_event.wait()
-    self.syncthreads_event.clear()
-    if self.abort:
-        raise RuntimeError("abort flag set on syncthreads clear")
-
-
-_thread_run = sim.BlockThread.run
-
-
-def _thread_run_then_notify(self):
+    waiting = []
+    for block_point in np.ndindex(*self._block_dim):
+        thread = _SimulatedThread(self, grid_point, block_point)
+        thread._block_loop = loop
+        waiting.append((thread, greenlet(body)))
     try:
-        _thread_run(self)  # records an exception on the thread instead of raising
+        while waiting:
+            still_running = []
+            for thread, task in waiting:
+                _running = thread
+                try:
+                    task.switch()
+                except Exception as error:
+                    tid, ctaid = list(thread.threadIdx), list(thread.blockIdx)
+                    message = f"tid={tid} ctaid={ctaid}" + (f": {error}" if str(error) else "")
+                    raise type(error)(message).with_traceback(error.__traceback__) from None
+                if not task.dead:  # it waits at a barrier
+                    still_running.append((thread, task))
+            waiting = still_running[::-1]  # the other order up to the next barrier
     finally:
-        manager = self._manager
-        with manager.condition:
-            manager.finished += 1
-            if self.exception and manager.failed is None:
-                manager.failed = self
-            _open_barrier_if_all_wait(manager)  # the others may all be waiting for this one
-            manager.condition.notify()
+        _running = None
 
 
 _shared_array = kernelapi.FakeCUDAShared.array
@@ -149,5 +164,4 @@ def install() -> None:
     sim._push_kernel_context = _push_swapping_device_modules
     kernelapi.FakeCUDAShared.array = _shared_array_by_call_site
     sim.BlockManager.run = _run
-    sim.BlockThread.syncthreads = _syncthreads
-    sim.BlockThread.run = _thread_run_then_notify
+    kernelapi.threading = _ThreadingForKernelApi()

@@ -77,3 +77,23 @@ def _fails_while_others_wait(x):
 def test_an_exception_in_one_thread_ends_the_launch():
     with pytest.raises(IndexError, match=r"tid=\[5, 0, 0\]"):
         _fails_while_others_wait[1, 32](np.zeros(32, np.int32))
+
+
+@cuda.jit
+def _reads_a_neighbour_without_a_barrier(out):
+    """A race on a GPU: after the barrier, each thread writes its slot and reads the slot of the
+    thread below it with no barrier between."""
+    tid = cuda.threadIdx.x
+    slots = cuda.shared.array(8, int32)
+    slots[tid] = -1
+    cuda.syncthreads()
+    slots[tid] = tid
+    out[tid] = slots[tid - 1] if tid > 0 else 0
+
+
+def test_a_missing_barrier_reads_a_stale_value():
+    """Threads run in descending order between the first and second barrier, so the lower
+    neighbour has not written yet: the race shows as -1 instead of passing by luck."""
+    out = np.zeros(8, np.int32)
+    _reads_a_neighbour_without_a_barrier[1, 8](out)
+    assert out.tolist() == [0] + [-1] * 7
