@@ -54,6 +54,21 @@ def test_every_kernel_compiles_for_sm75_and_matches_the_shipped_ptx(tmp_path):
         assert (tmp_path / f"{arch}.cubin").read_bytes()[:4] == b"\x7fELF"
 
 
+def test_shared_arrays_are_named_by_kernel_not_by_compile_order():
+    """numba's counter-based names become the kernel's own, numbered by first appearance, so a
+    kernel's PTX is the same whichever process compiled it and whatever it compiled before."""
+    ptx = (".visible .shared .align 4 .b8 _cudapy_smem_12[16];\n"
+           ".visible .shared .align 4 .b8 _cudapy_smem_120[64];\n"
+           "mov.u64 %rd1, _cudapy_smem_120;\nmov.u64 %rd2, _cudapy_smem_12;\n")
+    assert build._name_shared_arrays(ptx, "silu_mul") == (
+        ".visible .shared .align 4 .b8 silu_mul_smem_0[16];\n"
+        ".visible .shared .align 4 .b8 silu_mul_smem_1[64];\n"
+        "mov.u64 %rd1, silu_mul_smem_1;\nmov.u64 %rd2, silu_mul_smem_0;\n")
+    shipped = {path.stem: path.read_text() for path in (PREBUILT / "ptx").glob("*.ptx")}
+    for name, text in shipped.items():
+        assert "_cudapy_smem" not in text and set(re.findall(r"\b(\w+)_smem_\d+\b", text)) <= {name}
+
+
 _PTX_PARAM = re.compile(r"\.param\s+\.(\w+)\s+[\w$]+_param_(\d+)")
 _SIZES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4}
 _NUMPY = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "uint32": np.uint32,

@@ -15,8 +15,10 @@ import argparse
 import hashlib
 import importlib
 import json
+import multiprocessing
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 PREBUILT = Path(__file__).resolve().parent / "prebuilt"
@@ -69,20 +71,58 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def compile_all() -> tuple[dict[str, str], dict[str, str]]:
-    """Returns (kernel -> PTX text, kernel -> mangled entry name)."""
+# The kernels compile in two processes, each taking a fixed list of modules in a fixed order:
+# numba numbers a process's functions (the `v<N>` in an entry's mangled name) as it compiles
+# them, so a kernel's PTX is reproducible only if its process compiled the same things before it.
+# The attention modules take about as long as all the others (25 s and 30 s on the 2-core CI
+# box, against 56 s in one process).
+COMPILE_SHARDS = (("attention", "attention_tiled"),
+                  tuple(m for m in MODULES if m not in ("attention", "attention_tiled")))
+_SHARED_ARRAY = re.compile(r"\b_cudapy_smem_\d+\b")
+
+
+def _name_shared_arrays(text: str, kernel: str) -> str:
+    """numba names shared arrays `_cudapy_smem_N` from a per-process counter, so two processes
+    give clashing names (the PTX declares them at module scope). They become
+    `<kernel>_smem_<i>`, numbered in order of first appearance in the kernel's PTX."""
+    names: dict[str, str] = {}
+    return _SHARED_ARRAY.sub(
+        lambda m: names.setdefault(m.group(0), f"{kernel}_smem_{len(names)}"), text)
+
+
+def _compile_modules(modules: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """Kernel -> (PTX text, mangled entry name) for the kernels of `modules`, in order, with
+    each module's register caps."""
     from numba import cuda
 
-    ptx, entries = {}, {}
-    caps = register_caps()
-    for name, (function, signature) in kernel_table().items():
-        text, _ = cuda.compile_ptx(function, signature, cc=PTX_COMPUTE_CAPABILITY, lineinfo=False)
-        if name in caps:
-            text = _cap_registers(text, caps[name])
-        found = re.findall(r"\.entry\s+([\w$]+)\s*\(", text)
-        assert len(found) == 1, f"{name}: expected one entry point, found {found}"
-        ptx[name], entries[name] = text, found[0]
-    return ptx, entries
+    compiled, caps = {}, register_caps()
+    for module in modules:
+        for name, (function, signature) in importlib.import_module(
+                f"{__package__}.{module}").KERNELS.items():
+            text, _ = cuda.compile_ptx(function, signature, cc=PTX_COMPUTE_CAPABILITY,
+                                       lineinfo=False)
+            text = _name_shared_arrays(text, name)
+            if name in caps:
+                text = _cap_registers(text, caps[name])
+            found = re.findall(r"\.entry\s+([\w$]+)\s*\(", text)
+            assert len(found) == 1, f"{name}: expected one entry point, found {found}"
+            compiled[name] = text, found[0]
+    return compiled
+
+
+def compile_all() -> tuple[dict[str, str], dict[str, str]]:
+    """Returns (kernel -> PTX text, kernel -> mangled entry name), in kernel_table() order;
+    each of COMPILE_SHARDS in a fresh process, run side by side."""
+    compiled = {}
+    with ProcessPoolExecutor(len(COMPILE_SHARDS),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        for shard in pool.map(_compile_modules, COMPILE_SHARDS):
+            compiled.update(shard)
+    names = list(kernel_table())
+    assert sorted(compiled) == sorted(names), "COMPILE_SHARDS must cover MODULES"
+    entries = {name: compiled[name][1] for name in names}
+    assert len(set(entries.values())) == len(entries), f"entry names clash: {entries}"
+    return {name: compiled[name][0] for name in names}, entries
 
 
 def link_cubin(ptx: dict[str, str], arch: str) -> bytes:
