@@ -20,12 +20,17 @@ def silu_mul(gate_up, out, quantize, xq, xstep, xsum, deferred, norm_sumsq, eps)
     inter = out.shape[1]
     t = cuda.blockIdx.x
     c = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-    scale = deferred_norm_inverse(norm_sumsq, t, eps) if deferred else float32(1.0)
     active = c < inter  # uniform over each warp: I is a multiple of 32
+    gate = float32(0.0)
+    up = float32(0.0)
+    if active:  # in flight while the deferred norm's sums of squares are loaded and summed
+        gate = gate_up[t, c]
+        up = gate_up[t, inter + c]
+    scale = deferred_norm_inverse(norm_sumsq, t, eps) if deferred else float32(1.0)
     value = float32(0.0)
     if active:
-        gate = gate_up[t, c] * scale
-        value = gate / (float32(1.0) + math.exp(-gate)) * (gate_up[t, inter + c] * scale)
+        gate *= scale
+        value = gate / (float32(1.0) + math.exp(-gate)) * (up * scale)
         out[t, c] = value
     if quantize:
         quantize_lane(value, c, active, xq, xstep, xsum, t)

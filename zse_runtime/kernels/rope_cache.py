@@ -20,7 +20,6 @@ def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num
     32: a thread per rotated pair ((H + KVH) * D/2 of them) or copied value (KVH * D), so a
     decode step's token is spread over many blocks instead of looping in one."""
     t = cuda.blockIdx.x
-    scale = deferred_norm_inverse(norm_sumsq, t, eps) if deferred else float32(1.0)
     e = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     position = positions[t]
     slot = slots[t]
@@ -28,16 +27,38 @@ def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num
     dim = k_cache.shape[3]
     half = dim // 2
     rotations = (num_heads + kv_heads) * half
-    if e < rotations:
-        head = e // half
-        i = e % half
+    rotating = e < rotations
+    copying = not rotating and e < rotations + kv_heads * dim
+    # this thread's inputs, in flight while the deferred norm's sums of squares are loaded and
+    # summed (all of a block's threads take part in that warp sum)
+    head = e // half
+    i = e % half
+    column = (num_heads + kv_heads) * dim + e - rotations
+    a = float32(0.0)
+    b = float32(0.0)
+    c = float32(0.0)
+    s = float32(0.0)
+    bias_a = float32(0.0)
+    bias_b = float32(0.0)
+    if rotating:
         c = cos[position, i]
         s = sin[position, i]
-        a = qkv[t, head * dim + i] * scale
-        b = qkv[t, head * dim + i + half] * scale
+        a = qkv[t, head * dim + i]
+        b = qkv[t, head * dim + i + half]
         if has_bias:
-            a += bias[head * dim + i]
-            b += bias[head * dim + i + half]
+            bias_a = bias[head * dim + i]
+            bias_b = bias[head * dim + i + half]
+    elif copying:
+        a = qkv[t, column]
+        if has_bias:
+            bias_a = bias[column]
+    scale = deferred_norm_inverse(norm_sumsq, t, eps) if deferred else float32(1.0)
+    if rotating:
+        a *= scale
+        b *= scale
+        if has_bias:
+            a += bias_a
+            b += bias_b
         first = a * c - b * s
         second = b * c + a * s
         if head < num_heads:
@@ -47,13 +68,12 @@ def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num
             kv = head - num_heads
             k_cache[slot, kv, position, i] = first
             k_cache[slot, kv, position, i + half] = second
-    elif e < rotations + kv_heads * dim:
-        e -= rotations
-        column = (num_heads + kv_heads) * dim + e
-        value = qkv[t, column] * scale
+    elif copying:
+        a *= scale
         if has_bias:
-            value += bias[column]
-        v_cache[slot, e // dim, position, e % dim] = value
+            a += bias_a
+        e -= rotations
+        v_cache[slot, e // dim, position, e % dim] = a
 
 
 KERNELS = {
