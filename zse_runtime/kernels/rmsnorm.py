@@ -71,16 +71,18 @@ def add_rmsnorm(delta, residual, weight, eps, accumulate, slice_width, residual_
     for start in range(first, last, threads):  # block-uniform trip count, for quantize_lane
         h = start + cuda.threadIdx.x
         value = float32(0.0)
+        gamma = float32(0.0)
         if h < last:
+            gamma = weight[h]  # loaded with the row's values, not after the warp sum below
             value = delta[t, h] + residual[t, h] if accumulate else delta[t, h]
             residual_out[t, h] = value
             if not deferred:
-                out[t, h] = value * inv * weight[h]
+                out[t, h] = value * inv * gamma
         if deferred:
             squares = warp_sum(value * value)
             if h < last and h % WARP == 0:
                 norm_sumsq[t, h // WARP] = squares
-            quantize_lane(value * weight[min(h, hidden - 1)], h, h < last, xq, xstep, xsum, t)
+            quantize_lane(value * gamma, h, h < last, xq, xstep, xsum, t)
 
 
 KERNELS = {
