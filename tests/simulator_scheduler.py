@@ -43,8 +43,9 @@ class _SimulatedThread:
     """One CUDA thread of the block being run: what the fake cuda module reads through
     `threading.current_thread()` (its indices) and calls for barriers."""
 
-    def __init__(self, manager, block_index, thread_index):
+    def __init__(self, manager, block_loop, block_index, thread_index):
         self._manager = manager
+        self._block_loop = block_loop  # the greenlet running the block (_run)
         self.blockIdx = kernelapi.Dim3(*block_index)
         self.threadIdx = kernelapi.Dim3(*thread_index)
         x, y, _ = manager._block_dim
@@ -87,8 +88,7 @@ def _run(self, grid_point, *args):
 
     waiting = []
     for block_point in np.ndindex(*self._block_dim):
-        thread = _SimulatedThread(self, grid_point, block_point)
-        thread._block_loop = loop
+        thread = _SimulatedThread(self, loop, grid_point, block_point)
         waiting.append((thread, greenlet(body)))
     try:
         while waiting:
