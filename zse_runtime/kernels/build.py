@@ -76,8 +76,8 @@ def source_digest() -> str:
 # them, so a kernel's PTX is reproducible only if its process compiled the same things before it.
 # The attention modules take about as long as all the others (25 s and 30 s on the 2-core CI
 # box, against 56 s in one process).
-COMPILE_SHARDS = (("attention", "attention_tiled"),
-                  tuple(m for m in MODULES if m not in ("attention", "attention_tiled")))
+_ATTENTION_MODULES = ("attention", "attention_tiled")
+COMPILE_SHARDS = (_ATTENTION_MODULES, tuple(m for m in MODULES if m not in _ATTENTION_MODULES))
 _SHARED_ARRAY = re.compile(r"\b_cudapy_smem_\d+\b")
 
 
