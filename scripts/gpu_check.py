@@ -671,6 +671,36 @@ def synthetic_model(work: Path, long_text: str) -> None:
     rng = np.random.default_rng(5)
     prompts = {"short": rng.integers(0, 300, 150).tolist(), "long": rng.integers(0, 300, 1100).tolist()}
     _engine_vs_transformers("synthetic qwen2", out, checkpoint, prompts)
+    dependent_launch(out, prompts["short"])
+
+
+@check("dependent launch")
+def dependent_launch(zse_path: Path, prompt: list[int], steps: int = 64) -> None:
+    """The GEMVs launched as dependents (kernels/grid_dependency.py) change when a kernel starts,
+    never what it computes: greedy tokens through the decode graphs and eager decode logits
+    equal, bit for bit, those of an engine that launches every kernel after the previous one."""
+    from zse_runtime.engine import Engine
+    from zse_runtime.model import Batch
+
+    runs = {}
+    for mode in ("1", "0"):
+        os.environ["ZSE_DEPENDENT_LAUNCH"] = mode
+        engine = Engine.open(zse_path, device="cuda", max_model_len=2048, slots=4)
+        tokens = list(engine.generate(prompt, steps, ignore_eos=True))
+        n = len(prompt)
+        logits = [engine.ops.to_host(engine.forward(Batch.of([token], [n + i], [0], [0])))
+                  for i, token in enumerate(tokens[:8])]
+        runs[mode] = (tokens, np.stack(logits), sorted(engine.ops.kernels.dependents))
+        del engine
+    os.environ.pop("ZSE_DEPENDENT_LAUNCH")
+    (tokens, logits, dependents), (serial_tokens, serial_logits, none) = runs["1"], runs["0"]
+    record("dependent launch: kernels launched as dependents", bool(dependents) and not none,
+           f"{dependents or 'none (no sm_90 cubin with griddepcontrol)'}")
+    record("dependent launch: greedy tokens == serial launches", tokens == serial_tokens,
+           f"{sum(a == b for a, b in zip(tokens, serial_tokens))}/{steps} equal")
+    record("dependent launch: decode logits == serial launches, bit for bit",
+           np.array_equal(logits, serial_logits),
+           f"max abs diff {np.abs(logits - serial_logits).max():.1e} over 8 eager steps")
 
 
 @check("SmolLM2")

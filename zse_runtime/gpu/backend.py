@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -200,7 +201,11 @@ class GpuOps:
         self.batch_invariant = batch_invariant  # decode batches stay on the GEMV tiles
         self.multiprocessors = context.info.multiprocessors
         t = time.perf_counter()
-        self.kernels = KernelLibrary(context.info.compute_capability)
+        # ZSE_DEPENDENT_LAUNCH=0 launches every kernel after the previous one ends (diagnostics
+        # and A/B runs; kernels/grid_dependency.py)
+        self.kernels = KernelLibrary(
+            context.info.compute_capability,
+            dependent_launch=os.environ.get("ZSE_DEPENDENT_LAUNCH", "1") != "0")
         # no kernel has a stack frame (tests/test_prebuilt_kernels.py): reserve what they use
         # rather than CUDA's 1 KiB per resident thread
         context.set_stack_size(self.kernels.local_bytes)

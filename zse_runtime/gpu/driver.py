@@ -175,3 +175,27 @@ def launch(function, grid: tuple[int, int, int], block: int, shared_bytes: int, 
     """parameters: the address of an array of pointers to the kernel's parameter values."""
     check(cu.cuLaunchKernel(function, *grid, block, 1, 1, shared_bytes, stream.handle,
                             parameters, 0), "cuLaunchKernel")
+
+
+class DependentLaunch:
+    """Launches that may begin before the previous kernel in the stream ends (programmatic
+    dependent launch, sm_90+; kernels/grid_dependency.py): the kernel waits for its inputs
+    itself. One reusable launch configuration per launching thread."""
+
+    def __init__(self):
+        attribute = cu.CUlaunchAttribute()
+        attribute.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attribute.value.programmaticStreamSerializationAllowed = 1
+        self.config = cu.CUlaunchConfig()
+        self.config.attrs = [attribute]
+        self.config.numAttrs = 1
+        self.config.blockDimY = self.config.blockDimZ = 1
+
+    def launch(self, function, grid: tuple[int, int, int], block: int, shared_bytes: int,
+               stream: Stream, parameters: int) -> None:
+        config = self.config
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX = block
+        config.sharedMemBytes = shared_bytes
+        config.hStream = stream.handle
+        check(cu.cuLaunchKernelEx(config, function, parameters, 0), "cuLaunchKernelEx")

@@ -121,11 +121,18 @@ def upload(stream: driver.Stream, pointer: int, values: np.ndarray) -> None:
 class KernelLibrary:
     """All kernels for one GPU: the cubin built for its architecture, else the PTX (driver JIT)."""
 
-    def __init__(self, compute_capability: tuple[int, int], prebuilt: Path = PREBUILT):
+    def __init__(self, compute_capability: tuple[int, int], prebuilt: Path = PREBUILT,
+                 dependent_launch: bool = True):
         index = json.loads((prebuilt / "index.json").read_text())
         arch = f"sm_{compute_capability[0]}{compute_capability[1]}"
         cubin = prebuilt / f"kernels.{arch}.cubin"
         self.entries: dict[str, str] = index["entries"]
+        # kernels that wait for their inputs themselves in this architecture's cubin, launched
+        # so that they may start before the kernel ahead of them ends (grid_dependency.py)
+        dependents = index.get("dependent_launch", {})
+        self.dependents: frozenset[str] = frozenset(
+            dependents.get("kernels", []) if dependent_launch and cubin.exists()
+            and arch in dependents.get("architectures", []) else [])
         if cubin.exists():
             module = driver.Module(cubin.read_bytes())
             self.source = f"prebuilt cubin {cubin.name}"
@@ -139,11 +146,16 @@ class KernelLibrary:
                 name: driver.Module((prebuilt / "ptx" / f"{name}.ptx").read_bytes() + b"\0").function(entry)
                 for name, entry in self.entries.items()}
         self.local_bytes = max(driver.local_bytes(f) for f in self.functions.values())
-        self._blocks = threading.local()  # a ParameterBlock per launching thread
+        self._per_thread = threading.local()  # a ParameterBlock and DependentLaunch each
 
     def launch(self, name: str, grid, block: int, stream: driver.Stream, *args) -> None:
         grid = (grid, 1, 1) if isinstance(grid, int) else (*grid, *(1,) * (3 - len(grid)))
-        parameters = getattr(self._blocks, "block", None)
-        if parameters is None:
-            parameters = self._blocks.block = ParameterBlock()
-        driver.launch(self.functions[name], grid, block, 0, stream, parameters.fill(args))
+        mine = self._per_thread
+        if not hasattr(mine, "parameters"):
+            mine.parameters = ParameterBlock()
+            mine.dependent = driver.DependentLaunch() if self.dependents else None
+        parameters = mine.parameters.fill(args)
+        if name in self.dependents:
+            mine.dependent.launch(self.functions[name], grid, block, 0, stream, parameters)
+        else:
+            driver.launch(self.functions[name], grid, block, 0, stream, parameters)

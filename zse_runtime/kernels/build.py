@@ -21,11 +21,15 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from .grid_dependency import MARKER, for_sm90, uses_grid_dependency
+
 PREBUILT = Path(__file__).resolve().parent / "prebuilt"
 MODULES = ("embedding", "gather", "rmsnorm", "quantize_activations", "gemv_int4", "gemm_int4",
            "gemv_fp16", "gemm_fp16", "rope_cache", "attention", "attention_tiled", "activation", "sampling")
 ARCHITECTURES = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 PTX_COMPUTE_CAPABILITY = (7, 5)
+# cubins whose kernels get griddepcontrol instructions in place of grid_dependency's markers
+DEPENDENT_LAUNCH_ARCHITECTURES = ("sm_90",)
 INDEX = "index.json"
 
 
@@ -65,9 +69,11 @@ def source_digest() -> str:
 
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in ("build", "common", "geometry", "memory", "mma_tile", *MODULES):
+    for name in ("build", "common", "geometry", "grid_dependency", "memory", "mma_tile",
+                 *MODULES):
         digest.update((here / f"{name}.py").read_bytes())
-    digest.update(repr((ARCHITECTURES, PTX_COMPUTE_CAPABILITY, numba_cuda_version)).encode())
+    digest.update(repr((ARCHITECTURES, DEPENDENT_LAUNCH_ARCHITECTURES, PTX_COMPUTE_CAPABILITY,
+                        numba_cuda_version)).encode())
     return digest.hexdigest()
 
 
@@ -128,6 +134,9 @@ def compile_all() -> tuple[dict[str, str], dict[str, str]]:
 def link_cubin(ptx: dict[str, str], arch: str) -> bytes:
     from cuda.core import Linker, LinkerOptions, ObjectCode
 
+    if arch in DEPENDENT_LAUNCH_ARCHITECTURES:
+        ptx = {name: for_sm90(text) if uses_grid_dependency(text) else text
+               for name, text in ptx.items()}
     objects = [ObjectCode.from_ptx(text.encode()) for text in ptx.values()]
     return bytes(Linker(*objects, options=LinkerOptions(arch=arch)).link("cubin").code)
 
@@ -143,8 +152,13 @@ def build(out: Path = PREBUILT) -> dict:
         (out / "ptx" / f"{name}.ptx").write_text(text)
     for arch in ARCHITECTURES:
         (out / f"kernels.{arch}.cubin").write_bytes(link_cubin(ptx, arch))
+    # launched as dependents: the kernels that wait for their inputs (the others only let
+    # theirs start early, or carry no marker)
+    waiting = [name for name, text in ptx.items() if MARKER + "wait" in text]
     index = {"digest": source_digest(), "architectures": list(ARCHITECTURES),
-             "ptx_compute_capability": list(PTX_COMPUTE_CAPABILITY), "entries": entries}
+             "ptx_compute_capability": list(PTX_COMPUTE_CAPABILITY), "entries": entries,
+             "dependent_launch": {"architectures": list(DEPENDENT_LAUNCH_ARCHITECTURES),
+                                  "kernels": waiting}}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
 

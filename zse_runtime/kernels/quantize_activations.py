@@ -21,6 +21,7 @@ from numba import cuda, float32, int32, uint32
 
 from .common import or_over_byte_lanes, warp_max, warp_sum
 from .geometry import ELEMENTWISE_THREADS
+from .grid_dependency import launch_dependents
 
 BLOCK = 32  # values per step: one dp4a chain per weight word, one quantization group or less
 HI_LIMIT = float32(127.0)
@@ -65,6 +66,7 @@ def quantize_lane(value, column, active, xq, xstep, xsum, t):
 def quantize_activations(x, xq, xstep, xsum):
     """x [T, K] f32 -> xq [T, K/2] u32, xstep, xsum [T, K/32] f32 (module docstring), for inputs
     no producer quantized (the lm_head's). A lane per value: 1-D grid over T * K values."""
+    launch_dependents()  # the GEMV that reads the output may start (grid_dependency.py)
     cols = x.shape[1]
     total = x.shape[0] * cols
     # block-uniform trip count: every thread reaches quantize_lane together
