@@ -66,11 +66,14 @@ class _FakeModule:
         return entry
 
 
-@pytest.mark.parametrize("arch, enabled, expect", [
-    ((9, 0), True, WAITING), ((9, 0), False, set()), ((7, 5), True, set()), ((8, 9), True, set())])
+@pytest.mark.parametrize("arch, enabled, driver_version, expect", [
+    ((9, 0), True, 12030, WAITING), ((9, 0), True, 13000, WAITING), ((9, 0), False, 13000, set()),
+    ((9, 0), True, 12020, set()), ((7, 5), True, 13000, set()), ((8, 9), True, 13000, set())])
 def test_the_library_launches_waiting_kernels_as_dependents_on_sm90_only(
-        monkeypatch, arch, enabled, expect):
+        monkeypatch, arch, enabled, driver_version, expect):
+    """...and with a driver that captures programmatic launches in graphs (CUDA 12.3+)."""
     calls = []
+    monkeypatch.setattr(gpu_kernels.driver, "driver_version", lambda: driver_version)
     monkeypatch.setattr(gpu_kernels.driver, "Module", _FakeModule)
     monkeypatch.setattr(gpu_kernels.driver, "local_bytes", lambda function: 0)
     monkeypatch.setattr(gpu_kernels.driver, "launch",

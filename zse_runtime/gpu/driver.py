@@ -45,6 +45,11 @@ def device_count() -> int:
         return 0
 
 
+def driver_version() -> int:
+    """The CUDA driver's version, 1000 * major + 10 * minor (12030 for 12.3)."""
+    return check(cu.cuDriverGetVersion(), "cuDriverGetVersion")
+
+
 class Context:
     """The device's primary context, made current on the calling thread."""
 
@@ -175,6 +180,12 @@ def launch(function, grid: tuple[int, int, int], block: int, shared_bytes: int, 
     """parameters: the address of an array of pointers to the kernel's parameter values."""
     check(cu.cuLaunchKernel(function, *grid, block, 1, 1, shared_bytes, stream.handle,
                             parameters, 0), "cuLaunchKernel")
+
+
+# A captured programmatic launch becomes a graph edge from the kernel's programmatic port
+# (CUgraphEdgeData, driver API of CUDA 12.3): with an older driver the kernels launch serially
+# rather than depend on how it captures them.
+DEPENDENT_LAUNCH_MIN_DRIVER = 12030
 
 
 class DependentLaunch:

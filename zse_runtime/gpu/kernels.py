@@ -132,7 +132,8 @@ class KernelLibrary:
         dependents = index.get("dependent_launch", {})
         self.dependents: frozenset[str] = frozenset(
             dependents.get("kernels", []) if dependent_launch and cubin.exists()
-            and arch in dependents.get("architectures", []) else [])
+            and arch in dependents.get("architectures", [])
+            and driver.driver_version() >= driver.DEPENDENT_LAUNCH_MIN_DRIVER else [])
         if cubin.exists():
             module = driver.Module(cubin.read_bytes())
             self.source = f"prebuilt cubin {cubin.name}"
