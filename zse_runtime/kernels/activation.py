@@ -7,7 +7,7 @@ import math
 
 from numba import cuda, float32
 
-from .grid_dependency import launch_dependents, wait_for_prerequisite_grids
+from .grid_dependency import enter_as_dependent
 from .quantize_activations import quantize_lane
 from .rmsnorm import deferred_norm_inverse
 
@@ -18,8 +18,7 @@ def silu_mul(gate_up, out, quantize, xq, xstep, xsum, deferred, norm_sumsq, eps)
     deferred, gate_up is scaled by deferred_norm_inverse(norm_sumsq [T, hidden/32], t, eps).
     A thread per output over a (T, ceil(I / block)) grid, the block a multiple of 32 threads:
     no 64-bit division per value (a 1-D grid-stride loop spent 123 us on 512 x 18944, H200)."""
-    launch_dependents()  # the GEMV that reads the output may start (grid_dependency.py)
-    wait_for_prerequisite_grids()  # launched as a dependent: inputs are read after this
+    enter_as_dependent()  # the GEMV that reads the output may start (grid_dependency.py)
     inter = out.shape[1]
     t = cuda.blockIdx.x
     c = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x

@@ -34,7 +34,7 @@ from .geometry import (ATTENTION_DECODE_KEY_WORDS, ATTENTION_GROUPED_KEY_WORDS,
 from .geometry import ATTENTION_MAX_GROUP as MAX_GROUP
 from .geometry import ATTENTION_MAX_HEAD_DIM as MAX_DIM
 from .geometry import ATTENTION_THREADS as THREADS
-from .grid_dependency import launch_dependents, wait_for_prerequisite_grids
+from .grid_dependency import enter_as_dependent, launch_dependents
 from .memory import halves_as_floats, load, load_l2_f32, load_u32x4
 from .quantize_activations import quantize_lane
 
@@ -298,8 +298,7 @@ def attention_decode(q, k_words, v_words, kv_heads, length, positions, slots, wi
     token's keys fit in one partition, else merged from the partitions by the token-head's last
     block to finish. tickets [T * H] i32, zero between launches (the merging block resets its
     entry). Grid (T * H, P), block THREADS."""
-    launch_dependents()  # the GEMV that reads the output may start (grid_dependency.py)
-    wait_for_prerequisite_grids()  # launched as a dependent: inputs are read after this
+    enter_as_dependent()  # the GEMV that reads the output may start (grid_dependency.py)
     warp_best = cuda.shared.array(WARPS, float32)
     warp_total = cuda.shared.array(WARPS, float32)
     warp_acc = cuda.shared.array((WARPS, MAX_DIM), float32)
@@ -555,8 +554,7 @@ def attention_decode_grouped(q, k_words, v_words, kv_heads, length, positions, s
     heads that share it (`_grouped_partial`); the last of its partition blocks merges all of
     them (with one partition, the block has written their outputs). tickets [T * KVH] i32. Grid
     (T * KVH, P), block THREADS."""
-    launch_dependents()  # the GEMV that reads the output may start (grid_dependency.py)
-    wait_for_prerequisite_grids()  # launched as a dependent: inputs are read after this
+    enter_as_dependent()  # the GEMV that reads the output may start (grid_dependency.py)
     if not _grouped_partial(q, k_words, v_words, kv_heads, length, positions, slots, window,
                             partition, part_max, part_sum, part_acc, out, quantize, xq, xstep,
                             xsum):

@@ -76,6 +76,14 @@ else:
         _launch_dependents()
 
 
+@cuda.jit(device=True, inline="always")
+def enter_as_dependent():
+    """The entry of a kernel that reads its inputs only after it: the next kernel may become
+    resident now, and this one waits for the kernel ahead of it."""
+    launch_dependents()
+    wait_for_prerequisite_grids()
+
+
 def uses_grid_dependency(ptx: str) -> bool:
     """Whether a kernel's PTX carries either marker."""
     return MARKER in ptx

@@ -23,7 +23,7 @@ import math
 from numba import cuda, float32
 
 from .common import WARP, block_sum, warp_sum
-from .grid_dependency import launch_dependents, wait_for_prerequisite_grids
+from .grid_dependency import enter_as_dependent
 from .quantize_activations import quantize_lane
 
 VALUES_PER_THREAD = 4
@@ -50,8 +50,7 @@ def add_rmsnorm(delta, residual, weight, eps, accumulate, slice_width, residual_
     delta, residual, residual_out, out [T, H] float32 (H a multiple of 32; residual_out is not
     residual); weight [H] float32. Grid (T, ceil(H / slice_width)); slice_width and the block
     multiples of 32."""
-    launch_dependents()  # the GEMV that reads the output may start (grid_dependency.py)
-    wait_for_prerequisite_grids()  # launched as a dependent: inputs are read after this
+    enter_as_dependent()  # the GEMV that reads the output may start (grid_dependency.py)
     t = cuda.blockIdx.x
     hidden = out.shape[1]
     threads = cuda.blockDim.x

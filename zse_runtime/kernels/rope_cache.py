@@ -8,7 +8,7 @@ W (r * gamma), which it scales by rms(r)^-1 before adding the bias.
 
 from numba import cuda, float32
 
-from .grid_dependency import launch_dependents, wait_for_prerequisite_grids
+from .grid_dependency import enter_as_dependent
 from .rmsnorm import deferred_norm_inverse
 
 
@@ -20,8 +20,7 @@ def rope_and_cache(qkv, positions, slots, cos, sin, k_cache, v_cache, q_out, num
     [(H + 2 KVH) * D] f32 is added then. Grid (T, ceil(work / block)), the block a multiple of
     32: a thread per rotated pair ((H + KVH) * D/2 of them) or copied value (KVH * D), so a
     decode step's token is spread over many blocks instead of looping in one."""
-    launch_dependents()  # the attention may become resident (grid_dependency.py)
-    wait_for_prerequisite_grids()  # launched as a dependent: inputs are read after this
+    enter_as_dependent()  # the attention may become resident (grid_dependency.py)
     t = cuda.blockIdx.x
     e = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     position = positions[t]
