@@ -94,6 +94,9 @@ def engine_part(zse: Path, args: argparse.Namespace, copy_gbps) -> dict[str, Any
     engine = Engine.open(zse, device=args.device, max_model_len=args.max_model_len, slots=1)
     section: dict[str, Any] = {"open_s": time.perf_counter() - started,
                                "startup_s": dict(engine.startup.stages), "device": engine.device}
+    # the steady state: decode steps run ahead once the embedding is mapped (in the background)
+    section["launches_ahead"] = engine.wait_for_launches_ahead(60)
+    section["embedding_mapping"] = getattr(engine.ops, "embedding_mapping", None)
     vocab = engine.config.vocab_size
     cuda = args.device == "cuda"
     list(engine.generate(prompt(vocab, 8), 4, ignore_eos=True))  # first launches, out of the timing
@@ -151,12 +154,13 @@ def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Engine.step over N sequences at once, in process (no HTTP): what the GPU and the engine's
     host side give before the server's share. Each level prefills N distinct 128-token prompts
     (one eager forward each, timed), then times --decode-tokens steps of all N."""
-    from zse_runtime.engine import Engine
+    from zse_runtime.engine import FED, Engine
     from zse_runtime.model import Batch
     from zse_runtime.sampling import SamplingParams
 
     engine = Engine.open(zse, device=args.device, max_model_len=args.max_model_len,
                          slots=max(args.streams))
+    engine.wait_for_launches_ahead(60)  # the steady state
     cuda = args.device == "cuda"
     vocab = engine.config.vocab_size
     levels = []
@@ -169,21 +173,32 @@ def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
                 started = time.perf_counter()
                 logits = engine.forward(Batch.of(ids, np.arange(len(ids)), np.full(len(ids), slot),
                                                  [len(ids) - 1]))
-                tokens.append(int(engine.ops.sample(logits, [SamplingParams()], [0])[0]))
+                tokens.append(int(engine.sample(logits, [SamplingParams()], [0])[0]))
                 prefill_s.append(time.perf_counter() - started)
             params = [SamplingParams()] * streams
+            # as the scheduler decodes a steady batch: each step begun before the previous one
+            # ends, its tokens FED on the device, where the engine runs steps ahead
+            ahead = engine.launches_ahead
+            begin = lambda step, tokens: engine.begin_step(
+                tokens, [SERVER_PROMPT_TOKENS + step] * streams, slots, params,
+                [step + 1] * streams)
             started = time.perf_counter()
+            begin(0, tokens)
             for step in range(args.decode_tokens):
-                position = SERVER_PROMPT_TOKENS + step
-                tokens = engine.step(tokens, [position] * streams, slots, params,
-                                     [step + 1] * streams).tolist()
+                more = step + 1 < args.decode_tokens
+                if ahead and more:
+                    begin(step + 1, [FED] * streams)
+                tokens = engine.end_step().tolist()
+                if not ahead and more:
+                    begin(step + 1, tokens)
             seconds = time.perf_counter() - started
         finally:
             for slot in slots:
                 engine.release_slot(slot)
         step_ms = seconds / args.decode_tokens * 1e3
         level = {"streams": streams, "decode_tok_s": streams * args.decode_tokens / seconds,
-                 "step_ms": step_ms, "prefill_128_ms": median(prefill_s) * 1e3}
+                 "step_ms": step_ms, "prefill_128_ms": median(prefill_s) * 1e3,
+                 "launches_ahead": ahead}
         if cuda:
             bucket = next(b for b in engine.ops.buckets if b >= streams)
             level["bucket"] = bucket

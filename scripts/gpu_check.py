@@ -494,13 +494,16 @@ def small_kernels(gpu: Gpu, rng) -> None:
     record("quantize_activations 1x3584 (lm_head input)", True, f"{ms * 1000:.1f} us", us=ms * 1000)
     table = rng.standard_normal((152064, hidden)).astype(np.float16)
     ids = np.array([0, 152063, 17, 17, 99999], np.int32)
-    dt, di, emb = gpu.put(table), gpu.put(ids), gpu.empty((tokens, hidden), np.float32)
+    given = np.array([0, -1, 17, -1, 99999], np.int32)  # FED rows take the previous step's id
+    previous = np.array([5, 152063, 3, 17, 8], np.int32)
+    dt, emb = gpu.put(table), gpu.empty((tokens, hidden), np.float32)
+    di, dp = gpu.put(given), gpu.put(previous)
     embed = lambda rows: gpu.launch("embed_fp16", (rows, math.ceil(hidden / geo.ROW_THREADS)),
-                                    geo.ROW_THREADS, di, dt, emb)
+                                    geo.ROW_THREADS, di, dp, dt, emb)
     embed(tokens)
     ms = gpu.time_ms(lambda: embed(1))
     record("embed_fp16 152064x3584", np.array_equal(gpu.get(emb), table[ids].astype(np.float32)),
-           f"exact; {ms * 1000:.1f} us for one token", us=ms * 1000)
+           f"exact, FED rows included; {ms * 1000:.1f} us for one token", us=ms * 1000)
     heads, kv_heads, dim, length = 28, 4, 128, 4096
     qkv = gpu.put(rng.standard_normal((1, (heads + 2 * kv_heads) * dim)).astype(np.float32))
     angles = rng.uniform(0, 1, (length, dim // 2)).astype(np.float32)
@@ -605,8 +608,9 @@ def _engine_vs_transformers(label: str, zse_path: Path, checkpoint: Path, prompt
     from zse_runtime.model import Batch
 
     engine = Engine.open(zse_path, device="cuda", max_model_len=2048, slots=4)
-    record(f"{label}: engine open", engine.device.startswith("cuda"),
-           f"{engine.device}; {engine.startup}")
+    ahead = engine.wait_for_launches_ahead(60)
+    record(f"{label}: engine open", engine.device.startswith("cuda") and ahead,
+           f"{engine.device}; {engine.startup}; embedding {engine.ops.embedding_mapping}")
     reference = hf_model_from_zse(zse_path, checkpoint).cuda()
     for prompt_name, ids in prompts.items():
         n = len(ids)
@@ -645,7 +649,7 @@ def _engine_vs_transformers(label: str, zse_path: Path, checkpoint: Path, prompt
     for slot, ids in slots_ids.items():
         n = len(ids)
         logits = engine.forward(Batch.of(ids, np.arange(n), np.full(n, slot), [n - 1]))
-        tokens[slot] = [int(engine.ops.sample(logits, [SamplingParams()], [0])[0])]
+        tokens[slot] = [int(engine.sample(logits, [SamplingParams()], [0])[0])]
     for step in range(1, 8):
         order = sorted(tokens)
         nxt = engine.step([tokens[s][-1] for s in order],
@@ -672,6 +676,7 @@ def synthetic_model(work: Path, long_text: str) -> None:
     prompts = {"short": rng.integers(0, 300, 150).tolist(), "long": rng.integers(0, 300, 1100).tolist()}
     _engine_vs_transformers("synthetic qwen2", out, checkpoint, prompts)
     dependent_launch(out, prompts["short"])
+    launch_ahead(out, prompts["short"])
 
 
 @check("dependent launch")
@@ -701,6 +706,87 @@ def dependent_launch(zse_path: Path, prompt: list[int], steps: int = 64) -> None
     record("dependent launch: decode logits == serial launches, bit for bit",
            np.array_equal(logits, serial_logits),
            f"max abs diff {np.abs(logits - serial_logits).max():.1e} over 8 eager steps")
+
+
+@check("launch ahead")
+def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
+    """Decode steps begun before the previous one ends, their tokens FED on the device from
+    the mapped host embedding, choose the ids that steps begun one at a time from host ids do
+    (graphs and eager forwards alike), greedy and sampled, for one sequence and for three;
+    and so does an engine whose table could not be registered in place (a pinned copy, the
+    graphs captured again for its address)."""
+    from zse_runtime.engine import FED, Engine
+    from zse_runtime.gpu import driver
+    from zse_runtime.model import Batch
+    from zse_runtime.sampling import SamplingParams
+
+    sampled = SamplingParams(temperature=0.7, top_p=0.9, seed=3)
+    engine = Engine.open(zse_path, device="cuda", max_model_len=2048, slots=4)
+    mapped = engine.wait_for_launches_ahead(60)
+    record("launch ahead: embedding mapped", mapped, f"{engine.ops.embedding_mapping}")
+
+    def generated(params, ahead: bool, eager: bool = False):
+        saved = Engine.launches_ahead
+        Engine.launches_ahead = property(lambda self: ahead)
+        if eager:
+            engine.ops.embedding_mapped.clear()  # the steps before the mapping is done
+        try:
+            return list(engine.generate(prompt, steps, params, ignore_eos=True))
+        finally:
+            Engine.launches_ahead = saved
+            engine.ops.embedding_mapped.set()
+
+    for label, params in (("greedy", SamplingParams()), ("sampled", sampled)):
+        ahead, one_by_one = generated(params, True), generated(params, False)
+        eager = generated(params, False, eager=True)
+        record(f"launch ahead: {label} tokens == steps one by one", ahead == one_by_one,
+               f"{sum(a == b for a, b in zip(ahead, one_by_one))}/{steps} equal")
+        record(f"launch ahead: {label} tokens == eager steps", ahead == eager,
+               f"{sum(a == b for a, b in zip(ahead, eager))}/{steps} equal")
+    # three sequences: FED rows read their own row's previous id
+    prompts = [prompt[:n] for n in (40, 90, 150)]
+    first = []
+    for slot, ids in enumerate(prompts):
+        logits = engine.forward(Batch.of(ids, np.arange(len(ids)), np.full(len(ids), slot),
+                                         [len(ids) - 1]))
+        first.append(int(engine.sample(logits, [SamplingParams()], [0])[0]))
+    runs = {}
+    for ahead in (True, False):
+        tokens, slots = [[t] for t in first], [0, 1, 2]
+        params = [SamplingParams()] * 3
+        positions = lambda k: [len(ids) + k for ids in prompts]
+        engine.begin_step([t[-1] for t in tokens], positions(0), slots, params, [1] * 3)
+        for k in range(1, 8):
+            if ahead:
+                engine.begin_step([FED] * 3, positions(k), slots, params, [k + 1] * 3)
+            ids = engine.end_step()
+            for row, t in zip(tokens, ids):
+                row.append(int(t))
+            if not ahead:
+                engine.begin_step([t[-1] for t in tokens], positions(k), slots, params,
+                                  [k + 1] * 3)
+        for row, t in zip(tokens, engine.end_step()):
+            row.append(int(t))
+        runs[ahead] = tokens
+    record("launch ahead: 3 sequences x 8 steps == one by one", runs[True] == runs[False],
+           f"{runs[True][2][:6]}")
+    greedy = generated(SamplingParams(), True)
+    del engine
+    register = driver.register_host
+
+    def refuse(pointer, nbytes):
+        raise driver.CudaError("cuMemHostRegister refused (simulated by gpu_check)")
+
+    driver.register_host = refuse
+    try:
+        engine = Engine.open(zse_path, device="cuda", max_model_len=2048, slots=4)
+        mapped = engine.wait_for_launches_ahead(60)
+        copied = list(engine.generate(prompt, steps, ignore_eos=True))
+    finally:
+        driver.register_host = register
+    record("launch ahead: a pinned copy where registering fails", mapped and copied == greedy,
+           f"{engine.ops.embedding_mapping}; {sum(a == b for a, b in zip(copied, greedy))}/"
+           f"{steps} tokens equal")
 
 
 @check("SmolLM2")
@@ -796,6 +882,7 @@ def speed_7b(work: Path) -> None:
     started = time.perf_counter()
     engine = Engine.open(path, device="cuda", max_model_len=4096, slots=1)
     open_s = time.perf_counter() - started
+    engine.wait_for_launches_ahead(60)  # the steady state
     free_after, _ = context.memory_info()
     record("7B open", True, f"{open_s:.2f} s ({engine.startup}); GPU memory in use "
            f"{(free_before - free_after) / 2**30:.2f} GiB", open_s=open_s,

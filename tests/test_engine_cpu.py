@@ -155,3 +155,57 @@ def test_startup_breakdown(tiny_qwen2_zse):
     assert list(engine.startup.stages) == ["manifest", "weights+kv_cache", "tokenizer",
                                            "kernel_load"]
     assert engine.startup.total > 0 and "manifest" in str(engine.startup)
+
+
+def test_steps_begun_ahead_with_fed_tokens_generate_the_same_ids(tiny_qwen2_zse, monkeypatch):
+    """With steps run ahead (as on a GPU once the embedding is mapped) generate begins each
+    step with a FED token before the previous one ends: the same ids at every stop rule, no
+    step left begun and the slot free afterwards, also when the caller stops early."""
+    from zse_runtime.engine import FED
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=40, slots=1)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    runs = [([5, 6, 7], 12, SamplingParams(), ()), ([5, 6, 7], 12, sampled, ()),
+            (list(range(20)), 100, SamplingParams(), ())]  # the last: 20 tokens to the context
+    expected = [list(engine.generate(ids, n, p, stop_token_ids=s, ignore_eos=True))
+                for ids, n, p, s in runs]
+    stop = next(t for i, t in enumerate(expected[0]) if i >= 3 and t not in expected[0][:i])
+    expected_stopped = list(engine.generate([5, 6, 7], 12, stop_token_ids=[stop], ignore_eos=True))
+    begun = []
+    begin = engine.begin_step
+    monkeypatch.setattr(engine, "begin_step", lambda tokens, *a: (begun.append(list(tokens)),
+                                                                   begin(tokens, *a))[1])
+    monkeypatch.setattr(Engine, "launches_ahead", property(lambda self: True))
+    for (ids, n, p, s), want in zip(runs, expected):
+        begun.clear()
+        assert list(engine.generate(ids, n, p, stop_token_ids=s, ignore_eos=True)) == want
+        assert begun == [[want[0]]] + [[FED]] * (len(want) - 2)  # then every step FED
+    assert len(expected[2]) == 20
+    begun.clear()
+    assert list(engine.generate([5, 6, 7], 12, stop_token_ids=[stop], ignore_eos=True)) \
+        == expected_stopped
+    assert 4 <= len(expected_stopped) < 12
+    assert len(begun) == len(expected_stopped)  # one step ran ahead past the stop id
+    early = engine.generate([5, 6, 7], 12, ignore_eos=True)
+    assert [next(early) for _ in range(3)] == expected[0][:3]
+    early.close()
+    assert not engine._pending and engine.free_slots == 1
+
+
+def test_a_fed_token_needs_the_row_of_the_step_before(tiny_qwen2_zse):
+    from zse_runtime.engine import FED
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", slots=2)
+    with pytest.raises(EngineError, match="FED token in row 0"):
+        engine.begin_step([FED], [0], [0], [SamplingParams()], [1])
+    engine.forward(Batch.of([5, 6], [0, 0], [0, 1], [0, 1]))
+    first = engine.step([5, 6], [1, 1], [0, 1], [SamplingParams()] * 2, [1, 1])
+    with pytest.raises(EngineError, match="FED token in row 2"):
+        engine.begin_step([FED, FED, FED], [2, 2, 2], [0, 1, 1], [SamplingParams()] * 3, [2] * 3)
+    fed = engine.step([6, FED], [2, 2], [0, 1], [SamplingParams()] * 2, [2, 2])
+    plain = engine.step([7, int(fed[1])], [3, 3], [0, 1], [SamplingParams()] * 2, [3, 3])
+    assert fed.shape == plain.shape == first.shape == (2,)
+    engine.forward(Batch.of([1, 2], [4, 4], [0, 1], [0, 1]))
+    engine.sample(engine.forward(Batch.of([1], [5], [0], [0])), [SamplingParams()], [0])
+    with pytest.raises(EngineError, match="FED token in row 0"):  # sampled since: not a step's
+        engine.begin_step([FED], [6], [0], [SamplingParams()], [1])

@@ -7,10 +7,11 @@ device, as a crash or as wrong numbers."""
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import re
 import sys
+import threading
+from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 
 from tests.conftest import REPO
 from zse_runtime.config import ModelConfig
+from zse_runtime.engine import FED
 from zse_runtime.gpu.backend import GpuOps, Int4Device, gemv_token_tile, int4_gemm_plan
 from zse_runtime.gpu.kernels import DeviceArray
 from zse_runtime.kernels import build
@@ -89,14 +91,26 @@ def ops(tmp_path_factory):
     ops.weights = {name: ops._tensor(zse, name) for name, info in zse.tensors.items()
                    if info.offset >= ops.window_start}
     ops._host_embedding(zse.weight(EMBED))
+    ops.embedding_bytes = zse.raw(EMBED)
+    ops.mapped_table = ops.graph_table = 1 << 44  # where the device reads the host table
+    ops.embedding_mapped = threading.Event()
+    ops.embedding_mapped.set()
     ops.embed_host = SimpleNamespace(array=np.zeros(sum(ops.embed_staging_bytes), np.uint8))
     ops.embed_staging = ops._embed_staging_views()
     ops._no_bias = ops.buffers["no_bias"]
-    ops.meta_host = SimpleNamespace(array=np.zeros(ops.meta_bytes, np.uint8), pointer=0)
-    ops.meta = ops._meta_views()
+    pinned = lambda pointer: SimpleNamespace(array=np.zeros(ops.meta_bytes, np.uint8),
+                                             pointer=pointer)
+    ops.meta_host = pinned(1 << 40)
+    ops.meta = ops._meta_views(ops.meta_host)
+    ops.step_hosts = [pinned(2 << 40), pinned(3 << 40)]
+    ops.step_meta = [ops._meta_views(host) for host in ops.step_hosts]
+    ops.step_done = [SimpleNamespace(record=lambda stream: None, synchronize=lambda: None)] * 2
+    ops.in_flight, ops.launched_steps, ops.graphs = deque(), 0, {}
     ops.copies = []
     ops.stream = SimpleNamespace(copy_to_device=lambda *a: ops.copies.append(a),
-                                 copy_to_host=lambda *a: None, synchronize=lambda: None)
+                                 copy_to_host=lambda *a: ops.copies.append(a),
+                                 synchronize=lambda: None, begin_capture=lambda: None,
+                                 end_capture=lambda: SimpleNamespace(launch=lambda stream: None))
     return ops
 
 
@@ -162,10 +176,11 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
         for name, (out_at, flag_at) in producers.items():
             assert all(int(args[flag_at]) == 0 for _, _, _, args in recorder.named(name))
     # a thread per value over 2-D grids; the embedding rows come from the host-gathered staging
-    (_, grid, block, (ids, rows, out)), = recorder.named("embed_fp16")
+    (_, grid, block, (ids, previous, rows, out)), = recorder.named("embed_fp16")
     assert grid[:2] == (tokens, math.ceil(c.hidden_size / block))
     assert rows.pointer == ops.buffers["embed_part0"].pointer and rows.shape == (tokens, c.hidden_size)
     assert ids.pointer == ops.buffers["row_ids"].pointer and ids.shape == (tokens,)
+    assert previous == ops.meta["ids"][1]
     table = ZseFile(ops.zse_path).weight(EMBED)
     np.testing.assert_array_equal(ops.embed_staging[0][:tokens], table[batch.tokens])
     assert (rows.pointer, ops.embed_staging[0].ctypes.data, rows.nbytes) in ops.copies
@@ -375,31 +390,68 @@ def test_weights_are_views_of_the_file_layout(ops):
             assert weight.qweight.shape[1] * 8 // weight.group_size == weight.scales.shape[1]
 
 
-def test_decode_replay_stages_the_embedding_rows_its_graph_copies(ops):
-    """A replayed decode step gathers its tokens' rows into the pinned staging the captured
-    graph copies from: padding rows repeat row 0, and an id past the vocabulary is refused on
-    the host, before any device read."""
+def test_decode_graphs_read_the_mapped_table_by_the_device_token_ids(ops):
+    """A captured decode step gathers its rows from the host table where the device sees it,
+    by the step's token ids in device memory (FED ones by the ids the step before chose), and
+    copies nothing itself: launch_decode copies its inputs and ids around it."""
+    ops.buckets = [1, 2, 4]
+    ops._launch = recorder = Recorder()
+    copies = len(ops.copies)
+    ops.capture_decode_graphs(Decoder(ops.config, ops))
+    assert len(ops.copies) == copies and sorted(ops.graphs) == [1, 2, 4]
+    table = ZseFile(ops.zse_path).weight(EMBED)
+    for (_, grid, _, (ids, previous, rows, out)), bucket in zip(recorder.named("embed_fp16"),
+                                                                ops.buckets):
+        assert ids == ops.meta["tokens"][1].rows(bucket) and previous == ops.meta["ids"][1]
+        assert rows == DeviceArray(ops.graph_table, table.shape, table.dtype)
+        assert grid[0] == bucket and out.shape == (bucket, ops.config.hidden_size)
+
+
+def test_decode_steps_stage_their_inputs_in_alternate_pinned_blocks(ops):
+    """Each launch writes its block (padding rows: token 0, the scratch slot), copies it
+    before its graph and its ids into it after; ids past the vocabulary are refused on the
+    host, before any device read, and FED ids pass."""
     ops.buckets = [1, 2, 4]
     ops.graphs = {bucket: SimpleNamespace(launch=lambda stream: None) for bucket in ops.buckets}
-    table = ZseFile(ops.zse_path).weight(EMBED)
-    ops.replay_decode(np.array([7, 300, 511]), np.array([3, 4, 5]), np.array([0, 1, 2]),
-                      [SamplingParams()] * 3, [0, 0, 0])
-    np.testing.assert_array_equal(ops.embed_staging[0][:4], table[[7, 300, 511, 0]])
-    with pytest.raises(IndexError):
-        ops.replay_decode(np.array([512]), np.array([0]), np.array([0]), [SamplingParams()], [0])
+    ops.copies.clear()
+    ops.replay_decode(np.array([7, FED, 511]), np.array([3, 4, 5]), np.array([0, 1, 2]),
+                      [SamplingParams(temperature=0.5)] * 3, [1, 2, 3])
+    block = ops.step_meta[0]
+    assert block["tokens"][0][:4].tolist() == [7, FED, 511, 0]
+    assert block["positions"][0][:4].tolist() == [3, 4, 5, 0]
+    assert block["slots"][0][:4].tolist() == [0, 1, 2, ops.slots]
+    assert block["steps"][0][:4].tolist() == [1, 2, 3, 0]
+    assert block["temperature"][0][:4].tolist() == [0.5, 0.5, 0.5, SamplingParams().temperature]
+    ids = ops.meta["ids"][1]
+    assert ops.copies == [(ops.buffers["meta"].pointer, ops.step_hosts[0].pointer,
+                           ops.meta_input_bytes),
+                          (ops.step_hosts[0].pointer + ids.pointer - ops.buffers["meta"].pointer,
+                           ids.pointer, 3 * 4)]
+    ops.replay_decode(np.array([8]), np.array([6]), np.array([0]), [SamplingParams()], [4])
+    assert ops.step_meta[1]["tokens"][0][0] == 8 and ops.copies[-2][1] == ops.step_hosts[1].pointer
+    for bad in (512, -2):
+        with pytest.raises(IndexError):
+            ops.replay_decode(np.array([bad]), np.array([0]), np.array([0]), [SamplingParams()],
+                              [0])
+    assert not ops.in_flight
 
 
-def test_a_launched_decode_step_is_collected_before_the_next(ops):
-    """launch_decode returns at once and collect_decode returns that step's ids; a second
-    launch before the collect (which would restage the pinned inputs the first step's graph
-    may still be copying) and a collect with nothing launched are refused."""
+def test_two_decode_steps_may_be_in_flight_and_are_collected_in_order(ops):
+    """launch_decode returns at once; a second step may be launched before the first is
+    collected (each has its own pinned block), a third may not (it would restage the first's
+    block while its copies may still be queued); collect_decode returns the oldest step's ids,
+    and refuses when nothing was launched."""
     ops.buckets = [1, 2, 4]
     ops.graphs = {bucket: SimpleNamespace(launch=lambda stream: None) for bucket in ops.buckets}
     ops.launch_decode(np.array([7, 9]), np.array([3, 4]), np.array([0, 1]), [SamplingParams()] * 2,
                       [0, 0])
+    ops.launch_decode(np.array([FED, FED]), np.array([4, 5]), np.array([0, 1]),
+                      [SamplingParams()] * 2, [1, 1])
     with pytest.raises(RuntimeError, match="in flight"):
         ops.launch_decode(np.array([7]), np.array([3]), np.array([0]), [SamplingParams()], [0])
-    ops.meta["ids"][0][:2] = [11, 12]  # what the graph's last copy would have brought back
+    first, second = (ops.step_meta[(ops.launched_steps - 2 + i) % 2]["ids"][0] for i in (0, 1))
+    first[:2], second[:2] = [11, 12], [13, 14]  # what each step's ids copy would bring back
     assert ops.collect_decode().tolist() == [11, 12]
+    assert ops.collect_decode().tolist() == [13, 14]
     with pytest.raises(RuntimeError, match="no decode step"):
         ops.collect_decode()

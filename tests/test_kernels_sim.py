@@ -35,16 +35,20 @@ def _int4(rows, cols, group):
     return weight, dequantize_int4(weight)
 
 
-def test_embed_fp16_and_int4():
+def test_embed_fp16_and_int4_with_fed_rows():
+    """A row whose token id is FED (-1) reads the id its row chose in the step before."""
     table = rng.standard_normal((40, 64)).astype(np.float16)
-    tokens = np.array([3, 0, 39, 3], np.int32)
+    tokens = np.array([3, -1, 39, -1], np.int32)
+    previous = np.array([11, 0, 7, 39], np.int32)
+    used = np.array([3, 0, 39, 39])
     out = np.zeros((4, 64), np.float32)
-    jit(embedding, "embed_fp16")[(4, 2), 32](tokens, table, out)
-    np.testing.assert_array_equal(out, table[tokens].astype(np.float32))
+    jit(embedding, "embed_fp16")[(4, 2), 32](tokens, previous, table, out)
+    np.testing.assert_array_equal(out, table[used].astype(np.float32))
     weight, dense = _int4(40, 64, 32)
     out[:] = np.nan
-    jit(embedding, "embed_int4")[(4, 1), 32](tokens, weight.qweight, weight.scales, weight.zeros, 32, out)
-    np.testing.assert_allclose(out, dense[tokens], rtol=1e-6, atol=1e-7)
+    jit(embedding, "embed_int4")[(4, 1), 32](tokens, previous, weight.qweight, weight.scales,
+                                            weight.zeros, 32, out)
+    np.testing.assert_allclose(out, dense[used], rtol=1e-6, atol=1e-7)
 
 
 def _no_digits():

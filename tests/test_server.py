@@ -673,6 +673,53 @@ def test_a_steps_tokens_go_out_while_the_next_step_runs(tiny_qwen2_zse, monkeypa
                    tokens[3], "finish"]
 
 
+def test_decode_steps_begun_ahead_give_each_request_its_solo_tokens(tiny_qwen2_zse, monkeypatch):
+    """Where the engine runs steps ahead (a GPU once the embedding is mapped), the scheduler
+    begins each step with FED tokens before the previous one ends while the same requests
+    decode, and falls back to host ids when one stops or joins: every request still gets its
+    solo tokens, at its own length limit or stop id."""
+    from zse_runtime.engine import FED
+    from zse_runtime.sampling import SamplingParams
+    from zse_runtime.scheduler import FinishEvent, Request, Scheduler
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", slots=3)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (6, 9, 4, 7)]
+    lengths = [3, 9, 14, 6]
+    free = list(engine.generate(prompts[2], lengths[2], ignore_eos=True))
+    stop = next(t for i, t in enumerate(free) if i >= 4 and t not in free[:i])
+    stops = [(), (), (stop,), ()]
+    solo = [list(engine.generate(ids, n, stop_token_ids=s, ignore_eos=True))
+            for ids, n, s in zip(prompts, lengths, stops)]
+    assert len(solo[2]) < lengths[2]  # it stops at the stop id
+    monkeypatch.setattr(Engine, "launches_ahead", property(lambda self: True))
+    begun = []
+    begin = engine.begin_step
+    monkeypatch.setattr(engine, "begin_step", lambda tokens, *a: (begun.append(list(tokens)),
+                                                                   begin(tokens, *a))[1])
+    scheduler = Scheduler(engine, max_waiting=4)  # 3 slots: the fourth joins later
+    outputs = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+
+    def emitter(out):
+        return lambda event: finished.release() if isinstance(event, FinishEvent) \
+            else out.append(event.token)
+
+    try:
+        with scheduler._wake:
+            for ids, n, s, out in zip(prompts, lengths, stops, outputs):
+                scheduler.submit(Request(ids, SamplingParams(0.0), n, emitter(out),
+                                         stop_token_ids=frozenset(s)))
+        for _ in prompts:
+            assert finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert outputs == solo
+    fed = [tokens for tokens in begun if tokens == [FED] * len(tokens)]
+    assert len(fed) >= 5 and [FED] * 3 in fed  # most steps, and with all three decoding
+    assert not engine._pending and engine.free_slots == 3
+
+
 def test_a_packed_prefill_chunk_is_bounded(tiny_qwen2_zse, monkeypatch):
     """A packed chunk stops at PREFILL_CHUNK tokens (the request it cuts continues in the next
     chunk from where it stopped) and at the logit rows a forward may ask for."""

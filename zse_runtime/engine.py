@@ -13,6 +13,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ log = logging.getLogger("zse")
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory
 DEFAULT_MAX_MODEL_LEN = 4096
 DEVICES = ("auto", "cpu", "cuda")
+# a decode step's token that is the id its row chose in the step begun just before: a step may
+# be begun before that one's ids are collected (Engine.launches_ahead)
+FED = -1
 
 
 @dataclass
@@ -74,7 +78,10 @@ class Engine:
         self.startup = startup
         self._slots = slots
         self._free_slots = list(range(slots))[::-1]
-        self._step_ids: np.ndarray | None = None  # an eager step's ids, until end_step
+        # per begun step, oldest first: its ids (eager) or None (in flight on the device)
+        self._pending: deque[np.ndarray | None] = deque()
+        self._fed_rows = 0  # rows a FED token may name: the last step's, if nothing sampled since
+        self._last_ids: np.ndarray | None = None  # the last eager step's ids, for FED rows
 
     @classmethod
     def open(cls, path: str | Path | ZseFile, device: str = "auto",
@@ -222,6 +229,26 @@ class Engine:
                               f"{self.max_model_len}")
         return ids
 
+    def sample(self, logits, params: list[SamplingParams], steps) -> np.ndarray:
+        """Choose one id per logits row of an eager forward (a prompt's first token)."""
+        self._fed_rows = 0  # the device's last choices are these now
+        return self.ops.sample(logits, params, steps)
+
+    @property
+    def launches_ahead(self) -> bool:
+        """Whether a decode step begun with FED tokens before the previous step's ids are
+        collected runs right behind it on the device, hiding the host's work between steps: on
+        a GPU once the embedding table is mapped for the decode graphs (a background task after
+        start-up). Elsewhere FED steps work too, but each step runs when it is begun."""
+        return getattr(self.ops, "launches_ahead", False)
+
+    def wait_for_launches_ahead(self, timeout: float | None = None) -> bool:
+        """Wait until decode steps run ahead (a GPU's background mapping of the embedding is
+        done; at once elsewhere, where they never do): benchmarks and checks of the steady
+        state. Whether they do."""
+        mapped = getattr(self.ops, "embedding_mapped", None)
+        return mapped is not None and mapped.wait(timeout)
+
     def step(self, tokens, positions, slots, params: list[SamplingParams], steps) -> np.ndarray:
         """One decode step for several sequences: feed one token each, return the next ids.
         On a GPU this replays a captured graph; only the chosen ids come back."""
@@ -229,21 +256,36 @@ class Engine:
         return self.end_step()
 
     def begin_step(self, tokens, positions, slots, params: list[SamplingParams], steps) -> None:
-        """Start `step`; end_step() returns its ids. On a GPU the step runs while the caller
-        does other host work in between; on the CPU it has run by the time this returns."""
-        if hasattr(self.ops, "launch_decode"):
+        """Start `step`; end_step() returns its ids, oldest step first. A token may be FED: the
+        id its row chose in the step begun just before (rows keep their order), with no sampling
+        in between; then this step may be begun before that one is ended."""
+        fed = [i for i, token in enumerate(tokens) if token == FED]
+        if fed and fed[-1] >= self._fed_rows:
+            raise EngineError(f"a FED token in row {fed[-1]} names no row of the step before")
+        self._fed_rows = len(tokens)
+        if getattr(self.ops, "launches_ahead", False):  # a graph replay on the GPU
             self.ops.launch_decode(tokens, positions, slots, params, steps)
-            self._step_ids = None
+            self._pending.append(None)
             return
+        if fed:  # the step before ran eagerly: its ids are here
+            tokens = [self._last_ids[i] if token == FED else token
+                      for i, token in enumerate(tokens)]
         logits = self.forward(Batch.of(tokens, positions, slots, np.arange(len(tokens))))
-        self._step_ids = self.ops.sample(logits, params, steps)
+        self._last_ids = self.ops.sample(logits, params, steps)
+        self._pending.append(self._last_ids)
 
     def end_step(self) -> np.ndarray:
-        """The ids of the step begin_step started."""
-        if self._step_ids is None:
-            return self.ops.collect_decode()
-        ids, self._step_ids = self._step_ids, None
-        return ids
+        """The ids of the oldest step begun and not yet ended (waits for it)."""
+        if not self._pending:
+            raise EngineError("no decode step was begun")
+        ids = self._pending.popleft()
+        return self.ops.collect_decode() if ids is None else ids
+
+    def discard_steps(self) -> None:
+        """End the steps begun and not yet ended, dropping their ids (a sequence stopped while
+        its next step ran ahead)."""
+        while self._pending:
+            self.end_step()
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256,
                  sampling: SamplingParams = SamplingParams(), stop_token_ids=None,
@@ -259,15 +301,23 @@ class Engine:
                 positions = np.arange(start, start + len(chunk))
                 logits = self.forward(Batch.of(chunk, positions, np.full(len(chunk), slot),
                                                [len(chunk) - 1]))
-            token = int(self.ops.sample(logits, [sampling], [0])[0])
-            position = len(ids)
-            for step in range(1, max_tokens + 1):
+            token = int(self.sample(logits, [sampling], [0])[0])
+            first = len(ids)  # decode step k feeds the position first + k - 1
+            decode_steps = min(max_tokens - 1, self.max_model_len - 1 - first)
+            begun = 0
+            for done in range(decode_steps + 1):
                 yield token
-                if step == max_tokens or token in stops or position + 1 >= self.max_model_len:
+                if done == decode_steps or token in stops:
                     return
-                token = int(self.step([token], [position], [slot], [sampling], [step])[0])
-                position += 1
+                if begun == done:  # the next step is not running yet: it takes this token
+                    self.begin_step([token], [first + done], [slot], [sampling], [done + 1])
+                    begun += 1
+                if begun < decode_steps and self.launches_ahead:  # and one more behind it
+                    self.begin_step([FED], [first + begun], [slot], [sampling], [begun + 1])
+                    begun += 1
+                token = int(self.end_step()[0])
         finally:
+            self.discard_steps()  # one ran ahead past a stop id, or the caller stopped early
             self.release_slot(slot)
 
 

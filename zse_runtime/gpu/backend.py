@@ -1,10 +1,16 @@
 """CUDA ops for the decoder, and decode steps replayed as CUDA graphs.
 
 Every activation lives in a workspace buffer sized for the largest batch, allocated once, so
-launches captured into a graph stay valid. A step's inputs (tokens, positions, slots, sampling
-parameters) are written to one pinned host block and copied to the device by the first node of
-the step; the chosen token ids come back by its last node: one host sync per step, no logits
-ever cross PCIe.
+launches captured into a graph stay valid. A decode step's inputs (tokens, positions, slots,
+sampling parameters) are written to a pinned host block and copied to the device just before
+its graph; the chosen token ids come back right after it: no logits ever cross PCIe.
+
+The embedding table stays in host memory (it would cost 1.09 GB of GPU memory at 7B). Eager
+forwards (prompt chunks) gather their rows on the host; the decode graphs read the table in
+place, mapped for the device (`_map_embedding`), from token ids in device memory. So a step
+whose token is FED (the id its row chose one step before, still on the device) can be launched
+before that id reaches the host: two decode steps may be in flight, each with its own pinned
+block, and the GPU never waits for the host between them (`Engine.generate`, the scheduler).
 """
 
 from __future__ import annotations
@@ -12,13 +18,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
+import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import ModelConfig, rope_tables
-from ..engine import PREFILL_CHUNK
+from ..engine import FED, PREFILL_CHUNK
 from ..kernels import geometry as geo
 from ..model import Batch, Decoder
 from ..sampling import SamplingParams
@@ -37,6 +46,13 @@ def _row(array: DeviceArray, t: int) -> DeviceArray:
     """Row t of a [T, N] array as a [1, N] array."""
     width = array.shape[1]
     return DeviceArray(array.pointer + t * width * array.dtype.itemsize, (1, width), array.dtype)
+
+
+def _unregister(table: np.ndarray) -> None:
+    try:
+        driver.unregister_host(table.ctypes.data)
+    except driver.CudaError:  # the context is gone (the interpreter is exiting)
+        pass
 
 
 def gemv_token_tile(tokens: int) -> int:
@@ -193,8 +209,6 @@ class Arena:
 class GpuOps:
     """Implements model.Ops on one GPU. Use `GpuOps.open(...)`."""
 
-    launched_rows: int | None = None  # rows of the decode step launched and not yet collected
-
     def __init__(self, context: driver.Context, zse: ZseFile, config: ModelConfig, slots: int,
                  max_len: int, startup, batch_invariant: bool = False):
         self.context, self.config, self.slots, self.max_len = context, config, slots, max_len
@@ -224,26 +238,45 @@ class GpuOps:
         self.weights = {name: self._tensor(zse, name) for name, info in zse.tensors.items()
                         if info.offset >= self.window_start}
         self._host_embedding(tensor_view(zse.tensors[EMBED], embedding))
+        self.embedding_bytes = embedding
         # after a cold start, each new token's row would otherwise be a disk read on the
         # serving path (H200: +0.4-0.8 ms per token in the first decode run after a cache
-        # drop): read the table into the page cache in the background
-        zse.prefetch_tensor(EMBED)
+        # drop): read the table into the page cache in the background, then map it
+        prefetch = zse.prefetch_tensor(EMBED)
         t = startup.mark("upload", t)
         self.buffers = self.arena.allocate()
         cos, sin = rope_tables(config, max_len)
         upload(self.stream, self.buffers["rope_cos"].pointer, cos)
         upload(self.stream, self.buffers["rope_sin"].pointer, sin)
         self._no_bias = self.buffers["no_bias"]
+        # eager forwards stage their inputs in one pinned block, decode steps alternate between
+        # two (a step's block is rewritten two launches later, after its step was collected)
         self.meta_host = driver.PinnedBuffer(self.meta_bytes)
-        self.meta = self._meta_views()
+        self.meta = self._meta_views(self.meta_host)
+        self.step_hosts = [driver.PinnedBuffer(self.meta_bytes) for _ in range(2)]
+        self.step_meta = [self._meta_views(host) for host in self.step_hosts]
+        for views in self.step_meta:
+            views["rows"][0][:] = np.arange(self.max_batch)  # a decode step samples every row
+        self.step_done = [driver.Event(timing=False) for _ in range(2)]
+        self.in_flight: deque[tuple[int, int]] = deque()  # (block, rows) of uncollected steps
+        self.launched_steps = 0
         self.embed_host = driver.PinnedBuffer(sum(self.embed_staging_bytes))
         self.embed_staging = self._embed_staging_views()
         upload(self.stream, self.buffers["row_ids"].pointer,
                np.arange(self.max_tokens, dtype=np.int32))
         upload(self.stream, self.buffers["attention_tickets"].pointer,
                np.zeros(self.buffers["attention_tickets"].shape, np.int32))
+        # a FED token reads these: valid ids (0) before the first step writes any
+        upload(self.stream, self.meta["ids"][1].pointer, np.zeros(self.max_batch, np.int32))
         self.stream.synchronize()
         startup.mark("kv_cache+workspace", t)
+        self.decoder: Decoder | None = None
+        self.graph_table: int | None = None  # the embedding's device address the graphs read
+        self.mapped_table: int | None = None  # where _map_embedding made it readable
+        self.embedding_mapped = threading.Event()
+        self.embedding_mapping: tuple[str, float] | None = None  # (how, seconds), once mapped
+        threading.Thread(target=self._map_embedding, args=(prefetch,), name="zse-map-embedding",
+                         daemon=True).start()
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -336,11 +369,12 @@ class GpuOps:
                 f"{free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free; lower --max-model-len "
                 "or the slot count")
 
-    def _meta_views(self):
+    def _meta_views(self, host) -> dict[str, tuple[np.ndarray, DeviceArray]]:
+        """{name: (its view in the pinned block `host`, its device array)}"""
         device, views, offset = self.buffers["meta"], {}, 0
         for name, count, dtype in self.meta_layout:
             dtype = np.dtype(dtype)
-            views[name] = (self.meta_host.array[offset:offset + count * dtype.itemsize].view(dtype),
+            views[name] = (host.array[offset:offset + count * dtype.itemsize].view(dtype),
                            DeviceArray(device.pointer + offset, (count,), dtype))
             offset += Arena.nbytes_of((count,), dtype)
         self.meta_input_bytes = offset - Arena.nbytes_of((self.max_batch,), np.int32)  # all but ids
@@ -350,6 +384,50 @@ class GpuOps:
         """The embedding table in host memory, as the parts the staging mirrors."""
         self.embedding = list(table[:3]) if isinstance(table, Int4Weight) else [table]
         self.embedding_group = table.group_size if isinstance(table, Int4Weight) else 0
+
+    def _map_embedding(self, prefetch: threading.Thread | None) -> None:
+        """Make the host embedding table readable by the decode graphs (a background thread:
+        the table is read from disk first after a cold start). In place where the driver lets
+        host memory be registered (40 ms for the 7B table on the H200 with the page cache
+        warm), else as a pinned copy."""
+        started = time.perf_counter()
+        table = self.embedding_bytes
+        try:
+            self.context.make_current()
+            if prefetch is not None:
+                prefetch.join()
+            try:
+                driver.register_host(table.ctypes.data, table.nbytes)
+                # before the mapping can go (it outlives this object, which holds a view of it)
+                weakref.finalize(self, _unregister, table)
+                address, how = driver.device_pointer(table.ctypes.data), "registered in place"
+            except driver.CudaError as exc:
+                log.warning("the embedding table could not be registered for the GPU (%s): "
+                            "copying it into pinned host memory", exc)
+                self.embedding_copy = driver.PinnedBuffer(table.nbytes, mapped=True)
+                self.embedding_copy.array[:] = table
+                address, how = driver.device_pointer(self.embedding_copy.pointer), "copied"
+        except Exception:  # noqa: BLE001 - decode steps stay eager, slower but correct
+            log.exception("mapping the embedding table for the GPU failed: decode steps stay "
+                          "eager")
+            return
+        self.mapped_table = address
+        self.embedding_mapping = (how, time.perf_counter() - started)
+        self.embedding_mapped.set()
+        log.info("embedding table (%.2f GB) %s for the decode graphs in %.2f s",
+                 table.nbytes / 1e9, how, self.embedding_mapping[1])
+
+    def _mapped_embedding(self, address: int) -> list[DeviceArray]:
+        """The embedding's parts as the device sees them, the table's bytes at `address`."""
+        base = self.embedding_bytes.ctypes.data
+        return [DeviceArray(address + part.ctypes.data - base, part.shape, part.dtype)
+                for part in self.embedding]
+
+    @property
+    def launches_ahead(self) -> bool:
+        """Whether decode steps run as graphs that may be launched before the previous step's
+        ids are collected (once the embedding is mapped); until then they run eagerly."""
+        return self.embedding_mapped.is_set()
 
     def _embed_staging_views(self) -> list[np.ndarray]:
         views, offset = [], 0
@@ -430,24 +508,27 @@ class GpuOps:
     # -- step inputs ----------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> None:
-        """Stage the batch's metadata (pinned host -> device, on the stream)."""
+        """Stage the batch's metadata and embedding rows (pinned host -> device, on the
+        stream). While a decode graph is captured, only the shapes: launch_decode copies its
+        inputs, and the graph gathers its embedding rows itself."""
         T = batch.tokens.size
         if T > self.max_tokens or batch.logit_rows.size > self.max_batch:
             raise ValueError(f"batch of {T} tokens / {batch.logit_rows.size} rows exceeds the "
                              f"workspace ({self.max_tokens} / {self.max_batch})")
-        if not self.capturing:
-            # the previous step's copy out of the pinned block may still be queued
-            self.stream.synchronize()
+        self.tokens_now = T
+        self.rows_now = batch.logit_rows.size
+        if self.capturing:
+            # a graph is replayed at every context length: it covers the longest
+            self.parts_now = self.partitions(T, self.max_len)
+            return
+        # the previous eager step's copies out of the pinned blocks may still be queued
+        self.stream.synchronize()
         for name, values in (("tokens", batch.tokens), ("positions", batch.positions),
                              ("slots", batch.slots), ("rows", batch.logit_rows)):
             self.meta[name][0][:values.size] = values
-        self.tokens_now = T
-        self.rows_now = batch.logit_rows.size
         self._stage_embeddings(batch.tokens, T)
         self._copy_embeddings(T)
-        # a graph is replayed at every context length: it covers the longest
-        self.parts_now = self.partitions(T, self.max_len if self.capturing
-                                         else int(batch.positions.max()) + 1)
+        self.parts_now = self.partitions(T, int(batch.positions.max()) + 1)
         self.stream.copy_to_device(self.buffers["meta"].pointer, self.meta_host.pointer,
                                    self.meta_input_bytes)
 
@@ -460,18 +541,24 @@ class GpuOps:
     # -- ops ------------------------------------------------------------------------------
 
     def embed(self, tokens) -> DeviceArray:
-        """The step's embedding rows, gathered on the host and copied by prepare() (or the decode
-        graph), widened to float32 on the device."""
+        """The step's embedding rows widened to float32 on the device: in an eager forward
+        from the rows prepare() gathered on the host and copied; in a decode graph from the
+        mapped host table, by the token ids in device memory (a FED id: the row's previous
+        choice, `meta["ids"]`)."""
         T, out = self.tokens_now, self.buffers["hidden"].rows(self.tokens_now)
-        ids, parts = self.buffers["row_ids"].rows(T), [self.buffers[f"embed_part{i}"].rows(T)
-                                                       for i in range(len(self.embed_parts))]
+        if self.capturing:
+            ids, parts = self._meta("tokens", T), self._mapped_embedding(self.graph_table)
+        else:
+            ids, parts = self.buffers["row_ids"].rows(T), [self.buffers[f"embed_part{i}"].rows(T)
+                                                           for i in range(len(self.embed_parts))]
+        previous = self.meta["ids"][1]
         if self.embedding_group:
             words = parts[0].shape[1]
             self._launch("embed_int4", (T, math.ceil(words / geo.ROW_THREADS)), geo.ROW_THREADS,
-                         ids, *parts, np.int32(self.embedding_group), out)
+                         ids, previous, *parts, np.int32(self.embedding_group), out)
         else:
             self._launch("embed_fp16", (T, math.ceil(out.shape[1] / geo.ROW_THREADS)),
-                         geo.ROW_THREADS, ids, parts[0], out)
+                         geo.ROW_THREADS, ids, previous, parts[0], out)
         return out
 
     def _through_gemv(self, tokens: int) -> bool:
@@ -678,13 +765,14 @@ class GpuOps:
 
     # -- sampling and graphs --------------------------------------------------------------
 
-    def _stage_sampling(self, params: list[SamplingParams], steps) -> None:
+    @staticmethod
+    def _stage_sampling(views, params: list[SamplingParams], steps) -> None:
         for i, (p, step) in enumerate(zip(params, steps)):
-            self.meta["temperature"][0][i] = p.temperature
-            self.meta["top_k"][0][i] = p.top_k
-            self.meta["top_p"][0][i] = p.top_p
-            self.meta["seeds"][0][i] = p.seed & (2**64 - 1)
-            self.meta["steps"][0][i] = step
+            views["temperature"][0][i] = p.temperature
+            views["top_k"][0][i] = p.top_k
+            views["top_p"][0][i] = p.top_p
+            views["seeds"][0][i] = p.seed & (2**64 - 1)
+            views["steps"][0][i] = step
 
     def _launch_sampling(self, logits: DeviceArray) -> None:
         B = logits.shape[0]
@@ -695,23 +783,30 @@ class GpuOps:
         blocks = self.buffers["sample_part_best"].shape[1]
         for name, grid, step in geo.sampling_launches(B, blocks):
             self._launch(name, grid, geo.SAMPLING_THREADS, *args, np.int32(step))
-        ids_offset = self.meta["ids"][1].pointer - self.buffers["meta"].pointer
-        self.stream.copy_to_host(self.meta_host.pointer + ids_offset, self.meta["ids"][1].pointer,
-                                 B * 4)
+
+    def _copy_ids_to(self, host: driver.PinnedBuffer, rows: int) -> None:
+        ids = self.meta["ids"][1]
+        self.stream.copy_to_host(host.pointer + ids.pointer - self.buffers["meta"].pointer,
+                                 ids.pointer, rows * 4)
 
     def sample(self, logits: DeviceArray, params: list[SamplingParams], steps) -> np.ndarray:
-        """Eager sampling after a prefill forward (whose metadata copy is already queued)."""
-        self._stage_sampling(params, steps)
+        """Eager sampling after a forward (whose metadata copy is already queued)."""
+        self._stage_sampling(self.meta, params, steps)
         B = logits.shape[0]
         # the sampling inputs sit in the same pinned block: copy it again (a few hundred bytes)
         self.stream.copy_to_device(self.buffers["meta"].pointer, self.meta_host.pointer,
                                    self.meta_input_bytes)
         self._launch_sampling(logits)
+        self._copy_ids_to(self.meta_host, B)
         self.stream.synchronize()
         return self.meta["ids"][0][:B].copy()
 
     def capture_decode_graphs(self, decoder: Decoder) -> None:
-        """One graph per batch bucket: metadata copy, the whole forward, sampling, ids copy."""
+        """One graph per batch bucket: the whole forward and sampling, reading the embedding
+        where _map_embedding puts it (with unified addressing, the table's own address; where
+        that guess was wrong, launch_decode captures them again)."""
+        self.decoder = decoder
+        self.graph_table = self.mapped_table or self.embedding_bytes.ctypes.data
         for bucket in self.buckets:
             scratch = np.full(bucket, self.slots, np.int32)  # padding rows write the scratch slot
             batch = Batch.of(np.zeros(bucket), np.zeros(bucket), scratch, np.arange(bucket))
@@ -734,27 +829,44 @@ class GpuOps:
 
     def launch_decode(self, tokens, positions, slots, params, steps) -> None:
         """Stage a decode step and replay its bucket's graph, without waiting for it:
-        collect_decode() returns the ids. The host is free while the GPU runs the step. One
-        step at a time: the next one's inputs go through the same pinned block."""
-        if self.launched_rows is not None:
-            raise RuntimeError("a decode step is in flight: collect_decode() it first")
+        collect_decode() returns the ids, oldest step first. A token may be FED (the id its
+        row chose in the step launched before, which need not be collected yet); at most two
+        steps are in flight. Needs `launches_ahead`."""
+        if not self.embedding_mapped.is_set():
+            raise RuntimeError("the decode graphs wait for the embedding table to be mapped")
+        if len(self.in_flight) == 2:
+            raise RuntimeError("two decode steps are in flight: collect_decode() one first")
+        if self.graph_table != self.mapped_table:
+            self.stream.synchronize()
+            self.capture_decode_graphs(self.decoder)
         B = len(tokens)
         bucket = next(b for b in self.buckets if b >= B)
+        ids = np.asarray(tokens, np.int64)
+        if ids.min() < FED or ids.max() >= self.config.vocab_size:
+            raise IndexError(f"token ids must be in 0..{self.config.vocab_size - 1} (or FED)")
+        block = self.launched_steps % 2
+        views, host = self.step_meta[block], self.step_hosts[block]
+        views["tokens"][0][:B] = ids
+        views["tokens"][0][B:bucket] = 0
+        views["positions"][0][:B] = positions
+        views["positions"][0][B:bucket] = 0
+        views["slots"][0][:B] = slots
+        views["slots"][0][B:bucket] = self.slots
         pad = bucket - B
-        host = lambda name: self.meta[name][0]
-        host("tokens")[:bucket] = np.concatenate([tokens, np.zeros(pad)]).astype(np.int32)
-        host("positions")[:bucket] = np.concatenate([positions, np.zeros(pad)]).astype(np.int32)
-        host("slots")[:bucket] = np.concatenate([slots, np.full(pad, self.slots)]).astype(np.int32)
-        host("rows")[:bucket] = np.arange(bucket, dtype=np.int32)
-        self._stage_embeddings(np.asarray(tokens), bucket)  # the graph copies them
-        self._stage_sampling(list(params) + [SamplingParams()] * pad, list(steps) + [0] * pad)
+        self._stage_sampling(views, list(params) + [SamplingParams()] * pad,
+                             list(steps) + [0] * pad)
+        self.stream.copy_to_device(self.buffers["meta"].pointer, host.pointer,
+                                   self.meta_input_bytes)
         self.graphs[bucket].launch(self.stream)
-        self.launched_rows = B
+        self._copy_ids_to(host, B)
+        self.step_done[block].record(self.stream)
+        self.in_flight.append((block, B))
+        self.launched_steps += 1
 
     def collect_decode(self) -> np.ndarray:
-        """The ids chosen by the step launch_decode started (waits for it)."""
-        if self.launched_rows is None:
+        """The ids chosen by the oldest step launch_decode started (waits for it)."""
+        if not self.in_flight:
             raise RuntimeError("no decode step was launched")
-        rows, self.launched_rows = self.launched_rows, None
-        self.stream.synchronize()
-        return self.meta["ids"][0][:rows].copy()
+        block, rows = self.in_flight.popleft()
+        self.step_done[block].synchronize()
+        return self.step_meta[block]["ids"][0][:rows].copy()

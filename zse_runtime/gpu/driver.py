@@ -92,11 +92,14 @@ def free(pointer: int) -> None:
 
 
 class PinnedBuffer:
-    """Page-locked host memory (async copies from it overlap with the CPU), as a numpy view."""
+    """Page-locked host memory (async copies from it overlap with the CPU), as a numpy view.
+    `mapped`: kernels may also read it in place, at `device_pointer(pointer)`."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, mapped: bool = False):
         self.nbytes = nbytes
-        self.pointer = int(check(cu.cuMemHostAlloc(max(nbytes, 1), 0), f"cuMemHostAlloc({nbytes})"))
+        flags = cu.CU_MEMHOSTALLOC_DEVICEMAP if mapped else 0
+        self.pointer = int(check(cu.cuMemHostAlloc(max(nbytes, 1), flags),
+                                 f"cuMemHostAlloc({nbytes})"))
         self.array = np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(
             self.pointer))[:nbytes]
 
@@ -104,6 +107,23 @@ class PinnedBuffer:
         if self.pointer:
             check(cu.cuMemFreeHost(self.pointer), "cuMemFreeHost")
             self.pointer = 0
+
+
+def register_host(pointer: int, nbytes: int) -> None:
+    """Page-lock existing host memory (a file's memory map included) for the device to read in
+    place; the pages are read in (from disk, if not cached) first."""
+    flags = cu.CU_MEMHOSTREGISTER_DEVICEMAP | cu.CU_MEMHOSTREGISTER_READ_ONLY
+    check(cu.cuMemHostRegister(pointer, nbytes, flags), "cuMemHostRegister")
+
+
+def unregister_host(pointer: int) -> None:
+    check(cu.cuMemHostUnregister(pointer), "cuMemHostUnregister")
+
+
+def device_pointer(host_pointer: int) -> int:
+    """The device's address of registered or mapped-pinned host memory (the same number where
+    the platform has unified addressing, which is every 64-bit Linux CUDA platform)."""
+    return int(check(cu.cuMemHostGetDevicePointer(host_pointer, 0), "cuMemHostGetDevicePointer"))
 
 
 class Stream:
@@ -144,8 +164,10 @@ class Graph:
 
 
 class Event:
-    def __init__(self):
-        self.handle = check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DEFAULT), "cuEventCreate")
+    def __init__(self, timing: bool = True):
+        flags = cu.CUevent_flags.CU_EVENT_DEFAULT if timing else \
+            cu.CUevent_flags.CU_EVENT_DISABLE_TIMING  # a sync point only: cheaper to record
+        self.handle = check(cu.cuEventCreate(flags), "cuEventCreate")
 
     def record(self, stream: Stream) -> None:
         check(cu.cuEventRecord(self.handle, stream.handle), "cuEventRecord")

@@ -13,6 +13,7 @@ chunks arrive. Tensor pointers are then base + the manifest offset.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -90,7 +91,10 @@ class DeviceSink:
                  embedding: tuple[int, int]):
         self.device_pointer, self.context, self.window_start = device_pointer, context, window_start
         self.embedding_offset = embedding[0]
-        self.embedding = np.empty(embedding[1], np.uint8)
+        # page-aligned, as a local file's mapping is: the GPU backend registers it in place
+        pages = np.empty(embedding[1] + mmap.PAGESIZE, np.uint8)
+        first = -pages.ctypes.data % mmap.PAGESIZE
+        self.embedding = pages[first:first + embedding[1]]
         self.stream = driver.Stream()
         self.buffers: list[driver.PinnedBuffer] = []
         self.events: list[driver.Event] = []
