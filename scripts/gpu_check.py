@@ -712,9 +712,9 @@ def dependent_launch(zse_path: Path, prompt: list[int], steps: int = 64) -> None
 def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
     """Decode steps begun before the previous one ends, their tokens FED on the device from
     the mapped host embedding, choose the ids that steps begun one at a time from host ids do
-    (graphs and eager forwards alike), greedy and sampled, for one sequence and for three;
-    and so does an engine whose table could not be registered in place (a pinned copy, the
-    graphs captured again for its address)."""
+    (with the mapped table, and with the rows the host gathers until it is mapped), greedy and
+    sampled, for one sequence, for three, and through the scheduler; and so does an engine whose
+    table could not be registered in place (a pinned copy)."""
     from zse_runtime.engine import FED, Engine
     from zse_runtime.gpu import driver
     from zse_runtime.model import Batch
@@ -725,11 +725,11 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
     mapped = engine.wait_for_launches_ahead(60)
     record("launch ahead: embedding mapped", mapped, f"{engine.ops.embedding_mapping}")
 
-    def generated(params, ahead: bool, eager: bool = False):
+    def generated(params, ahead: bool, staged: bool = False):
         saved = Engine.launches_ahead
         Engine.launches_ahead = property(lambda self: ahead)
-        if eager:
-            engine.ops.embedding_mapped.clear()  # the steps before the mapping is done
+        if staged:
+            engine.ops.embedding_mapped.clear()  # as before the mapping is done
         try:
             return list(engine.generate(prompt, steps, params, ignore_eos=True))
         finally:
@@ -738,11 +738,11 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
 
     for label, params in (("greedy", SamplingParams()), ("sampled", sampled)):
         ahead, one_by_one = generated(params, True), generated(params, False)
-        eager = generated(params, False, eager=True)
+        staged = generated(params, False, staged=True)
         record(f"launch ahead: {label} tokens == steps one by one", ahead == one_by_one,
                f"{sum(a == b for a, b in zip(ahead, one_by_one))}/{steps} equal")
-        record(f"launch ahead: {label} tokens == eager steps", ahead == eager,
-               f"{sum(a == b for a, b in zip(ahead, eager))}/{steps} equal")
+        record(f"launch ahead: {label} tokens == host-gathered rows (before the mapping)",
+               ahead == staged, f"{sum(a == b for a, b in zip(ahead, staged))}/{steps} equal")
     # three sequences: FED rows read their own row's previous id
     prompts = [prompt[:n] for n in (40, 90, 150)]
     first = []
@@ -750,11 +750,13 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
         logits = engine.forward(Batch.of(ids, np.arange(len(ids)), np.full(len(ids), slot),
                                          [len(ids) - 1]))
         first.append(int(engine.sample(logits, [SamplingParams()], [0])[0]))
-    runs = {}
+    runs, slots, params = {}, [0, 1, 2], [SamplingParams()] * 3
+
+    def positions(k):
+        return [len(ids) + k for ids in prompts]
+
     for ahead in (True, False):
-        tokens, slots = [[t] for t in first], [0, 1, 2]
-        params = [SamplingParams()] * 3
-        positions = lambda k: [len(ids) + k for ids in prompts]
+        tokens = [[t] for t in first]
         engine.begin_step([t[-1] for t in tokens], positions(0), slots, params, [1] * 3)
         for k in range(1, 8):
             if ahead:
@@ -770,6 +772,11 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
         runs[ahead] = tokens
     record("launch ahead: 3 sequences x 8 steps == one by one", runs[True] == runs[False],
            f"{runs[True][2][:6]}")
+    served = {ahead: _scheduled(engine, prompt, ahead) for ahead in (True, False)}
+    (outputs, fed), (plain, _) = served[True], served[False]
+    record("launch ahead: scheduler, 4 requests joining and stopping == steps one by one",
+           outputs == plain and fed > 0, f"{fed} steps begun with FED tokens; lengths "
+           f"{[len(o) for o in outputs]}")
     greedy = generated(SamplingParams(), True)
     del engine
     register = driver.register_host
@@ -787,6 +794,44 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
     record("launch ahead: a pinned copy where registering fails", mapped and copied == greedy,
            f"{engine.ops.embedding_mapping}; {sum(a == b for a, b in zip(copied, greedy))}/"
            f"{steps} tokens equal")
+
+
+def _scheduled(engine, prompt: list[int], ahead: bool) -> tuple[list[list[int]], int]:
+    """Four greedy requests through the scheduler (three slots: the fourth joins when one
+    ends; one stops at a stop id): their tokens, and how many steps were begun FED."""
+    import threading
+
+    from zse_runtime.engine import FED, Engine
+    from zse_runtime.sampling import SamplingParams
+    from zse_runtime.scheduler import FinishEvent, Request, Scheduler
+
+    prompts = [prompt[:n] for n in (30, 70, 110, 50)]
+    lengths = [6, 20, 24, 12]
+    free = list(engine.generate(prompts[2], lengths[2], ignore_eos=True))
+    stops = [frozenset(), frozenset(), frozenset({free[9]}), frozenset()]
+    saved, begin = Engine.launches_ahead, engine.begin_step
+    Engine.launches_ahead = property(lambda self: ahead)
+    fed = []
+    engine.begin_step = lambda tokens, *a: (fed.append(FED in list(tokens)), begin(tokens, *a))[1]
+    outputs, finished = [[] for _ in prompts], threading.Semaphore(0)
+
+    def emitter(out):
+        return lambda event: finished.release() if isinstance(event, FinishEvent) \
+            else out.append(event.token)
+
+    scheduler = Scheduler(engine, max_waiting=4)
+    try:
+        with scheduler._wake:
+            for ids, n, stop, out in zip(prompts, lengths, stops, outputs):
+                scheduler.submit(Request(ids, SamplingParams(), n, emitter(out),
+                                         stop_token_ids=stop))
+        for _ in prompts:
+            finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+        Engine.launches_ahead = saved
+        del engine.begin_step
+    return outputs, sum(fed)
 
 
 @check("SmolLM2")

@@ -105,7 +105,8 @@ def ops(tmp_path_factory):
     ops.step_hosts = [pinned(2 << 40), pinned(3 << 40)]
     ops.step_meta = [ops._meta_views(host) for host in ops.step_hosts]
     ops.step_done = [SimpleNamespace(record=lambda stream: None, synchronize=lambda: None)] * 2
-    ops.in_flight, ops.launched_steps, ops.graphs = deque(), 0, {}
+    ops.staging_copied = ops.step_done[0]
+    ops.in_flight, ops.launched_steps, ops.graphs, ops.graph_sets = deque(), 0, {}, {}
     ops.copies = []
     ops.stream = SimpleNamespace(copy_to_device=lambda *a: ops.copies.append(a),
                                  copy_to_host=lambda *a: ops.copies.append(a),
@@ -399,6 +400,7 @@ def test_decode_graphs_read_the_mapped_table_by_the_device_token_ids(ops):
     copies = len(ops.copies)
     ops.capture_decode_graphs(Decoder(ops.config, ops))
     assert len(ops.copies) == copies and sorted(ops.graphs) == [1, 2, 4]
+    assert ops.graph_sets == {ops.mapped_table: ops.graphs}
     table = ZseFile(ops.zse_path).weight(EMBED)
     for (_, grid, _, (ids, previous, rows, out)), bucket in zip(recorder.named("embed_fp16"),
                                                                 ops.buckets):
@@ -455,3 +457,51 @@ def test_two_decode_steps_may_be_in_flight_and_are_collected_in_order(ops):
     assert ops.collect_decode().tolist() == [13, 14]
     with pytest.raises(RuntimeError, match="no decode step"):
         ops.collect_decode()
+
+
+def test_until_the_table_is_mapped_decode_graphs_read_rows_the_host_gathered(ops):
+    """A decode step before the embedding is mapped captures (once) graphs that embed the rows
+    launch_decode gathers and copies, one step at a time, and FED tokens are refused; once the
+    table is mapped, steps use the graphs captured at start-up to read it by token ids."""
+    ops.buckets = [1, 2, 4]
+    ops._launch = recorder = Recorder()
+    decoder = Decoder(ops.config, ops)
+    ops.graph_sets.clear()
+    ops.capture_decode_graphs(decoder)
+    mapped_graphs = ops.graphs
+    ops.embedding_mapped.clear()
+    recorder.calls.clear()
+    try:
+        ops.copies.clear()
+        ops.launch_decode(np.array([7, 300]), np.array([3, 4]), np.array([0, 1]),
+                          [SamplingParams()] * 2, [1, 1])
+        assert set(ops.graph_sets) == {ops.mapped_table, None}
+        assert ops.graphs is ops.graph_sets[None]
+        (_, _, _, (ids, previous, rows, out)), *_ = recorder.named("embed_fp16")
+        assert ids == ops.buffers["row_ids"].rows(1) and rows == ops.buffers["embed_part0"].rows(1)
+        table = ZseFile(ops.zse_path).weight(EMBED)
+        np.testing.assert_array_equal(ops.embed_staging[0][:2], table[[7, 300]])
+        staged = ops.buffers["embed_part0"]
+        assert (staged.pointer, ops.embed_staging[0].ctypes.data, 2 * staged.shape[1] * 2) \
+            in ops.copies
+        with pytest.raises(RuntimeError, match="in flight"):  # one step at a time
+            ops.launch_decode(np.array([8]), np.array([5]), np.array([0]), [SamplingParams()], [2])
+        ops.collect_decode()
+        with pytest.raises(IndexError, match="FED once the embedding is mapped"):
+            ops.launch_decode(np.array([FED]), np.array([5]), np.array([0]), [SamplingParams()],
+                              [2])
+    finally:
+        ops.embedding_mapped.set()
+    captured = len(recorder.calls)
+    ops.launch_decode(np.array([FED]), np.array([5]), np.array([0]), [SamplingParams()], [2])
+    assert ops.graphs is mapped_graphs and len(recorder.calls) == captured  # nothing captured
+    ops.collect_decode()
+    ops.mapped_table = 5 << 44  # a pinned copy's address, say: not the one captured for
+    try:
+        ops.launch_decode(np.array([FED]), np.array([6]), np.array([0]), [SamplingParams()], [3])
+        assert ops.graphs is ops.graph_sets[5 << 44] and ops.graphs is not mapped_graphs
+        (_, _, _, (_, _, rows, _)), *_ = recorder.named("embed_fp16")[-3:]
+        assert rows.pointer == 5 << 44
+        ops.collect_decode()
+    finally:
+        ops.mapped_table = ops.graph_table = 1 << 44

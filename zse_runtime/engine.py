@@ -236,10 +236,11 @@ class Engine:
 
     @property
     def launches_ahead(self) -> bool:
-        """Whether a decode step begun with FED tokens before the previous step's ids are
-        collected runs right behind it on the device, hiding the host's work between steps: on
-        a GPU once the embedding table is mapped for the decode graphs (a background task after
-        start-up). Elsewhere FED steps work too, but each step runs when it is begun."""
+        """Whether to begin a decode step with FED tokens before the previous step ends: on a
+        GPU once the embedding table is mapped for the decode graphs (a background task after
+        start-up), where the step then runs right behind the previous one, hiding the host's
+        work between steps. Elsewhere FED steps work too, but gain nothing: each step runs when
+        it is begun."""
         return getattr(self.ops, "launches_ahead", False)
 
     def wait_for_launches_ahead(self, timeout: float | None = None) -> bool:
@@ -263,11 +264,11 @@ class Engine:
         if fed and fed[-1] >= self._fed_rows:
             raise EngineError(f"a FED token in row {fed[-1]} names no row of the step before")
         self._fed_rows = len(tokens)
-        if getattr(self.ops, "launches_ahead", False):  # a graph replay on the GPU
+        if hasattr(self.ops, "launch_decode"):  # a graph replay on the GPU
             self.ops.launch_decode(tokens, positions, slots, params, steps)
             self._pending.append(None)
             return
-        if fed:  # the step before ran eagerly: its ids are here
+        if fed:  # the step before ran on the CPU: its ids are here
             tokens = [self._last_ids[i] if token == FED else token
                       for i, token in enumerate(tokens)]
         logits = self.forward(Batch.of(tokens, positions, slots, np.arange(len(tokens))))

@@ -6,11 +6,13 @@ sampling parameters) are written to a pinned host block and copied to the device
 its graph; the chosen token ids come back right after it: no logits ever cross PCIe.
 
 The embedding table stays in host memory (it would cost 1.09 GB of GPU memory at 7B). Eager
-forwards (prompt chunks) gather their rows on the host; the decode graphs read the table in
-place, mapped for the device (`_map_embedding`), from token ids in device memory. So a step
-whose token is FED (the id its row chose one step before, still on the device) can be launched
-before that id reaches the host: two decode steps may be in flight, each with its own pinned
-block, and the GPU never waits for the host between them (`Engine.generate`, the scheduler).
+forwards (prompt chunks) gather their rows on the host. Once a background thread has mapped the
+table for the device (`_map_embedding`, after start-up), the decode graphs read it in place by
+token ids in device memory, so a step whose token is FED (the id its row chose one step before,
+still on the device) can be launched before that id reaches the host: two decode steps may be in
+flight, each with its own pinned block, and the GPU never waits for the host between them
+(`Engine.generate`, the scheduler). Until then decode graphs read rows the host gathered, one
+step at a time: a second set of graphs, captured only if a decode step comes that early.
 """
 
 from __future__ import annotations
@@ -229,6 +231,9 @@ class GpuOps:
         self.max_batch = min(slots, DECODE_BUCKETS[-1])
         self.max_tokens = max(PREFILL_CHUNK, self.max_batch)
         self.buckets = sorted({b for b in DECODE_BUCKETS if b < self.max_batch} | {self.max_batch})
+        # decode graphs by the embedding address they read (None: rows the host gathered), each
+        # a graph per batch bucket; `graphs` is the set the last step used
+        self.graph_sets: dict[int | None, dict[int, driver.Graph]] = {}
         self.graphs: dict[int, driver.Graph] = {}
         self.capturing = False  # True while decode graphs are captured: no syncs, fixed shapes
         self.window_start = device_window_start(zse)  # the embedding stays on the host
@@ -262,6 +267,7 @@ class GpuOps:
         self.launched_steps = 0
         self.embed_host = driver.PinnedBuffer(sum(self.embed_staging_bytes))
         self.embed_staging = self._embed_staging_views()
+        self.staging_copied = driver.Event(timing=False)  # its last copy out has run
         upload(self.stream, self.buffers["row_ids"].pointer,
                np.arange(self.max_tokens, dtype=np.int32))
         upload(self.stream, self.buffers["attention_tickets"].pointer,
@@ -271,7 +277,7 @@ class GpuOps:
         self.stream.synchronize()
         startup.mark("kv_cache+workspace", t)
         self.decoder: Decoder | None = None
-        self.graph_table: int | None = None  # the embedding's device address the graphs read
+        self.graph_table: int | None = None  # while capturing: the embedding address read
         self.mapped_table: int | None = None  # where _map_embedding made it readable
         self.embedding_mapped = threading.Event()
         self.embedding_mapping: tuple[str, float] | None = None  # (how, seconds), once mapped
@@ -407,9 +413,9 @@ class GpuOps:
                 self.embedding_copy = driver.PinnedBuffer(table.nbytes, mapped=True)
                 self.embedding_copy.array[:] = table
                 address, how = driver.device_pointer(self.embedding_copy.pointer), "copied"
-        except Exception:  # noqa: BLE001 - decode steps stay eager, slower but correct
-            log.exception("mapping the embedding table for the GPU failed: decode steps stay "
-                          "eager")
+        except Exception:  # noqa: BLE001 - decode steps keep to one at a time, as correct
+            log.exception("mapping the embedding table for the GPU failed: decode steps are not "
+                          "launched ahead")
             return
         self.mapped_table = address
         self.embedding_mapping = (how, time.perf_counter() - started)
@@ -425,8 +431,8 @@ class GpuOps:
 
     @property
     def launches_ahead(self) -> bool:
-        """Whether decode steps run as graphs that may be launched before the previous step's
-        ids are collected (once the embedding is mapped); until then they run eagerly."""
+        """Whether a decode step may be launched with FED tokens before the previous step's
+        ids are collected: once the embedding is mapped."""
         return self.embedding_mapped.is_set()
 
     def _embed_staging_views(self) -> list[np.ndarray]:
@@ -450,6 +456,7 @@ class GpuOps:
         for i, staging in enumerate(self.embed_staging):
             self.stream.copy_to_device(self.buffers[f"embed_part{i}"].pointer,
                                        staging.ctypes.data, rows * staging[0].nbytes)
+        self.staging_copied.record(self.stream)
 
     def bind_thread(self) -> None:
         self.context.make_current()
@@ -541,12 +548,12 @@ class GpuOps:
     # -- ops ------------------------------------------------------------------------------
 
     def embed(self, tokens) -> DeviceArray:
-        """The step's embedding rows widened to float32 on the device: in an eager forward
-        from the rows prepare() gathered on the host and copied; in a decode graph from the
-        mapped host table, by the token ids in device memory (a FED id: the row's previous
-        choice, `meta["ids"]`)."""
+        """The step's embedding rows widened to float32 on the device: from rows the host
+        gathered and copied (eager forwards, and decode graphs until the table is mapped), or
+        in a decode graph from the mapped host table, by the token ids in device memory (a FED
+        id: the row's previous choice, `meta["ids"]`)."""
         T, out = self.tokens_now, self.buffers["hidden"].rows(self.tokens_now)
-        if self.capturing:
+        if self.capturing and self.graph_table is not None:
             ids, parts = self._meta("tokens", T), self._mapped_embedding(self.graph_table)
         else:
             ids, parts = self.buffers["row_ids"].rows(T), [self.buffers[f"embed_part{i}"].rows(T)
@@ -802,11 +809,20 @@ class GpuOps:
         return self.meta["ids"][0][:B].copy()
 
     def capture_decode_graphs(self, decoder: Decoder) -> None:
-        """One graph per batch bucket: the whole forward and sampling, reading the embedding
-        where _map_embedding puts it (with unified addressing, the table's own address; where
-        that guess was wrong, launch_decode captures them again)."""
+        """At start-up: the decode graphs that read the mapped embedding, at the address the
+        mapping will give it if it is not mapped yet (the table's own, with unified addressing;
+        where the mapping gives another, launch_decode captures them again)."""
         self.decoder = decoder
-        self.graph_table = self.mapped_table or self.embedding_bytes.ctypes.data
+        self.graphs = self._graphs_reading(self.mapped_table or self.embedding_bytes.ctypes.data)
+
+    def _graphs_reading(self, table: int | None) -> dict[int, driver.Graph]:
+        """The decode graphs, one per batch bucket, whose embedding comes from the table at
+        device address `table` (None: the rows launch_decode copies in), captured on first use:
+        the whole forward and sampling."""
+        if table in self.graph_sets:
+            return self.graph_sets[table]
+        self.stream.synchronize()
+        graphs, self.graph_table = {}, table
         for bucket in self.buckets:
             scratch = np.full(bucket, self.slots, np.int32)  # padding rows write the scratch slot
             batch = Batch.of(np.zeros(bucket), np.zeros(bucket), scratch, np.arange(bucket))
@@ -815,13 +831,15 @@ class GpuOps:
                 self.stream.begin_capture()
                 try:
                     self.prepare(batch)
-                    logits = decoder.forward_prepared(batch)
+                    logits = self.decoder.forward_prepared(batch)
                     self._launch_sampling(logits)
                 finally:
                     graph = self.stream.end_capture()
             finally:
                 self.capturing = False
-            self.graphs[bucket] = graph
+            graphs[bucket] = graph
+        self.graph_sets[table] = graphs
+        return graphs
 
     def replay_decode(self, tokens, positions, slots, params, steps) -> np.ndarray:
         self.launch_decode(tokens, positions, slots, params, steps)
@@ -829,21 +847,22 @@ class GpuOps:
 
     def launch_decode(self, tokens, positions, slots, params, steps) -> None:
         """Stage a decode step and replay its bucket's graph, without waiting for it:
-        collect_decode() returns the ids, oldest step first. A token may be FED (the id its
-        row chose in the step launched before, which need not be collected yet); at most two
-        steps are in flight. Needs `launches_ahead`."""
-        if not self.embedding_mapped.is_set():
-            raise RuntimeError("the decode graphs wait for the embedding table to be mapped")
-        if len(self.in_flight) == 2:
-            raise RuntimeError("two decode steps are in flight: collect_decode() one first")
-        if self.graph_table != self.mapped_table:
-            self.stream.synchronize()
-            self.capture_decode_graphs(self.decoder)
+        collect_decode() returns the ids, oldest step first. Once the embedding is mapped
+        (`launches_ahead`) a token may be FED (the id its row chose in the step launched
+        before, which need not be collected yet) and two steps may be in flight; before, the
+        host gathers the step's rows, one step at a time."""
+        mapped = self.embedding_mapped.is_set()
+        if len(self.in_flight) == (2 if mapped else 1):
+            raise RuntimeError(f"{len(self.in_flight)} decode step(s) in flight: "
+                               "collect_decode() first")
         B = len(tokens)
         bucket = next(b for b in self.buckets if b >= B)
         ids = np.asarray(tokens, np.int64)
-        if ids.min() < FED or ids.max() >= self.config.vocab_size:
-            raise IndexError(f"token ids must be in 0..{self.config.vocab_size - 1} (or FED)")
+        if ids.min() < (FED if mapped else 0) or ids.max() >= self.config.vocab_size:
+            raise IndexError(f"token ids must be in 0..{self.config.vocab_size - 1}"
+                             + (" (or FED)" if mapped else " (FED once the embedding is mapped)"))
+        table = self.mapped_table if mapped else None
+        self.graphs = self._graphs_reading(table)
         block = self.launched_steps % 2
         views, host = self.step_meta[block], self.step_hosts[block]
         views["tokens"][0][:B] = ids
@@ -857,6 +876,10 @@ class GpuOps:
                              list(steps) + [0] * pad)
         self.stream.copy_to_device(self.buffers["meta"].pointer, host.pointer,
                                    self.meta_input_bytes)
+        if table is None:
+            self.staging_copied.synchronize()  # an eager forward's copy out of it has run
+            self._stage_embeddings(ids, bucket)
+            self._copy_embeddings(bucket)
         self.graphs[bucket].launch(self.stream)
         self._copy_ids_to(host, B)
         self.step_done[block].record(self.stream)
