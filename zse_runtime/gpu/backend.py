@@ -517,7 +517,7 @@ class GpuOps:
     def prepare(self, batch: Batch) -> None:
         """Stage the batch's metadata and embedding rows (pinned host -> device, on the
         stream). While a decode graph is captured, only the shapes: launch_decode copies its
-        inputs, and the graph gathers its embedding rows itself."""
+        inputs (and its rows, for graphs that do not read the mapped table)."""
         T = batch.tokens.size
         if T > self.max_tokens or batch.logit_rows.size > self.max_batch:
             raise ValueError(f"batch of {T} tokens / {batch.logit_rows.size} rows exceeds the "
