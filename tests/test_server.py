@@ -567,12 +567,15 @@ def test_the_engine_thread_binds_the_device(tiny_qwen2_zse, monkeypatch):
     assert bound == ["zse-engine"]
 
 
-def _run_scheduler(engine, prompts, max_tokens):
+def _run_scheduler(engine, prompts, max_tokens, stops=None):
     """Submit every prompt at once (the engine thread admits them together) and return each
-    request's greedy tokens."""
+    request's greedy tokens. `max_tokens`: one for all, or one per prompt; `stops`: each
+    prompt's stop ids."""
     from zse_runtime.scheduler import FinishEvent, Request, Scheduler
     from zse_runtime.sampling import SamplingParams
 
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    stops = stops or [()] * len(prompts)
     scheduler = Scheduler(engine, max_waiting=len(prompts))
     outputs = [[] for _ in prompts]
     finished = threading.Semaphore(0)
@@ -583,8 +586,9 @@ def _run_scheduler(engine, prompts, max_tokens):
 
     try:
         with scheduler._wake:  # held: the engine thread admits all of them in one pass
-            for ids, out in zip(prompts, outputs):
-                scheduler.submit(Request(ids, SamplingParams(0.0), max_tokens, emitter(out)))
+            for ids, n, stop, out in zip(prompts, lengths, stops, outputs):
+                scheduler.submit(Request(ids, SamplingParams(0.0), n, emitter(out),
+                                         stop_token_ids=frozenset(stop)))
         for _ in prompts:
             assert finished.acquire(timeout=60)
     finally:
@@ -679,8 +683,6 @@ def test_decode_steps_begun_ahead_give_each_request_its_solo_tokens(tiny_qwen2_z
     decode, and falls back to host ids when one stops or joins: every request still gets its
     solo tokens, at its own length limit or stop id."""
     from zse_runtime.engine import FED
-    from zse_runtime.sampling import SamplingParams
-    from zse_runtime.scheduler import FinishEvent, Request, Scheduler
 
     engine = Engine.open(tiny_qwen2_zse, device="cpu", slots=3)
     rng = np.random.default_rng(5)
@@ -697,24 +699,8 @@ def test_decode_steps_begun_ahead_give_each_request_its_solo_tokens(tiny_qwen2_z
     begin = engine.begin_step
     monkeypatch.setattr(engine, "begin_step", lambda tokens, *a: (begun.append(list(tokens)),
                                                                    begin(tokens, *a))[1])
-    scheduler = Scheduler(engine, max_waiting=4)  # 3 slots: the fourth joins later
-    outputs = [[] for _ in prompts]
-    finished = threading.Semaphore(0)
-
-    def emitter(out):
-        return lambda event: finished.release() if isinstance(event, FinishEvent) \
-            else out.append(event.token)
-
-    try:
-        with scheduler._wake:
-            for ids, n, s, out in zip(prompts, lengths, stops, outputs):
-                scheduler.submit(Request(ids, SamplingParams(0.0), n, emitter(out),
-                                         stop_token_ids=frozenset(s)))
-        for _ in prompts:
-            assert finished.acquire(timeout=60)
-    finally:
-        scheduler.stop()
-    assert outputs == solo
+    # 3 slots: the fourth request joins when one ends
+    assert _run_scheduler(engine, prompts, lengths, stops) == solo
     fed = [tokens for tokens in begun if tokens == [FED] * len(tokens)]
     assert len(fed) >= 5 and [FED] * 3 in fed  # most steps, and with all three decoding
     assert not engine._pending and engine.free_slots == 3
