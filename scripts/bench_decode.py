@@ -21,7 +21,8 @@ checkpoint. Both are kept in --work and reused, so a first call can build them (
 prepare`) and a second measure.
 
 Parts (--parts, comma-separated; default all):
-  engine    in-process Engine.open(slots=1, --max-model-len): batch-1 decode, greedy and
+  engine    in-process Engine.open(slots=1, --max-model-len), then (on a GPU) the wait for
+            the embedding mapping, so that decode steps launch ahead: batch-1 decode, greedy and
             sampled (temperature 0.7, top-p 0.9), at each --contexts: prefill, then
             --decode-tokens timed (decode only, tokens/s by the wall clock); the decode graph's
             replay timed with events (GPU time of one step); prefill tokens/s of each --prefill
@@ -30,8 +31,9 @@ Parts (--parts, comma-separated; default all):
   gemv      gpu_check.copy_bandwidth and gpu_check.gemv (INT4 GEMV at the 7B shapes, T = 1..32).
   batched   in-process Engine.open(slots=max(--streams)): for each --streams N, N distinct
             128-token prompts prefilled one by one (eager, timed), then --decode-tokens steps of
-            all N through Engine.step: decode tokens/s, wall ms per step, the bucket graph's GPU
-            ms per step, and the difference (host time per step).
+            all N through Engine.begin_step/end_step, launched ahead (FED tokens) once the
+            engine does: decode tokens/s, wall ms per step, the bucket graph's GPU ms per step,
+            and the difference (host time per step the GPU waited for).
   server    `zse-run --max-num-seqs max(--streams)`: N concurrent greedy streams of
             --server-tokens after distinct 128-token prompts, read by one asyncio client
             (benchlib.stream_completions); aggregate tokens/s = generated tokens (the usage the
@@ -151,9 +153,11 @@ def engine_part(zse: Path, args: argparse.Namespace, copy_gbps) -> dict[str, Any
 
 
 def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Engine.step over N sequences at once, in process (no HTTP): what the GPU and the engine's
-    host side give before the server's share. Each level prefills N distinct 128-token prompts
-    (one eager forward each, timed), then times --decode-tokens steps of all N."""
+    """Decode steps over N sequences at once, in process (no HTTP): what the GPU and the
+    engine's host side give before the server's share. Each level prefills N distinct 128-token
+    prompts (one eager forward each, timed), then times --decode-tokens steps of all N, each
+    begun before the previous one ends where the engine launches steps ahead (as the scheduler
+    does for a steady batch), else one at a time."""
     from zse_runtime.engine import FED, Engine
     from zse_runtime.model import Batch
     from zse_runtime.sampling import SamplingParams
@@ -179,9 +183,11 @@ def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
             # as the scheduler decodes a steady batch: each step begun before the previous one
             # ends, its tokens FED on the device, where the engine runs steps ahead
             ahead = engine.launches_ahead
-            begin = lambda step, tokens: engine.begin_step(
-                tokens, [SERVER_PROMPT_TOKENS + step] * streams, slots, params,
-                [step + 1] * streams)
+
+            def begin(step, tokens):
+                engine.begin_step(tokens, [SERVER_PROMPT_TOKENS + step] * streams, slots, params,
+                                  [step + 1] * streams)
+
             started = time.perf_counter()
             begin(0, tokens)
             for step in range(args.decode_tokens):
