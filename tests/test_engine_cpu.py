@@ -209,3 +209,15 @@ def test_a_fed_token_needs_the_row_of_the_step_before(tiny_qwen2_zse):
     engine.sample(engine.forward(Batch.of([1], [5], [0], [0])), [SamplingParams()], [0])
     with pytest.raises(EngineError, match="FED token in row 0"):  # sampled since: not a step's
         engine.begin_step([FED], [6], [0], [SamplingParams()], [1])
+
+
+def test_a_gpu_engine_holds_at_most_32_slots(tiny_qwen2_zse, monkeypatch):
+    """A decode step's graphs hold at most 32 sequences: more slots on a GPU are refused at
+    open, clearly, rather than failing at the 33rd concurrent sequence."""
+    from zse_runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_context",
+                        lambda starter, required: None if starter is None else object())
+    with pytest.raises(EngineError, match="at most 32 slots on a GPU, got 33"):
+        Engine.open(tiny_qwen2_zse, device="cuda", slots=33)
+    assert Engine.open(tiny_qwen2_zse, device="cpu", slots=33).slots == 33  # the CPU: any

@@ -132,8 +132,12 @@ class Engine:
         context = _context(context_starter, required=device == "cuda")
         if context is not None:
             startup.stages["context (overlapped)"] = context_starter.seconds
-            from .gpu.backend import GpuOps, OutOfDeviceMemory
+            from .gpu.backend import DECODE_BUCKETS, GpuOps, OutOfDeviceMemory
 
+            if slots > DECODE_BUCKETS[-1]:  # a decode step's graph holds at most that many
+                if zse.source is not None:
+                    zse.source.close()
+                raise EngineError(f"at most {DECODE_BUCKETS[-1]} slots on a GPU, got {slots}")
             try:
                 ops = GpuOps(context, zse, config, slots, max_len, startup, batch_invariant)
             except OutOfDeviceMemory as exc:
