@@ -182,21 +182,17 @@ def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
             params = [SamplingParams()] * streams
             # as the scheduler decodes a steady batch: each step begun before the previous one
             # ends, its tokens FED on the device, where the engine runs steps ahead
-            ahead = engine.launches_ahead
-
-            def begin(step, tokens):
-                engine.begin_step(tokens, [SERVER_PROMPT_TOKENS + step] * streams, slots, params,
-                                  [step + 1] * streams)
-
+            ahead, begin = engine.launches_ahead, engine.begin_step
             started = time.perf_counter()
-            begin(0, tokens)
-            for step in range(args.decode_tokens):
-                more = step + 1 < args.decode_tokens
-                if ahead and more:
-                    begin(step + 1, [FED] * streams)
+            begin(tokens, [SERVER_PROMPT_TOKENS] * streams, slots, params, [1] * streams)
+            for step in range(1, args.decode_tokens):  # begins step `step`, ends the one before
+                position = [SERVER_PROMPT_TOKENS + step] * streams
+                if ahead:
+                    begin([FED] * streams, position, slots, params, [step + 1] * streams)
                 tokens = engine.end_step().tolist()
-                if not ahead and more:
-                    begin(step + 1, tokens)
+                if not ahead:
+                    begin(tokens, position, slots, params, [step + 1] * streams)
+            engine.end_step()
             seconds = time.perf_counter() - started
         finally:
             for slot in slots:
