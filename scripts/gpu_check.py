@@ -772,6 +772,16 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
         runs[ahead] = tokens
     record("launch ahead: 3 sequences x 8 steps == one by one", runs[True] == runs[False],
            f"{runs[True][2][:6]}")
+    # two generate() calls consumed in turn: each step's ids reach the call that began it
+    alone = [list(engine.generate(ids, 24, ignore_eos=True)) for ids in prompts[:2]]
+    turns, together = [engine.generate(ids, 24, ignore_eos=True) for ids in prompts[:2]], [[], []]
+    for _ in range(24):
+        for out, turn in zip(together, turns):
+            out.append(next(turn))
+    for turn in turns:
+        turn.close()
+    record("launch ahead: two generate() calls consumed in turn == each alone",
+           together == alone and not engine._pending, f"{together[0][:4]} {together[1][:4]}")
     served = {ahead: _scheduled(engine, prompt, ahead) for ahead in (True, False)}
     (outputs, fed), (plain, _) = served[True], served[False]
     record("launch ahead: scheduler, 4 requests joining and stopping == steps one by one",

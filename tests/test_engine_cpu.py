@@ -221,3 +221,59 @@ def test_a_gpu_engine_holds_at_most_32_slots(tiny_qwen2_zse, monkeypatch):
     with pytest.raises(EngineError, match="at most 32 slots on a GPU, got 33"):
         Engine.open(tiny_qwen2_zse, device="cuda", slots=33)
     assert Engine.open(tiny_qwen2_zse, device="cpu", slots=33).slots == 33  # the CPU: any
+
+
+def test_interleaved_generators_each_get_their_own_tokens(tiny_qwen2_zse, monkeypatch):
+    """Two generate() calls consumed in turn on one engine, with steps launched ahead: each
+    step's ids go to the generator that began it, a generator whose step is no longer the
+    engine's latest begins its next one from the host's ids, and neither leaves a step begun."""
+    engine = Engine.open(tiny_qwen2_zse, device="cpu", max_model_len=64, slots=2)
+    prompts = ([5, 6, 7], [9, 10, 11, 12])
+    alone = [list(engine.generate(ids, 12, ignore_eos=True)) for ids in prompts]
+    monkeypatch.setattr(Engine, "launches_ahead", property(lambda self: True))
+    first, second = (engine.generate(ids, 12, ignore_eos=True) for ids in prompts)
+    together = [[], []]
+    for _ in range(12):
+        together[0].append(next(first))
+        together[1].append(next(second))
+    assert together == alone
+    first.close(), second.close()
+    assert not engine._pending and engine.free_slots == 2
+
+
+def test_device_steps_are_collected_in_launch_order_and_kept_for_their_callers(tiny_qwen2_zse):
+    """On a device that runs steps ahead (two at most in flight), beginning a third collects
+    the oldest first, and ending a step collects the ones launched before it: each caller gets
+    its own step's ids, whichever order the steps are ended in."""
+    from collections import deque
+
+    from zse_runtime.engine import FED
+
+    class Device:  # launch_decode's contract: ids come back in launch order
+        launches_ahead, max_in_flight = True, 2
+
+        def __init__(self):
+            self.in_flight, self.previous, self.launched = deque(), None, 0
+
+        def launch_decode(self, tokens, positions, slots, params, steps):
+            assert len(self.in_flight) < self.max_in_flight
+            ids = np.array([self.previous[i] if t == FED else t for i, t in enumerate(tokens)])
+            self.previous = ids + 100  # what the device "samples"
+            self.in_flight.append(self.previous)
+            self.launched += 1
+
+        def collect_decode(self):
+            return self.in_flight.popleft()
+
+    engine = Engine.open(tiny_qwen2_zse, device="cpu")
+    engine.ops = device = Device()
+    p = [SamplingParams()]
+    first = engine.begin_step([5], [0], [0], p, [1])
+    fed = engine.begin_step([FED], [1], [0], p, [2])
+    other = engine.begin_step([7], [0], [0], p, [1])  # a third: the oldest is collected first
+    assert device.launched == 3 and len(device.in_flight) == 2
+    assert engine.end_step(other).tolist() == [107]
+    assert engine.end_step(fed).tolist() == [205] and engine.end_step(first).tolist() == [105]
+    assert not engine._pending
+    with pytest.raises(EngineError, match="not begun, or was ended already"):
+        engine.end_step(first)

@@ -65,6 +65,15 @@ class EngineError(ValueError):
     pass
 
 
+class DecodeStep:
+    """A decode step begun by Engine.begin_step: its ids, once they are known."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: np.ndarray | None = None):
+        self.ids = ids
+
+
 class Engine:
     def __init__(self, zse: ZseFile, ops, config: ModelConfig, tokenizer: Tokenizer | None,
                  device: str, slots: int, max_model_len: int, startup: StartupTimes):
@@ -78,8 +87,9 @@ class Engine:
         self.startup = startup
         self._slots = slots
         self._free_slots = list(range(slots))[::-1]
-        # per begun step, oldest first: its ids (eager) or None (in flight on the device)
-        self._pending: deque[np.ndarray | None] = deque()
+        # the steps begun and not yet ended, oldest first; a device's complete in that order
+        self._pending: deque[DecodeStep] = deque()
+        self.latest_step: DecodeStep | None = None  # the step a FED token refers to
         self._fed_rows = 0  # rows a FED token may name: the last step's, if nothing sampled since
         self._last_ids: np.ndarray | None = None  # the last eager step's ids, for FED rows
 
@@ -257,34 +267,49 @@ class Engine:
     def step(self, tokens, positions, slots, params: list[SamplingParams], steps) -> np.ndarray:
         """One decode step for several sequences: feed one token each, return the next ids.
         On a GPU this replays a captured graph; only the chosen ids come back."""
-        self.begin_step(tokens, positions, slots, params, steps)
-        return self.end_step()
+        return self.end_step(self.begin_step(tokens, positions, slots, params, steps))
 
-    def begin_step(self, tokens, positions, slots, params: list[SamplingParams], steps) -> None:
-        """Start `step`; end_step() returns its ids, oldest step first. A token may be FED: the
-        id its row chose in the step begun just before (rows keep their order), with no sampling
-        in between; then this step may be begun before that one is ended."""
+    def begin_step(self, tokens, positions, slots, params: list[SamplingParams],
+                   steps) -> DecodeStep:
+        """Start `step`; end_step() returns its ids. A token may be FED: the id its row chose in
+        the step begun just before (`latest_step`; rows keep their order), with no sampling in
+        between; then this step may be begun before that one is ended."""
         fed = [i for i, token in enumerate(tokens) if token == FED]
         if fed and fed[-1] >= self._fed_rows:
             raise EngineError(f"a FED token in row {fed[-1]} names no row of the step before")
         self._fed_rows = len(tokens)
         if hasattr(self.ops, "launch_decode"):  # a graph replay on the GPU
+            while sum(s.ids is None for s in self._pending) >= self.ops.max_in_flight:
+                self._collect_oldest()  # kept for the caller that began it
             self.ops.launch_decode(tokens, positions, slots, params, steps)
-            self._pending.append(None)
-            return
-        if fed:  # the step before ran on the CPU: its ids are here
-            tokens = [self._last_ids[i] if token == FED else token
-                      for i, token in enumerate(tokens)]
-        logits = self.forward(Batch.of(tokens, positions, slots, np.arange(len(tokens))))
-        self._last_ids = self.ops.sample(logits, params, steps)
-        self._pending.append(self._last_ids)
+            step = DecodeStep()
+        else:
+            if fed:  # the step before ran on the CPU: its ids are here
+                tokens = [self._last_ids[i] if token == FED else token
+                          for i, token in enumerate(tokens)]
+            logits = self.forward(Batch.of(tokens, positions, slots, np.arange(len(tokens))))
+            self._last_ids = self.ops.sample(logits, params, steps)
+            step = DecodeStep(self._last_ids)
+        self._pending.append(step)
+        self.latest_step = step
+        return step
 
-    def end_step(self) -> np.ndarray:
-        """The ids of the oldest step begun and not yet ended (waits for it)."""
-        if not self._pending:
-            raise EngineError("no decode step was begun")
-        ids = self._pending.popleft()
-        return self.ops.collect_decode() if ids is None else ids
+    def _collect_oldest(self) -> None:
+        next(s for s in self._pending if s.ids is None).ids = self.ops.collect_decode()
+
+    def end_step(self, step: DecodeStep | None = None) -> np.ndarray:
+        """The ids of `step` (default: the oldest step begun and not yet ended), waiting for
+        it; steps launched before it are collected on the way and kept for their callers."""
+        if step is None:
+            if not self._pending:
+                raise EngineError("no decode step was begun")
+            step = self._pending[0]
+        elif not any(s is step for s in self._pending):
+            raise EngineError("that decode step was not begun, or was ended already")
+        while step.ids is None:
+            self._collect_oldest()
+        self._pending.remove(step)  # DecodeStep compares by identity
+        return step.ids
 
     def discard_steps(self) -> None:
         """End the steps begun and not yet ended, dropping their ids (a sequence stopped while
@@ -299,6 +324,8 @@ class Engine:
         ids = self.prompt_ids(prompt)
         stops = set(stop_token_ids or ()) | (set() if ignore_eos else set(self.tokenizer.eos_token_ids))
         slot = self.acquire_slot()
+        begun: list[DecodeStep] = []  # this call's decode steps, in order
+        ended = 0  # how many of them were ended
         try:
             logits = None
             for start in range(0, len(ids), PREFILL_CHUNK):
@@ -309,20 +336,23 @@ class Engine:
             token = int(self.sample(logits, [sampling], [0])[0])
             first = len(ids)  # decode step k feeds the position first + k - 1
             decode_steps = min(max_tokens - 1, self.max_model_len - 1 - first)
-            begun = 0
             for done in range(decode_steps + 1):
                 yield token
                 if done == decode_steps or token in stops:
                     return
-                if begun == done:  # the next step is not running yet: it takes this token
-                    self.begin_step([token], [first + done], [slot], [sampling], [done + 1])
-                    begun += 1
-                if begun < decode_steps and self.launches_ahead:  # and one more behind it
-                    self.begin_step([FED], [first + begun], [slot], [sampling], [begun + 1])
-                    begun += 1
-                token = int(self.end_step()[0])
+                if len(begun) == done:  # the next step is not running yet: it takes this token
+                    begun.append(self.begin_step([token], [first + done], [slot], [sampling],
+                                                 [done + 1]))
+                # and one more behind it, FED from it unless another caller's step came between
+                if len(begun) < decode_steps and self.launches_ahead \
+                        and self.latest_step is begun[-1]:
+                    k = len(begun)
+                    begun.append(self.begin_step([FED], [first + k], [slot], [sampling], [k + 1]))
+                token = int(self.end_step(begun[done])[0])
+                ended = done + 1
         finally:
-            self.discard_steps()  # one ran ahead past a stop id, or the caller stopped early
+            for step in begun[ended:]:  # ran ahead past a stop id, or the caller stopped early
+                self.end_step(step)
             self.release_slot(slot)
 
 

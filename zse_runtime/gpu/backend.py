@@ -435,6 +435,11 @@ class GpuOps:
         ids are collected: once the embedding is mapped."""
         return self.embedding_mapped.is_set()
 
+    @property
+    def max_in_flight(self) -> int:
+        """Decode steps launch_decode lets be in flight at once."""
+        return 2 if self.embedding_mapped.is_set() else 1
+
     def _embed_staging_views(self) -> list[np.ndarray]:
         views, offset = [], 0
         for (shape, dtype), nbytes in zip(self.embed_parts, self.embed_staging_bytes):
@@ -852,7 +857,7 @@ class GpuOps:
         before, which need not be collected yet) and two steps may be in flight; before, the
         host gathers the step's rows, one step at a time."""
         mapped = self.embedding_mapped.is_set()
-        if len(self.in_flight) == (2 if mapped else 1):
+        if len(self.in_flight) >= self.max_in_flight:
             raise RuntimeError(f"{len(self.in_flight)} decode step(s) in flight: "
                                "collect_decode() first")
         B = len(tokens)
