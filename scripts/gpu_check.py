@@ -10,6 +10,7 @@ Each check is independent: a failure is recorded with its traceback and the rest
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -726,14 +727,12 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
     record("launch ahead: embedding mapped", mapped, f"{engine.ops.embedding_mapping}")
 
     def generated(params, ahead: bool, staged: bool = False):
-        saved = Engine.launches_ahead
-        Engine.launches_ahead = property(lambda self: ahead)
         if staged:
             engine.ops.embedding_mapped.clear()  # as before the mapping is done
         try:
-            return list(engine.generate(prompt, steps, params, ignore_eos=True))
+            with _launching_ahead(ahead):
+                return list(engine.generate(prompt, steps, params, ignore_eos=True))
         finally:
-            Engine.launches_ahead = saved
             engine.ops.embedding_mapped.set()
 
     for label, params in (("greedy", SamplingParams()), ("sampled", sampled)):
@@ -811,7 +810,7 @@ def _scheduled(engine, prompt: list[int], ahead: bool) -> tuple[list[list[int]],
     ends; one stops at a stop id): their tokens, and how many steps were begun FED."""
     import threading
 
-    from zse_runtime.engine import FED, Engine
+    from zse_runtime.engine import FED
     from zse_runtime.sampling import SamplingParams
     from zse_runtime.scheduler import FinishEvent, Request, Scheduler
 
@@ -819,9 +818,7 @@ def _scheduled(engine, prompt: list[int], ahead: bool) -> tuple[list[list[int]],
     lengths = [6, 20, 24, 12]
     free = list(engine.generate(prompts[2], lengths[2], ignore_eos=True))
     stops = [frozenset(), frozenset(), frozenset({free[9]}), frozenset()]
-    saved, begin = Engine.launches_ahead, engine.begin_step
-    Engine.launches_ahead = property(lambda self: ahead)
-    fed = []
+    begin, fed = engine.begin_step, []
     engine.begin_step = lambda tokens, *a: (fed.append(FED in list(tokens)), begin(tokens, *a))[1]
     outputs, finished = [[] for _ in prompts], threading.Semaphore(0)
 
@@ -829,19 +826,34 @@ def _scheduled(engine, prompt: list[int], ahead: bool) -> tuple[list[list[int]],
         return lambda event: finished.release() if isinstance(event, FinishEvent) \
             else out.append(event.token)
 
-    scheduler = Scheduler(engine, max_waiting=4)
     try:
-        with scheduler._wake:
-            for ids, n, stop, out in zip(prompts, lengths, stops, outputs):
-                scheduler.submit(Request(ids, SamplingParams(), n, emitter(out),
-                                         stop_token_ids=stop))
-        for _ in prompts:
-            finished.acquire(timeout=60)
+        with _launching_ahead(ahead):
+            scheduler = Scheduler(engine, max_waiting=4)
+            try:
+                with scheduler._wake:
+                    for ids, n, stop, out in zip(prompts, lengths, stops, outputs):
+                        scheduler.submit(Request(ids, SamplingParams(), n, emitter(out),
+                                                 stop_token_ids=stop))
+                for _ in prompts:
+                    finished.acquire(timeout=60)
+            finally:
+                scheduler.stop()
     finally:
-        scheduler.stop()
-        Engine.launches_ahead = saved
         del engine.begin_step
     return outputs, sum(fed)
+
+
+@contextlib.contextmanager
+def _launching_ahead(ahead: bool):
+    """Engine.launches_ahead forced to `ahead` meanwhile (steps begun one at a time with False)."""
+    from zse_runtime.engine import Engine
+
+    saved = Engine.launches_ahead
+    Engine.launches_ahead = property(lambda self: ahead)
+    try:
+        yield
+    finally:
+        Engine.launches_ahead = saved
 
 
 @check("SmolLM2")

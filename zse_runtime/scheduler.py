@@ -195,18 +195,21 @@ class Scheduler:
                 self._accept(batch, self._choose(batch, logits))
                 return
             # the fast path: a replayed graph on a GPU, only the ids come back
-            self.engine.begin_step([r.generated[-1] for r in batch],
-                                   [_position(r) for r in batch], [r.slot for r in batch],
-                                   [r.params for r in batch], [len(r.generated) for r in batch])
+            self._begin(batch, [r.generated[-1] for r in batch], 0)
             current = batch
         if self._continues(current, batch):
-            self.engine.begin_step([FED] * len(batch), [_position(r) + 1 for r in batch],
-                                   [r.slot for r in batch], [r.params for r in batch],
-                                   [len(r.generated) + 1 for r in batch])
+            self._begin(batch, [FED] * len(batch), 1)
             self._ahead = batch
         self._flush()  # the previous step's events, while the GPU runs this one
         ids = self.engine.end_step()
         self._accept(current, [TokenEvent(int(i)) for i in ids])
+
+    def _begin(self, batch: list[Request], tokens: list[int], later: int) -> None:
+        """Begin the decode step that feeds `tokens`, `later` steps after each request's last
+        accepted token."""
+        self.engine.begin_step(tokens, [_position(r) + later for r in batch],
+                               [r.slot for r in batch], [r.params for r in batch],
+                               [len(r.generated) + later for r in batch])
 
     def _continues(self, current: list[Request], batch: list[Request]) -> bool:
         """Whether the next step may be begun before `current` ends: the engine runs steps
