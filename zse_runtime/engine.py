@@ -91,7 +91,6 @@ class Engine:
         self._pending: deque[DecodeStep] = deque()
         self.latest_step: DecodeStep | None = None  # the step a FED token refers to
         self._fed_rows = 0  # rows a FED token may name: the last step's, if nothing sampled since
-        self._last_ids: np.ndarray | None = None  # the last eager step's ids, for FED rows
 
     @classmethod
     def open(cls, path: str | Path | ZseFile, device: str = "auto",
@@ -285,11 +284,10 @@ class Engine:
             step = DecodeStep()
         else:
             if fed:  # the step before ran on the CPU: its ids are here
-                tokens = [self._last_ids[i] if token == FED else token
+                tokens = [self.latest_step.ids[i] if token == FED else token
                           for i, token in enumerate(tokens)]
             logits = self.forward(Batch.of(tokens, positions, slots, np.arange(len(tokens))))
-            self._last_ids = self.ops.sample(logits, params, steps)
-            step = DecodeStep(self._last_ids)
+            step = DecodeStep(self.ops.sample(logits, params, steps))
         self._pending.append(step)
         self.latest_step = step
         return step
