@@ -606,35 +606,49 @@ def test_upload_weights_streams_remote_bytes_to_the_device(fake_gpu, tiny_qwen2_
     assert zse.mirror.read_bytes() == tiny_qwen2_zse.read_bytes()
 
 
-def test_a_local_upload_stops_the_read_ahead(fake_gpu, tiny_qwen2_zse, monkeypatch):
-    """zse-run reads the device window ahead from the manifest on (`starter.read_ahead`); the
-    upload takes over: the read-ahead ends after the chunk it is reading, and the device gets
-    every byte all the same."""
+def test_a_local_upload_stops_the_read_ahead_once_it_reaches_it(fake_gpu, tiny_qwen2_zse,
+                                                                monkeypatch):
+    """zse-run reads the device window ahead from the manifest on (`starter.read_ahead`). The
+    upload goes through what it has read while it keeps reading (the disk stays busy), and
+    ends it when its own reads reach bytes the read-ahead has not read: the read-ahead finishes
+    the chunk under way and reads no other; the device gets every byte all the same."""
     from zse_runtime import zsefile
-    from zse_runtime.gpu import starter
+    from zse_runtime.gpu import loader, starter
     from zse_runtime.gpu.loader import upload_weights
 
     monkeypatch.setattr(zsefile, "PREFETCH_CHUNK", 4096)
-    started, gate, ahead, real_preadv = threading.Event(), threading.Event(), [], os.preadv
+    monkeypatch.setattr(loader, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(loader, "READERS", 1)  # one upload reader: chunks in file order
+    held, gate, real_preadv = threading.Event(), threading.Event(), os.preadv
+    ahead, uploads = [], []
+    reader = None
 
     def preadv(fd, buffers, offset):
         if threading.current_thread().name == "zse-prefetch":
             ahead.append(offset)
-            started.set()
-            gate.wait(10)  # the read-ahead holds in its first read until the upload has begun
+            if len(ahead) == 3:  # it holds in its third read until the upload has reached it
+                held.set()
+                gate.wait(10)
+        else:  # an upload read: was the read-ahead told to stop by then?
+            uploads.append((offset, reader._stop_reading.is_set()))
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
     with ZseFile(tiny_qwen2_zse) as local:
         window = device_window_start(local)
+        first = local.header.data_offset + window
+        assert local.header.data_length - window > 4 * 4096
         reader = starter.read_ahead(local)
-        assert started.wait(10) and ahead == [local.header.data_offset + window]
+        assert held.wait(10)
+        assert reader.position == first + 2 * 4096  # two chunks read, the third under way
         device = np.zeros(local.header.data_length - window, np.uint8)
         upload_weights(local, device.ctypes.data, window, _FakeContext())
         gate.set()
         reader.join(10)
         assert not reader.is_alive()
-        assert len(ahead) == 1  # it read no second chunk
+        assert ahead == [first, first + 4096, first + 2 * 4096]  # no fourth read
+        # the two chunks it had read were uploaded while it kept reading; the third stopped it
+        assert uploads[:3] == [(first, False), (first + 4096, False), (first + 2 * 4096, True)]
         assert np.array_equal(device, np.array(local.data)[window:])
 
 

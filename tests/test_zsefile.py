@@ -149,6 +149,32 @@ def test_stop_prefetching_and_close_end_the_reader_at_its_next_chunk(tiny_qwen2_
     assert not reader.is_alive() and len(reads) == 1
 
 
+def test_a_prefetch_is_stopped_only_by_a_reader_of_bytes_it_has_still_to_read(tiny_qwen2_zse,
+                                                                             monkeypatch):
+    """stop_prefetching_overtaken(start, end): the upload about to read [start, end) ends the
+    prefetches with unread bytes there; one that has read past them, or reads elsewhere, goes
+    on."""
+    monkeypatch.setattr(zsefile, "PREFETCH_CHUNK", 4096)
+    gate = threading.Event()
+    reads = _recorded_reads(monkeypatch, gate)
+    with ZseFile(tiny_qwen2_zse) as zse:
+        base = zse.header.data_offset
+        assert zse.header.data_length >= 8 * 4096
+        reader = zse.prefetch(4 * 4096, 8 * 4096)
+        deadline = time.monotonic() + 10
+        while not reads and time.monotonic() < deadline:  # held in its first read
+            time.sleep(0.001)
+        assert reader.position == base + 4 * 4096
+        zse.stop_prefetching_overtaken(base, base + 4 * 4096)  # bytes before its range
+        zse.stop_prefetching_overtaken(base + 8 * 4096, base + 9 * 4096)  # and after it
+        assert not reader._stop_reading.is_set()
+        zse.stop_prefetching_overtaken(base + 3 * 4096, base + 5 * 4096)  # some it has to read
+        assert reader._stop_reading.is_set()
+        gate.set()
+        reader.join(30)
+        assert reads == [(base + 4 * 4096, 4096)]
+
+
 def test_prefetch_of_a_remote_file_does_nothing(tiny_qwen2_zse):
     class Bytes:  # the ByteSource calls ZseFile.from_source makes
         def __init__(self, blob):

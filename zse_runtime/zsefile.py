@@ -513,6 +513,41 @@ def tensor_view(info: TensorInfo, blob: np.ndarray) -> np.ndarray | Int4Weight:
     return int4_view(info, blob) if info.layout == LAYOUT_INT4_ROWS else dense_view(info, blob)
 
 
+class Prefetch(threading.Thread):
+    """One background read of file bytes [first, last) into the page cache, PREFETCH_CHUNK
+    bytes per read, in order (ZseFile.prefetch). `position`: the file offset up to which it
+    has read."""
+
+    def __init__(self, path: Path, first: int, last: int):
+        super().__init__(name="zse-prefetch", daemon=True)
+        self.path, self.first, self.last = path, first, last
+        self.position = first
+        self._stop_reading = threading.Event()
+
+    def stop(self) -> None:
+        """End at the next chunk (the read under way completes)."""
+        self._stop_reading.set()
+
+    def run(self) -> None:
+        buffer = memoryview(bytearray(PREFETCH_CHUNK))
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            for offset in range(self.first, self.last, PREFETCH_CHUNK):
+                if self._stop_reading.is_set():
+                    return
+                length = min(PREFETCH_CHUNK, self.last - offset)
+                if os.preadv(fd, [buffer[:length]], offset) <= 0:
+                    return
+                self.position = offset + length
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+
+
 class ZseFile:
     """A validated, memory-mapped `.zse` file. Use as a context manager or call close()."""
 
@@ -531,7 +566,7 @@ class ZseFile:
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._data = None
         self._closed = False
-        self._prefetch_stops: list[threading.Event] = []
+        self._prefetches: list[Prefetch] = []
 
     @classmethod
     def from_source(cls, source, prefetch: int = MANIFEST_PREFETCH) -> "ZseFile":
@@ -541,7 +576,7 @@ class ZseFile:
         self = cls.__new__(cls)
         self.path, self.source, self.mirror, self._map, self._data, self._closed = (
             source.describe(), source, None, None, None, False)
-        self._prefetch_stops = []
+        self._prefetches = []
         head = source.read(0, min(source.size, prefetch))
         self.header = read_header(self.path, head, source.size)
         if self.header.data_offset > len(head):
@@ -607,49 +642,39 @@ class ZseFile:
     def weight(self, name: str) -> np.ndarray | Int4Weight:
         return tensor_view(self.tensors[name], self.raw(name))
 
-    def prefetch(self, start: int = 0, end: int | None = None) -> threading.Thread | None:
+    def prefetch(self, start: int = 0, end: int | None = None) -> Prefetch | None:
         """Read data-section bytes [start, end) once in a background thread, so that they are in
         the page cache before they are used (best effort: a read error ends it quietly), until
-        `stop_prefetching()` ends it at its next chunk. One thread: on the H200 host's disk it
-        reads as fast as 8 or 16 (1.7 GB/s). None, and nothing to do, for a remote file."""
+        `stop_prefetching()` (or `stop_prefetching_overtaken`) ends it at its next chunk. One
+        thread: on the H200 host's disk it reads as fast as 8 or 16 (1.7 GB/s). None, and
+        nothing to do, for a remote file."""
         if self._map is None:
             return None
         first = self.header.data_offset + start
         last = self.header.data_offset + (self.header.data_length if end is None else end)
-        stop = threading.Event()
-        self._prefetch_stops.append(stop)
+        reader = Prefetch(self.path, first, last)
+        self._prefetches.append(reader)
+        reader.start()
+        return reader
 
-        def read() -> None:
-            buffer = memoryview(bytearray(PREFETCH_CHUNK))
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-            except OSError:
-                return
-            try:
-                for offset in range(first, last, PREFETCH_CHUNK):
-                    if stop.is_set():
-                        return
-                    if os.preadv(fd, [buffer[:min(PREFETCH_CHUNK, last - offset)]], offset) <= 0:
-                        return
-            except OSError:
-                return
-            finally:
-                os.close(fd)
-
-        thread = threading.Thread(target=read, name="zse-prefetch", daemon=True)
-        thread.start()
-        return thread
-
-    def prefetch_tensor(self, name: str) -> threading.Thread | None:
+    def prefetch_tensor(self, name: str) -> Prefetch | None:
         info = self.tensors[name]
         return self.prefetch(info.offset, info.offset + info.nbytes)
 
     def stop_prefetching(self) -> None:
         """End the prefetches started so far at their next chunk (a reader of the same bytes
         has taken over)."""
-        for stop in self._prefetch_stops:
-            stop.set()
-        self._prefetch_stops = []
+        for reader in self._prefetches:
+            reader.stop()
+        self._prefetches = []
+
+    def stop_prefetching_overtaken(self, start: int, end: int) -> None:
+        """Another reader is about to read file bytes [start, end): end, at their next chunk,
+        the prefetches that still have some of them to read (they would only compete with it
+        now); those further ahead keep the disk busy while it catches up."""
+        for reader in self._prefetches:
+            if reader.position < end and start < reader.last:
+                reader.stop()
 
     def dequantized(self, name: str) -> np.ndarray:
         """Any tensor as float32 (int4 dequantized with the reference formula)."""

@@ -17,6 +17,7 @@ import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -32,8 +33,11 @@ READERS = 8
 
 
 def upload_data_section(path: str | os.PathLike, data_offset: int, data_length: int,
-                        device_pointer: int, context: driver.Context, readers: int = READERS,
-                        chunk_bytes: int = CHUNK_BYTES) -> None:
+                        device_pointer: int, context: driver.Context,
+                        reading: Callable[[int, int], None] | None = None) -> None:
+    """File bytes [data_offset, data_offset + data_length) to device_pointer. `reading` is
+    called with each chunk's file bytes [start, end) before they are read."""
+    readers, chunk_bytes = READERS, CHUNK_BYTES
     chunks = [(start, min(chunk_bytes, data_length - start))
               for start in range(0, data_length, chunk_bytes)]
     fd = os.open(path, os.O_RDONLY)
@@ -56,6 +60,8 @@ def upload_data_section(path: str | os.PathLike, data_offset: int, data_length: 
                         events[slot].synchronize()  # the copy out of this buffer is done
                     view = memoryview(buffers[slot].array)[:length]
                     offset = data_offset + start
+                    if reading is not None:
+                        reading(offset, offset + length)
                     while view.nbytes:
                         got = os.preadv(fd, [view], offset)
                         if got == 0:
@@ -153,9 +159,11 @@ def upload_weights(zse: ZseFile, device_pointer: int, window_start: int,
     is then download+upload."""
     embedding = zse.tensors[EMBED]
     if zse.source is None:
-        zse.stop_prefetching()  # `starter.read_ahead`: what it read is in the page cache
+        # `starter.read_ahead` keeps reading until the upload's readers reach what it has not
+        # read yet: they go through what it read (in the page cache) while the disk stays busy
         upload_data_section(zse.path, zse.header.data_offset + window_start,
-                            zse.header.data_length - window_start, device_pointer, context)
+                            zse.header.data_length - window_start, device_pointer, context,
+                            reading=zse.stop_prefetching_overtaken)
         return zse.raw(EMBED)
     sink = DeviceSink(device_pointer, context, window_start, (embedding.offset, embedding.nbytes))
     mirror = MirrorFile(zse.mirror, zse.head, zse.source.size) if zse.mirror else None
