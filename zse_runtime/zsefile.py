@@ -646,8 +646,10 @@ class ZseFile:
         """Read data-section bytes [start, end) once in a background thread, so that they are in
         the page cache before they are used (best effort: a read error ends it quietly), until
         `stop_prefetching()` (or `stop_prefetching_overtaken`) ends it at its next chunk. One
-        thread: on the H200 host's disk it reads as fast as 8 or 16 (1.7 GB/s). None, and
-        nothing to do, for a remote file."""
+        thread: on the H200 host's disk it reads as fast as 8 or 16 (1.7 GB/s), and more readers
+        delay what else needs the disk (in a cold zse-run start, eight made the CUDA context,
+        whose driver files are read too, 1.3-1.7 s later). None, and nothing to do, for a
+        remote file."""
         if self._map is None:
             return None
         first = self.header.data_offset + start
