@@ -158,7 +158,9 @@ def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
     prompts (one eager forward each, timed), then times --decode-tokens steps of all N, each
     begun before the previous one ends where the engine launches steps ahead (as the scheduler
     does for a steady batch), else one at a time."""
-    from zse_runtime.engine import FED, Engine
+    import gpu_check
+
+    from zse_runtime.engine import Engine
     from zse_runtime.model import Batch
     from zse_runtime.sampling import SamplingParams
 
@@ -182,17 +184,11 @@ def batched_part(zse: Path, args: argparse.Namespace) -> dict[str, Any]:
             params = [SamplingParams()] * streams
             # as the scheduler decodes a steady batch: each step begun before the previous one
             # ends, its tokens FED on the device, where the engine runs steps ahead
-            ahead, begin = engine.launches_ahead, engine.begin_step
+            ahead = engine.launches_ahead
             started = time.perf_counter()
-            begin(tokens, [SERVER_PROMPT_TOKENS] * streams, slots, params, [1] * streams)
-            for step in range(1, args.decode_tokens):  # begins step `step`, ends the one before
-                position = [SERVER_PROMPT_TOKENS + step] * streams
-                if ahead:
-                    begin([FED] * streams, position, slots, params, [step + 1] * streams)
-                tokens = engine.end_step().tolist()
-                if not ahead:
-                    begin(tokens, position, slots, params, [step + 1] * streams)
-            engine.end_step()
+            gpu_check.decode_steps(engine, tokens,
+                                   lambda k: [SERVER_PROMPT_TOKENS + k] * streams, slots, params,
+                                   args.decode_tokens, ahead)
             seconds = time.perf_counter() - started
         finally:
             for slot in slots:

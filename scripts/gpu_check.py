@@ -716,7 +716,7 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
     (with the mapped table, and with the rows the host gathers until it is mapped), greedy and
     sampled, for one sequence, for three, and through the scheduler; and so does an engine whose
     table could not be registered in place (a pinned copy)."""
-    from zse_runtime.engine import FED, Engine
+    from zse_runtime.engine import Engine
     from zse_runtime.gpu import driver
     from zse_runtime.model import Batch
     from zse_runtime.sampling import SamplingParams
@@ -755,20 +755,8 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
         return [len(ids) + k for ids in prompts]
 
     for ahead in (True, False):
-        tokens = [[t] for t in first]
-        engine.begin_step([t[-1] for t in tokens], positions(0), slots, params, [1] * 3)
-        for k in range(1, 8):
-            if ahead:
-                engine.begin_step([FED] * 3, positions(k), slots, params, [k + 1] * 3)
-            ids = engine.end_step()
-            for row, t in zip(tokens, ids):
-                row.append(int(t))
-            if not ahead:
-                engine.begin_step([t[-1] for t in tokens], positions(k), slots, params,
-                                  [k + 1] * 3)
-        for row, t in zip(tokens, engine.end_step()):
-            row.append(int(t))
-        runs[ahead] = tokens
+        chosen = decode_steps(engine, first, positions, slots, params, 8, ahead)
+        runs[ahead] = [[t, *column] for t, column in zip(first, np.array(chosen).T.tolist())]
     record("launch ahead: 3 sequences x 8 steps == one by one", runs[True] == runs[False],
            f"{runs[True][2][:6]}")
     # two generate() calls consumed in turn: each step's ids reach the call that began it
@@ -803,6 +791,27 @@ def launch_ahead(zse_path: Path, prompt: list[int], steps: int = 48) -> None:
     record("launch ahead: a pinned copy where registering fails", mapped and copied == greedy,
            f"{engine.ops.embedding_mapping}; {sum(a == b for a, b in zip(copied, greedy))}/"
            f"{steps} tokens equal")
+
+
+def decode_steps(engine, tokens, positions, slots, params, count: int,
+                 ahead: bool) -> list[np.ndarray]:
+    """`count` decode steps of the same sequences, fed their last tokens `tokens` first, as the
+    scheduler decodes a steady batch: each step begun before the previous one ends, its tokens
+    FED on the device, if `ahead`; else one at a time from the ids on the host. positions(k):
+    the positions step k feeds. The ids each step chose (bench_decode times this too)."""
+    from zse_runtime.engine import FED
+
+    rows = len(tokens)
+    engine.begin_step(tokens, positions(0), slots, params, [1] * rows)
+    chosen = []
+    for k in range(1, count):  # begins step k, ends the one before
+        if ahead:
+            engine.begin_step([FED] * rows, positions(k), slots, params, [k + 1] * rows)
+        chosen.append(engine.end_step())
+        if not ahead:
+            engine.begin_step(chosen[-1].tolist(), positions(k), slots, params, [k + 1] * rows)
+    chosen.append(engine.end_step())
+    return chosen
 
 
 def _scheduled(engine, prompt: list[int], ahead: bool) -> tuple[list[list[int]], int]:
