@@ -215,7 +215,8 @@ def gemv(gpu: Gpu, copy_gbps: float | None, rng) -> None:
         activations = quantize_on_device(gpu, dx)
         out = gpu.empty((BATCHES[-1], rows), np.float32)
         args = lambda i, T: (*(a.rows(T) for a in activations), *devices[i % copies],
-                             np.int32(128), dbias, np.int32(1), out.rows(T))
+                             np.uint32(geo.gemv_group_reciprocal(128)), dbias, np.int32(1),
+                             out.rows(T))
 
         def timed(kernel, grid, block, T):
             gpu.launch(kernel, grid, block, *args(0, T))
@@ -680,6 +681,30 @@ def synthetic_model(work: Path, long_text: str) -> None:
     launch_ahead(out, prompts["short"])
 
 
+@check("synthetic llama, group 96")
+def synthetic_group96_model(work: Path) -> None:
+    """SmolLM2-135M's widths: o_proj and gate_up (576 inputs) fall back to group 96, the only
+    group size whose blocks per group is no power of two (the GEMV's group index)."""
+    from tests.checkpoints import make_checkpoint
+    from zse_convert.convert import ConvertOptions, convert
+    from zse_runtime.zsefile import ZseFile
+
+    checkpoint = make_checkpoint(work / "llama576-ckpt", "llama", hidden_size=576,
+                                 intermediate_size=1536, num_hidden_layers=3,
+                                 num_attention_heads=9, num_key_value_heads=3, vocab_size=32000,
+                                 max_position_embeddings=4096)
+    out = work / "llama576.zse"
+    convert(str(checkpoint), out, ConvertOptions())
+    with ZseFile(out) as zse:
+        groups = {name.rsplit(".", 1)[-1]: t.group_size for name, t in zse.tensors.items()
+                  if t.group_size}
+    record("synthetic llama 576: group sizes", groups == {"qkv": 32, "o_proj": 96, "gate_up": 96,
+                                                          "down_proj": 128}, str(groups))
+    rng = np.random.default_rng(7)
+    prompts = {"short": rng.integers(0, 300, 150).tolist(), "long": rng.integers(0, 300, 700).tolist()}
+    _engine_vs_transformers("synthetic llama 576", out, checkpoint, prompts)
+
+
 @check("dependent launch")
 def dependent_launch(zse_path: Path, prompt: list[int], steps: int = 64) -> None:
     """The GEMVs launched as dependents (kernels/grid_dependency.py) change when a kernel starts,
@@ -1031,6 +1056,7 @@ def main() -> int:
         sampling_kernel(gpu, rng)
     if not args.skip_synthetic:
         synthetic_model(args.work, long_text)
+        synthetic_group96_model(args.work)
     if args.gguf:
         smollm2(args.work, args.gguf, long_text)
     if args.zse:

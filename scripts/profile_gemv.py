@@ -34,7 +34,7 @@ def main() -> None:
             gpu.launch(kernel, (math.ceil(rows / block_rows), 1), threads,
                        *(DeviceArray(a.pointer, (tokens, a.shape[1]), a.dtype)
                          for a in (xq, xstep, xsum)),
-                       q, s, z, np.int32(128), bias, np.int32(0),
+                       q, s, z, np.uint32(geo.gemv_group_reciprocal(128)), bias, np.int32(0),
                        DeviceArray(out.pointer, (tokens, rows), out.dtype))
         gpu.stream.synchronize()
         print(name, "launched", flush=True)

@@ -12,7 +12,8 @@ CHAT_TEMPLATE = (
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-# Shapes chosen so hidden (192) is divisible by 64 but not by 128: the group-size fallback path.
+# Shapes chosen so hidden (192) is divisible by 96 but not by 128: the group-size fallback path
+# (to 96, a group of three 32-value blocks, as SmolLM2's 576).
 TINY = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=6,
             num_key_value_heads=2, vocab_size=320, max_position_embeddings=512)
 

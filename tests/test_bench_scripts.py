@@ -195,7 +195,7 @@ def test_a_synthetic_zse_has_the_converters_group_sizes(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_zse.py"),
                           str(tmp_path / "bad.zse"), "--group-size-for", "qkv=48"],
                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
-    assert bad.returncode == 2 and "qkv's group size must be one of [32, 64, 128], got 48" in (
+    assert bad.returncode == 2 and "qkv's group size must be one of [32, 64, 96, 128], got 48" in (
         bad.stderr) and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad.zse").exists()
 

@@ -159,6 +159,23 @@ def test_gptq_lowers_the_output_error_of_the_clipping_search(group_size, act_ord
     assert np.isfinite(weight.scales).all() and (weight.scales > 0).all()
 
 
+# The same ratio at group 96 on 64 x 576 weights and 2048 x 576 inputs (measured 2026-12-02)
+GROUP_96_OUTPUT_ERROR_RATIO = 0.422
+
+
+def test_gptq_at_group_96_updates_in_whole_groups():
+    """Group 96 does not divide the 128-column lazy-update block: the block shrinks to 96, so
+    no group straddles two blocks and each group's parameters see every earlier update."""
+    x = _correlated_inputs(2048, 576)
+    h = x.T @ x
+    w = _weights(64, 576)
+    weight, _ = gptq_quantize(w, h, 96, GptqOptions())
+    searched, _ = quantize_int4(w, 96)
+    ratio = output_error(w, dequantize_int4(weight), h) / output_error(w, dequantize_int4(searched), h)
+    assert ratio == pytest.approx(GROUP_96_OUTPUT_ERROR_RATIO, abs=0.02)
+    assert weight.group_size == 96 and weight.scales.shape == (64, 6)
+
+
 def test_stdlib_calibration_text_is_disjoint_from_the_evaluation_text():
     calibration = stdlib_text().text
     assert len(calibration) > 500_000  # ~150k tokens: far more than the default 8192

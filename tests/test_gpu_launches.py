@@ -143,8 +143,12 @@ def test_a_forward_pass_launches_what_the_kernels_expect(ops, tokens):
             assert int(made[flag_at]) == 1 and tuple(args[:3]) == tuple(digits), (producer, name)
             t, k = x.shape
             assert [d.shape for d in digits] == [(t, k // 2), (t, k // 32), (t, k // 32)]
-            xq, qweight, out = args[0], args[3], args[-1]
+            xq, qweight, scales, out = args[0], args[3], args[4], args[-1]
             assert xq.shape == (tokens, qweight.shape[1] * 4) and out.shape[0] == tokens
+            # the group argument is the reciprocal the kernel's mul.hi takes, not the group size
+            group = qweight.shape[1] * 8 // scales.shape[1]
+            assert isinstance(args[6], np.uint32)
+            assert int(args[6]) == geo.gemv_group_reciprocal(group), (name, group)
         assert gemvs == linears
     else:
         splits = recorder.named("split_activations")

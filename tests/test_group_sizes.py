@@ -34,7 +34,7 @@ def test_override_reaches_the_bytes_and_nothing_else_moves(tiny_qwen2, tiny_qwen
     # the default's qkv=32 stays beside the override
     assert manifest["quantization"]["group_size_overrides"] == {"qkv": 32, "down_proj": 32}
     assert summary["group_size_overrides"] == {"qkv": 32, "down_proj": 32}
-    # hidden 192 is no multiple of 128: o_proj and gate_up fall back to 64 as before; qkv and
+    # hidden 192 is no multiple of 128: o_proj and gate_up fall back to 96 as before; qkv and
     # down_proj got what was asked for them, so they are no fallbacks
     assert set(summary["group_size_fallbacks"]) == {
         f"layers.{i}.{kind}" for i in range(2) for kind in ("o_proj", "gate_up")}
@@ -68,19 +68,19 @@ def test_the_default_puts_qkv_at_32_and_an_override_replaces_it(tiny_qwen2, tiny
         assert zse.manifest["quantization"]["group_size_overrides"] == {"qkv": 32}
         assert zse.int4("layers.1.qkv").scales.shape == (320, 192 // 32)
     assert [default[f"layers.1.{kind}"]["group_size"] for kind in QUANTIZED_PARTS] == [
-        32, 64, 64, 128]
+        32, 96, 96, 128]
 
-    # qkv=128 asks for one size everywhere: qkv then falls back to 64 like o_proj and gate_up
+    # qkv=128 asks for one size everywhere: qkv then falls back to 96 like o_proj and gate_up
     uniform = tmp_path / "uniform.zse"
     summary = convert(str(tiny_qwen2), uniform, ConvertOptions(group_size_overrides={"qkv": 128}))
     manifest, tensors, _ = _table(uniform)
     assert manifest["quantization"]["group_size_overrides"] == summary["group_size_overrides"] == {}
-    assert summary["group_size_fallbacks"]["layers.0.qkv"] == 64
+    assert summary["group_size_fallbacks"]["layers.0.qkv"] == 96
     for name, entry in tensors.items():
         if not name.endswith(".qkv"):
             assert {**entry, "offset": None} == {**default[name], "offset": None}, name
         else:
-            assert entry["group_size"] == 64
+            assert entry["group_size"] == 96
 
     # at -g 32 the default asks nothing different from the base, and the manifest says so
     manifest, _, _ = _table(convert(str(tiny_qwen2), tmp_path / "g32.zse",
@@ -89,26 +89,27 @@ def test_the_default_puts_qkv_at_32_and_an_override_replaces_it(tiny_qwen2, tiny
 
 
 def test_override_above_the_base_and_its_fallback(tiny_qwen2, tmp_path):
-    """g64 with down_proj at 128 (384 inputs: divisible) and qkv at 128 (192: falls back)."""
+    """g64 with down_proj at 128 (384 inputs: divisible) and qkv at 128 (192: falls back to
+    96, the largest supported size below 128 that divides it)."""
     out = tmp_path / "mix.zse"
     summary = convert(str(tiny_qwen2), out, ConvertOptions(
         group_size=64, group_size_overrides={"qkv": 128, "down_proj": 128}))
     manifest, tensors, _ = _table(out)
     assert manifest["quantization"]["group_size_overrides"] == {"qkv": 128, "down_proj": 128}
     groups = {name: t.get("group_size") for name, t in tensors.items()}
-    assert [groups[f"layers.1.{kind}"] for kind in QUANTIZED_PARTS] == [64, 64, 64, 128]
-    assert summary["group_size_fallbacks"] == {"layers.0.qkv": 64, "layers.1.qkv": 64}
+    assert [groups[f"layers.1.{kind}"] for kind in QUANTIZED_PARTS] == [96, 64, 64, 128]
+    assert summary["group_size_fallbacks"] == {"layers.0.qkv": 96, "layers.1.qkv": 96}
     with ZseFile(out) as zse:
         assert zse.int4("layers.0.down_proj").scales.shape == (192, 3)
-        assert zse.int4("layers.0.qkv").scales.shape == (320, 3)
+        assert zse.int4("layers.0.qkv").scales.shape == (320, 2)
 
 
 @pytest.mark.parametrize("overrides,message", [
     ({"lm_head": 32}, "unknown projection kind 'lm_head'"),
     ({"down": 32}, "unknown projection kind 'down'; the INT4 projections of a layer are "
                    "['qkv', 'o_proj', 'gate_up', 'down_proj']"),
-    ({"down_proj": 16}, "down_proj's group size must be one of [32, 64, 128], got 16"),
-    ({"gate_up": 32.0}, "gate_up's group size must be one of [32, 64, 128], got 32.0"),
+    ({"down_proj": 16}, "down_proj's group size must be one of [32, 64, 96, 128], got 16"),
+    ({"gate_up": 32.0}, "gate_up's group size must be one of [32, 64, 96, 128], got 32.0"),
     ({"qkv": True}, "qkv's group size must be one of"),
 ])
 def test_bad_overrides_fail_before_any_output(tiny_qwen2, tmp_path, overrides, message):
@@ -141,7 +142,7 @@ def test_cli_option(tiny_qwen2, tmp_path):
     assert {t["name"]: t.get("group_size") for t in inspected["tensors"]}["layers.0.o_proj"] == 32
 
     for args, message in [
-        (["--group-size-for", "down_proj=16"], "down_proj's group size must be one of [32, 64, 128]"),
+        (["--group-size-for", "down_proj=16"], "down_proj's group size must be one of [32, 64, 96, 128]"),
         (["--group-size-for", "lm_head=32"], "unknown projection kind 'lm_head'"),
         (["--group-size-for", "down_proj"], "expected KIND=SIZE, e.g. down_proj=32"),
         (["--group-size-for", "down_proj=32", "--group-size-for", "down_proj=64"],
@@ -161,14 +162,14 @@ def test_eval_quality_counts_each_tensors_group_size(tiny_qwen2):
     windows = [list(range(5, 69)), list(range(100, 164))]
     results = evaluate(tiny_qwen2, windows, ["zse-g128", "zse-g128+down_proj=32"],
                        log=lambda line: None)
-    # per layer: qkv 320x192 at g32 (the default), o_proj 192x192 and gate_up 768x192 at g64
+    # per layer: qkv 320x192 at g32 (the default), o_proj 192x192 and gate_up 768x192 at g96
     # (192 is no multiple of 128), down_proj 192x384 at g128 or g32; 4 bits, two fp16 per group
     qkv, other, down = 320 * 192, 192 * 192 + 768 * 192, 192 * 384
     for variant, down_group in (("zse-g128", 128), ("zse-g128+down_proj=32", 32)):
-        bits = (qkv * (4 + 32 / 32) + other * (4 + 32 / 64) + down * (4 + 32 / down_group)) / (
+        bits = (qkv * (4 + 32 / 32) + other * (4 + 32 / 96) + down * (4 + 32 / down_group)) / (
             qkv + other + down)
         assert results[variant]["bits_per_weight"] == round(bits, 3)
-        assert results[variant]["group_sizes"] == {"qkv": [32], "o_proj": [64], "gate_up": [64],
+        assert results[variant]["group_sizes"] == {"qkv": [32], "o_proj": [96], "gate_up": [96],
                                                    "down_proj": [down_group]}
     assert results["zse-g128+down_proj=32"]["kl_mean"] >= 0
     with pytest.raises(SourceError, match="unknown projection kind 'down'"):

@@ -14,12 +14,12 @@ from zse_convert.quantize import quantize_int4
 from zse_runtime.kernels.geometry import (GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, GEMM_TILE_N,
                                           GEMM_TILE_T, GEMV_ROWS, SAMPLING_BINS,
                                           SAMPLING_HISTOGRAMS, SAMPLING_STATE_FIELDS,
-                                          sampling_launches)
+                                          gemv_group_reciprocal, sampling_launches)
 from zse_runtime.kernels import (activation, attention, attention_tiled, embedding, gemm_fp16,
                                  gemm_int4, gemv_fp16, gemv_int4, mma_tile, quantize_activations,
                                  rmsnorm, rope_cache, sampling)
 from zse_runtime.sampling import SamplingParams, sample, uniform
-from zse_runtime.zsefile import dequantize_int4
+from zse_runtime.zsefile import INT4_GROUP_SIZES, dequantize_int4
 
 pytestmark = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="needs NUMBA_ENABLE_CUDASIM=1")
 rng = np.random.default_rng(0)
@@ -156,16 +156,19 @@ def _int4_gemv_launch(kernel, block_rows, threads, activations, weight, group, b
     tile = int(kernel.split("_t")[1].split("_")[0])
     grid = (-(-rows // block_rows), -(-tokens // tile))
     jit(gemv_int4, kernel)[grid, threads](*activations, weight.qweight, weight.scales,
-                                          weight.zeros, group, bias, has_bias, out)
+                                          weight.zeros, np.uint32(gemv_group_reciprocal(group)),
+                                          bias, has_bias, out)
     return out
 
 
 @pytest.mark.parametrize("kernel,block_rows,tokens,group,has_bias", [
     ("int4_gemv_t1_r4", 4, 1, 32, 1), ("int4_gemv_t1_r8", 8, 1, 128, 0),
-    ("int4_gemv_t4_r4", 4, 5, 64, 1), ("int4_gemv_t8_r4", 4, 3, 128, 0)])
+    ("int4_gemv_t4_r4", 4, 5, 64, 1), ("int4_gemv_t8_r4", 4, 3, 128, 0),
+    ("int4_gemv_t1_r4", 4, 1, 96, 0), ("int4_gemv_t4_r4", 4, 5, 96, 1)])
 def test_int4_gemv(kernel, block_rows, tokens, group, has_bias):
     """Partial row blocks (13 rows), partial token tiles, and K = 2304 (72 blocks of 32) over 2
-    warps: one full and one partial slice of K. Exact against the integer inputs it was given;
+    warps: one full and one partial slice of K. Group 96 (3 blocks) checks the group index for
+    a group that is no power of two of blocks. Exact against the integer inputs it was given;
     within 1e-4 of the float32 product (the inputs' rounding: at most max|x| / 64516 a value)."""
     weight, dense = _int4(13, 2304, group)
     x = rng.standard_normal((tokens, 2304)).astype(np.float32)
@@ -177,6 +180,18 @@ def test_int4_gemv(kernel, block_rows, tokens, group, has_bias):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     exact = x.astype(np.float64) @ dense.astype(np.float64).T + (bias if has_bias else 0)
     assert np.abs(out - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+def test_group_of_word_multiply_high_is_exact():
+    """The GEMV finds a weight word's group as the high half of word x ceil(2^32 / words per
+    group): floor division for every word index a row can have (up to 2^29)."""
+    words = np.concatenate([np.arange(1 << 16), np.arange(1 << 16, 1 << 29, 4099),
+                            (1 << 29) - np.arange(1, 64)]).astype(np.uint64)
+    for group in INT4_GROUP_SIZES:
+        reciprocal = np.uint64(gemv_group_reciprocal(group))
+        assert reciprocal < 2**32
+        np.testing.assert_array_equal((words * reciprocal) >> np.uint64(32),
+                                      words // np.uint64(group // 8))
 
 
 def test_int4_gemv_tiles_agree_bit_for_bit():
@@ -227,17 +242,18 @@ def test_split_activations_rounds_to_float16_in_every_group():
     assert unscale[1, 0] == 1.0  # an all-zero group is left as it is
 
 
-@pytest.mark.parametrize("kernel,tile_rows,tile_tokens,splits", [
-    ("int4_gemm", GEMM_TILE_N, GEMM_TILE_T, 1), ("int4_gemm", GEMM_TILE_N, GEMM_TILE_T, 3),
-    ("int4_gemm_t32", GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, 3)])
-def test_int4_gemm_ragged_tiles(kernel, tile_rows, tile_tokens, splits):
+@pytest.mark.parametrize("kernel,tile_rows,tile_tokens,splits,group", [
+    ("int4_gemm", GEMM_TILE_N, GEMM_TILE_T, 1, 32), ("int4_gemm", GEMM_TILE_N, GEMM_TILE_T, 3, 32),
+    ("int4_gemm_t32", GEMM_DECODE_TILE_N, GEMM_DECODE_TILE_T, 3, 32),
+    ("int4_gemm", GEMM_TILE_N, GEMM_TILE_T, 3, 96)])
+def test_int4_gemm_ragged_tiles(kernel, tile_rows, tile_tokens, splits, group):
     """Tensor-core GEMM (its mma emulated), in both block shapes: partial tiles in both
-    directions, four groups, bias, whole or split over K (3 runs of 2, 2 and 0 groups, added by
-    sum_splits). Its arithmetic is
+    directions, four groups (of 32, or of 96: three 32-value quads each), bias, whole or split
+    over K (3 runs of 2, 2 and 0 groups, added by sum_splits). Its arithmetic is
     exact but for float16's rounding of x (float32 sums): against the float64 product of the
     dequantized weights and x so rounded to 1e-5, and against the float64 product of x to
     float16's accuracy."""
-    tokens, rows, cols, group = 40, 70, 128, 32
+    tokens, rows, cols = 40, 70, 4 * group
     weight, dense = _int4(rows, cols, group)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
     x[3] *= 1e4  # one token with large activations

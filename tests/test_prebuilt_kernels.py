@@ -93,7 +93,7 @@ def _arguments(signature: str):
 
 def _value_sizes(form: str) -> list[int]:
     """Bytes of each parameter's value in a pack_arguments format (every slot is 8 bytes)."""
-    return [4 if code in "if" else 8 for code in re.sub(r"\d+x", "", form.lstrip("<"))]
+    return [4 if code in "iIf" else 8 for code in re.sub(r"\d+x", "", form.lstrip("<"))]
 
 
 def test_launch_arguments_match_the_compiled_parameter_lists():
@@ -119,18 +119,19 @@ def test_launch_parameters_are_packed_one_slot_each():
 
     block = ParameterBlock(slots=16)
     args = (DeviceArray(0xABCD00, (3, 5), np.dtype(np.float16)), np.int32(-7), np.float32(1.5),
-            np.int64(-(2**40)), np.uint64(2**63), 9)
+            np.int64(-(2**40)), np.uint64(2**63), 9, np.uint32(2**32 - 3))
     address = block.fill(args)
-    pointers = (ctypes.c_void_p * 14).from_address(address)
+    pointers = (ctypes.c_void_p * 15).from_address(address)
     base = ctypes.addressof(block.slots)
-    assert [pointers[i] for i in range(14)] == [base + 8 * i for i in range(14)]
-    raw = bytes(block.slots)[:8 * 14]
+    assert [pointers[i] for i in range(15)] == [base + 8 * i for i in range(15)]
+    raw = bytes(block.slots)[:8 * 15]
     assert struct.unpack_from("<QQqqQqqqq", raw, 0) == (0, 0, 15, 2, 0xABCD00, 3, 5, 10, 2)
     assert struct.unpack_from("<i", raw, 72) == (-7,)
     assert struct.unpack_from("<f", raw, 80) == (1.5,)
     assert struct.unpack_from("<q", raw, 88) == (-(2**40),)
     assert struct.unpack_from("<Q", raw, 96) == (2**63,)
     assert struct.unpack_from("<q", raw, 104) == (9,)  # a Python int goes as int64
+    assert struct.unpack_from("<I", raw, 112) == (2**32 - 3,)  # the INT4 GEMV's group argument
     # a second launch reuses the block: its values replace the first's
     assert block.fill((DeviceArray(0x10, (4,), np.dtype(np.int32)),)) == address
     assert struct.unpack_from("<QQqqQqq", bytes(block.slots), 0) == (0, 0, 4, 4, 0x10, 4, 4)

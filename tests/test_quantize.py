@@ -112,9 +112,9 @@ def _matrix(kind: str, rows=96, cols=512, seed=0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "student_t", "mixed"])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("group_size", [32, 64, 96, 128])
 def test_matches_numpy_reference_bit_for_bit(kind, group_size):
-    w = _matrix(kind)
+    w = _matrix(kind, cols=576 if group_size == 96 else 512)  # 576: SmolLM2's width
     weight, stats = quantize_int4(w, group_size)
     codes, scales, zeros, err, rtn_err = reference_quantize(w, group_size)
     np.testing.assert_array_equal(weight.scales, scales)
@@ -125,9 +125,9 @@ def test_matches_numpy_reference_bit_for_bit(kind, group_size):
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "student_t", "mixed"])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("group_size", [32, 64, 96, 128])
 def test_reported_error_is_the_dequantized_error_and_never_worse_than_rtn(kind, group_size):
-    w = _matrix(kind, seed=1)
+    w = _matrix(kind, seed=1, cols=576 if group_size == 96 else 512)
     weight, _ = quantize_int4(w, group_size)
     rtn, _ = quantize_int4(w, group_size, clip_search=False)
     searched = weighted_error(dequantize_int4(weight), w, group_size)
@@ -189,4 +189,4 @@ def test_rejects_bad_input(bad, match):
 
 def test_rejects_unknown_group_size():
     with pytest.raises(ValueError, match="group size must be one of"):
-        quantize_int4(np.zeros((2, 96), np.float32), 96)
+        quantize_int4(np.zeros((2, 96), np.float32), 48)

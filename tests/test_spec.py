@@ -527,6 +527,7 @@ VALID_ADDITIONS = {
         _delete(["quantization", "group_size_overrides"])(m), _set(["format_version"], [1, 2])(m)),
     "group size overrides": _set(["quantization", "group_size_overrides"],
                                  {"down_proj": 32, "qkv": 64}),
+    "a group size of 96 (1.5)": _set(["quantization", "group_size_overrides"], {"o_proj": 96}),
     "a GPTQ record": _set(["quantization", "gptq"], {
         "calibration": "python-stdlib", "calibration_sha256": "ab" * 32, "tokens": 8192,
         "window": 512, "damping": 0.01, "act_order": "groups", "search_weights": "hessian",

@@ -144,8 +144,8 @@ def convert_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output .zse file."),
     revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit (default: main)."),
     group_size: int = typer.Option(128, "--group-size", "-g",
-                                   help="INT4 group size along the input dimension: 32, 64 or 128 "
-                                        "(q/k/v: see --group-size-for)."),
+                                   help="INT4 group size along the input dimension: 32, 64, 96 or "
+                                        "128 (q/k/v: see --group-size-for)."),
     group_size_for: Optional[list[str]] = typer.Option(
         None, "--group-size-for", metavar="KIND=SIZE", callback=_check_group_size_overrides,
         help="Group size for one projection kind instead of --group-size, e.g. down_proj=32 "

@@ -36,7 +36,7 @@ from .quantize import (CALIBRATED_SEARCH_NUMERATORS, LEVELS, QuantStats, check_q
 # output error on held-out text relative to the clipping search's fell from 0.571 to 0.506 at
 # 0.1, and 0.3 was no better.
 DAMPING = 0.1
-BLOCK_COLUMNS = 128  # lazy-update block; a multiple of every group size
+BLOCK_COLUMNS = 128  # lazy-update block, rounded to a multiple of the group size (96: 96)
 FLOAT64_MAX_COLUMNS = 8192  # a float64 18944² inverse alone would take 2.9 GB
 CHOLESKY_BLOCK = 4096
 ACT_ORDERS = ("groups", "none")
@@ -179,7 +179,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int,
     groups = cols // group_size
     scales = np.empty((rows, groups), np.float16)
     zeros = np.empty((rows, groups), np.float16)
-    block_cols = max(BLOCK_COLUMNS, group_size)
+    block_cols = group_size * max(1, BLOCK_COLUMNS // group_size)  # whole groups
     errors = np.empty((rows, block_cols), np.float32)
     for b0 in range(0, cols, block_cols):
         b1 = min(cols, b0 + block_cols)

@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 
 MAGIC = b"\x89ZSE\r\n\x1a\n"  # PNG-style: catches text-mode transfers and truncation at byte 0
 FORMAT_VERSION_MAJOR = 1  # bumped only for changes an old reader would misread
-FORMAT_VERSION_MINOR = 4  # bumped for additions an old reader may ignore (1.1: quantization.gptq,
+FORMAT_VERSION_MINOR = 5  # bumped for additions an old reader may ignore (1.1: quantization.gptq,
 # 1.2: quantization.awq, 1.3: quantization.group_size_overrides,
-# 1.4: quantization.search_column_weights)
+# 1.4: quantization.search_column_weights) or refuses by name (1.5: group size 96)
 PREFETCH_CHUNK = 8 << 20  # bytes per read of ZseFile.prefetch
 ALIGNMENT = 4096  # every tensor and the data section start on a multiple of this
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -75,7 +75,7 @@ LAYOUT_DENSE = "dense.v1"  # C-order, little-endian, no padding
 LAYOUT_INT4_ROWS = "int4.rows.v1"  # packed nibbles, then fp16 scales, then fp16 zeros (spec §5.2)
 LAYOUTS = (LAYOUT_DENSE, LAYOUT_INT4_ROWS)
 
-INT4_GROUP_SIZES = (32, 64, 128)
+INT4_GROUP_SIZES = (32, 64, 96, 128)
 INT4_VALUES_PER_WORD = 8  # nibbles per little-endian uint32 word
 INT4_SCALE_DTYPE = "float16"
 INT4_ZERO_DTYPE = "float16"

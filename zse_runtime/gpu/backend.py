@@ -673,14 +673,16 @@ class GpuOps:
                          (math.ceil(w.shape[0] / geo.GEMV_ROWS), math.ceil(T / tile)),
                          geo.FP16_GEMV_THREADS, x, words, out)
             return
-        weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size), *self._optional(bias))
         if self._through_gemv(T):  # decode: one pass over the weights per token tile
             activations = x.digits if isinstance(x, (QuantizedActivation, DeferredNorm)) \
                 else self._quantize_activations(x)
             kernel, block_rows, tile, threads = int4_gemv_plan(w.rows, w.cols, T)
             self._launch(kernel, (math.ceil(w.rows / block_rows), math.ceil(T / tile)), threads,
-                         *activations, *weight, out)
+                         *activations, w.qweight, w.scales, w.zeros,
+                         np.uint32(geo.gemv_group_reciprocal(w.group_size)),
+                         *self._optional(bias), out)
         else:  # prefill and wide decode batches: tensor cores
+            weight = (w.qweight, w.scales, w.zeros, np.int32(w.group_size), *self._optional(bias))
             split = self._split_activations(x, w.group_size)
             kernel, grid = int4_gemm_plan(w.rows, T, w.groups, self.multiprocessors)
             splits = grid[2]

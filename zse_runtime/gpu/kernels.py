@@ -21,7 +21,8 @@ PREBUILT = Path(__file__).resolve().parent.parent / "kernels" / "prebuilt"
 # Launch parameters go to the driver as an array of pointers, one per parameter, each to an
 # 8-byte slot of one reusable block: struct formats per parameter, a 4-byte value in the low
 # half of its slot (the driver copies each parameter's own size, from the kernel image).
-_SCALAR_FORMATS = {np.int32: "i4x", np.float32: "f4x", np.int64: "q", np.uint64: "Q"}
+_SCALAR_FORMATS = {np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x", np.int64: "q",
+                   np.uint64: "Q"}
 # numba's lowering of an array argument: meminfo, parent, nitems, itemsize, data, shape[ndim],
 # strides[ndim] (bytes), every field 8 bytes
 _ARRAY_FORMATS = {ndim: "QQqqQ" + "q" * (2 * ndim) for ndim in range(1, 5)}

@@ -25,26 +25,20 @@ from .geometry import (
     GEMV_TOKEN_TILES,
 )
 from .grid_dependency import launch_dependents, wait_for_prerequisite_grids
-from .memory import dot4_u8s8, load_at, load_u32x4_at, load_u32x4_streaming_at
+from .memory import dot4_u8s8, load_at, load_u32x4_at, load_u32x4_streaming_at, mulhi_u32
 
 NIBBLES = uint32(0x0F0F0F0F)
 LO_RADIX = int32(254)  # quantize_activations.LO_RADIX
 
 
 @cuda.jit(device=True, inline="always")
-def _group_shift(group_size):
-    """log2(blocks of 32 per group) for group sizes 32, 64, 128."""
-    return int32(0) if group_size == 32 else (int32(1) if group_size == 64 else int32(2))
-
-
-@cuda.jit(device=True, inline="always")
-def _load_block_weights(qweight, scales, zeros, row_word, row_group, b, group_shift, words,
-                        scale, zero):
+def _load_block_weights(qweight, scales, zeros, row_word, row_group, b, group_reciprocal,
+                        words, scale, zero):
     """Every row's 32 codes of input block b (16 bytes), scale and zero, into the lane's
     registers. All rows' loads come before any use: ptxas keeps most of them in flight
     together when MAX_REGISTERS allows it the registers (the kernel is latency-bound)."""
-    g = uint32(uint32(b) >> group_shift)
     word0 = uint32(uint32(b) * uint32(4))
+    g = mulhi_u32(word0, group_reciprocal)  # word0 // words per group (gemv_group_reciprocal)
     for r in range(words.shape[0]):
         words[r, 0], words[r, 1], words[r, 2], words[r, 3] = load_u32x4_streaming_at(
             qweight, row_word[r], word0)
@@ -87,15 +81,19 @@ def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
     # four: down_proj at 8 tokens 55.8 -> 70.4 us, H200) and spilled on sm_75 if capped at 128.
     weights_ahead = tokens == 1
 
-    def int4_gemv(xq, xstep, xsum, qweight, scales, zeros, group_size, bias, has_bias, out):
+    def int4_gemv(xq, xstep, xsum, qweight, scales, zeros, group_reciprocal, bias, has_bias,
+                  out):
         """out[t, n] = x[t] . dequant(row n) (+ bias[n]) for the token tile of blockIdx.y.
 
         xq [T, K/2] u32, xstep, xsum [T, K/32] f32 (quantize_activations.py); qweight [N, K/8]
-        u32 (fewer than 2**32 words: offsets are 32-bit); scales, zeros [N, K/group] f16; bias
-        [N] f32 (read only when has_bias); out [T, N] f32. Grid (ceil(N / block_rows), ceil(T /
-        tokens)), block a multiple of 32 (<= 32 warps). Each weight word is loaded once for every
-        token of the tile; per token the arithmetic does not depend on the tile size, so a
-        batched decode equals solo decodes bit for bit.
+        u32 (fewer than 2**32 words: offsets are 32-bit); scales, zeros [N, K/group] f16;
+        group_reciprocal: geometry.gemv_group_reciprocal(group), for groups of 32, 64, 96 or
+        128 (a kernel parameter, it takes no register: computed in the kernel from the group
+        size, or held from one, it cost up to 46 registers or a spill, docs/kernel-notes.md);
+        bias [N] f32 (read only when has_bias); out [T, N] f32. Grid
+        (ceil(N / block_rows), ceil(T / tokens)), block a multiple of 32 (<= 32 warps). Each
+        weight word is loaded once for every token of the tile; per token the arithmetic does
+        not depend on the tile size, so a batched decode equals solo decodes bit for bit.
         """
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
@@ -105,7 +103,6 @@ def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
         last_token = xq.shape[0] - 1
         n0 = cuda.blockIdx.x * block_rows
         t0 = cuda.blockIdx.y * tokens
-        group_shift = _group_shift(group_size)
         acc = cuda.local.array((tokens, block_rows), float32)
         words = cuda.local.array((block_rows, 4), uint32)  # 32 codes of each row
         scale = cuda.local.array(block_rows, float32)
@@ -129,7 +126,7 @@ def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
         if weights_ahead:
             if first < blocks:
                 _load_block_weights(qweight, scales, zeros, row_word, row_group, first,
-                                    group_shift, words, scale, zero)
+                                    group_reciprocal, words, scale, zero)
             # Launched as a dependent (grid_dependency.py), the block may run before the kernel
             # that writes x ends: the first weights are in flight; x is read only after this.
             wait_for_prerequisite_grids()
@@ -140,12 +137,12 @@ def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
                 b += stride
                 if b < blocks:
                     _load_block_weights(qweight, scales, zeros, row_word, row_group, b,
-                                        group_shift, words, scale, zero)
+                                        group_reciprocal, words, scale, zero)
         else:
             wait_for_prerequisite_grids()
             for b in range(first, blocks, stride):
-                _load_block_weights(qweight, scales, zeros, row_word, row_group, b, group_shift,
-                                    words, scale, zero)
+                _load_block_weights(qweight, scales, zeros, row_word, row_group, b,
+                                    group_reciprocal, words, scale, zero)
                 _accumulate_block(xq, xstep, xsum, b, t0, last_token, words, scale, zero,
                                   hi_dot, lo_dot, acc)
         # The next kernel (launched as a dependent, waiting for this grid to end) may become
@@ -158,7 +155,7 @@ def _make_int4_gemv(tokens, block_rows=GEMV_ROWS):
 
 
 _SIGNATURE = ("void(uint32[:, ::1], float32[:, ::1], float32[:, ::1], uint32[:, ::1], "
-              "float16[:, ::1], float16[:, ::1], int32, float32[::1], int32, float32[:, ::1])")
+              "float16[:, ::1], float16[:, ::1], uint32, float32[::1], int32, float32[:, ::1])")
 KERNELS = {}
 for _tokens in GEMV_TOKEN_TILES:
     KERNELS[f"int4_gemv_t{_tokens}_r{GEMV_ROWS}"] = (_make_int4_gemv(_tokens), _SIGNATURE)

@@ -92,6 +92,14 @@ SAMPLING_BINS = 2048  # the widest digit: 11 bits
 SAMPLING_STATE_FIELDS = 7
 
 
+def gemv_group_reciprocal(group_size: int) -> int:
+    """The INT4 GEMV's group argument: ceil(2^32 / words per group) (8 codes a word). A weight
+    word's group is the high half of its index times this, exact for every index below 2^29
+    (tests/test_kernels_sim.py): one mul.hi serves groups of 96 (12 words) as of 32, 64, 128,
+    and, passed as a kernel parameter, it needs no register (kernels/gemv_int4.py)."""
+    return -(-(1 << 32) // (group_size // 8))
+
+
 def sampling_blocks(vocab: int) -> int:
     """Slices (blocks) per row of a sampling launch."""
     blocks = -(-vocab // SAMPLING_SLICE)

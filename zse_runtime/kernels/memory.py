@@ -1,4 +1,5 @@
-"""Loads and bit casts that numba's array indexing cannot express, as PTX through inline asm.
+"""Loads, bit casts and integer intrinsics that numba's indexing and operators cannot express,
+as PTX through inline asm (or libdevice).
 
 numba indexes arrays one element at a time with no alignment information, so a lane reading 8
 consecutive floats issues 8 scalar loads; across a warp those are 8 requests spanning 1 KB each.
@@ -49,6 +50,10 @@ if config.ENABLE_CUDASIM:
             signed = (b >> shift) & 0xFF
             total += ((a >> shift) & 0xFF) * (signed - 256 if signed >= 128 else signed)
         return np.int32((total + 2**31) % 2**32 - 2**31)  # dp4a's 32-bit accumulator wraps
+
+    @cuda.jit(device=True, inline="always")
+    def mulhi_u32(a, b):
+        return np.uint32((int(a) * int(b)) >> 32)
 
     @cuda.jit(device=True, inline="always")
     def load(array, row, col):
@@ -107,7 +112,7 @@ if config.ENABLE_CUDASIM:
 
 else:
     from llvmlite import ir
-    from numba.cuda import cgutils
+    from numba.cuda import cgutils, libdevice
     from numba.cuda.extending import intrinsic
 
     def _element_pointer(context, builder, array_type, array, indices, index_types):
@@ -296,6 +301,11 @@ else:
     load_u32x4 = _load_u32x4  # array[row, col:col + 4], uint32, read-only cache path
     # accumulator + the dot product of 4 unsigned bytes with 4 signed bytes (dp4a, sm_61+)
     dot4_u8s8 = _dot4_u8s8
+
+    @cuda.jit(device=True, inline="always")
+    def mulhi_u32(a, b):
+        """The high 32 bits of the 64-bit product of two uint32 (mul.hi.u32)."""
+        return libdevice.umulhi(a, b)
     load = _load  # array[row, col] without numba's negative-index wraparound
     # the same three loads at element offset + extra of a C-contiguous array, both uint32
     # (a row's start and a position in it: fewer address instructions than [row, col])
