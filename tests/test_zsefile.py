@@ -51,7 +51,7 @@ def test_header_and_layout_bytes(tiny_qwen2_zse):
     blob, fields, manifest = _parts(tiny_qwen2_zse)
     magic, major, minor, header_size, m_off, m_len, m_hash, d_off, d_len, reserved = fields
     assert blob[:8] == MAGIC == b"\x89ZSE\r\n\x1a\n"
-    assert (major, minor, header_size, m_off, reserved) == (1, 4, 64, 64, b"\0" * 8)  # v1.4
+    assert (major, minor, header_size, m_off, reserved) == (1, 5, 64, 64, b"\0" * 8)  # v1.5
     assert xxhash.xxh64_intdigest(bytes(blob[m_off:m_off + m_len])) == m_hash
     assert d_off % ALIGNMENT == 0 and d_off >= m_off + m_len
     assert d_off + d_len == len(blob) and d_len % ALIGNMENT == 0
