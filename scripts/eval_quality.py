@@ -24,7 +24,9 @@ may add per-projection group sizes, `+KIND=SIZE` each (zse-convert's --group-siz
 `zse-g128+down_proj=32`, `awq-g64+qkv=32+down_proj=32`; `zse-g128+qkv=128` is g128 throughout.
 Quantized in every variant: the q/k/v, o, gate/up and down projections (and lm_head with
 --lm-head int4); the embedding stays fp16 and norms/biases float32. Bits per weight count those
-quantized tensors, from each tensor's size in the file (its own group size).
+quantized tensors, from each tensor's size in the file (its own group size). Each row keeps its
+per-window mean NLL, and the table gives each variant's loss relative to Q4_0's with a 95%
+interval from a paired bootstrap over windows (loss_ratio_interval).
 """
 
 from __future__ import annotations
@@ -75,7 +77,35 @@ class Scores:
         nll, kl = np.concatenate(self.nll), np.concatenate(self.kl)
         return {"perplexity": float(np.exp(nll.mean())),
                 "top1_agreement": float(np.concatenate(self.agree).mean()),
-                "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99))}
+                "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+                # per window, for intervals that resample whole windows (loss_ratio_interval)
+                "window_nll": [float(w.mean()) for w in self.nll]}
+
+
+BOOTSTRAP_SAMPLES = 4000
+
+
+def loss_ratio_interval(results: dict, variant: str, baseline: str, tokens: list[int],
+                        level: float = 0.95, seed: int = 0) -> tuple[float, float, float] | None:
+    """(point, low, high) of variant's perplexity increase over fp16 divided by baseline's, the
+    interval by a paired bootstrap over windows: each resample draws windows with replacement
+    and scores every model on the same draw. Windows, not tokens, are the unit: a window's
+    tokens share their context, so resampling tokens would understate the spread. None where a
+    row lacks per-window scores (files written before they were kept)."""
+    rows = [results[name].get("window_nll") for name in ("fp16", variant, baseline)]
+    if any(row is None for row in rows):
+        return None
+    nll = np.asarray(rows)  # [3, windows]
+    weights = np.asarray(tokens, np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(weights), (BOOTSTRAP_SAMPLES,
+                                                                   len(weights)))
+    counts = np.stack([np.bincount(d, minlength=len(weights)) for d in draws]) * weights
+    ppl = np.exp(counts @ nll.T / counts.sum(1, keepdims=True))  # [samples, 3]
+    ratios = (ppl[:, 1] - ppl[:, 0]) / (ppl[:, 2] - ppl[:, 0])
+    whole = np.exp(nll @ weights / weights.sum())
+    point = (whole[1] - whole[0]) / (whole[2] - whole[0])
+    low, high = np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)])
+    return float(point), float(low), float(high)
 
 
 def hf_model(folder: Path, replace: dict | None = None):
@@ -228,7 +258,8 @@ def main() -> int:
     results = evaluate(args.folder, windows, args.variants.split(","), args.lm_head,
                        log=lambda line: print(line, flush=True), gptq_options=gptq_options)
     report = {"model": args.folder.name, "tokens": scored, "window": args.window,
-              "lm_head": args.lm_head, "results": results}
+              "lm_head": args.lm_head, "window_tokens": [len(w) - 1 for w in windows],
+              "results": results}
     if args.update:
         earlier = json.loads(args.update.read_text())
         same = {k: earlier[k] for k in ("model", "tokens", "window", "lm_head")}
@@ -244,11 +275,14 @@ def main() -> int:
     args.json_out.write_text(json.dumps(report, indent=2))
     width = max(10, *map(len, results))
     print(f"\n{'variant':<{width}} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} "
-          f"{'KL p99':>8}")
+          f"{'KL p99':>8}  x Q4_0 [95%, windows resampled]")
     for name, r in results.items():
+        interval = (loss_ratio_interval(results, name, "gguf-q4_0", report["window_tokens"])
+                    if "gguf-q4_0" in results and name not in ("fp16", "gguf-q4_0") else None)
+        ratio = f"  {interval[0]:.3f} [{interval[1]:.3f}, {interval[2]:.3f}]" if interval else ""
         print(f"{name:<{width}} {r['bits_per_weight']:>7.3f} {r['perplexity']:>9.4f} "
               f"{r['perplexity'] - base:>8.4f} {r['top1_agreement']:>7.3f} {r['kl_mean']:>9.5f} "
-              f"{r['kl_p99']:>8.4f}")
+              f"{r['kl_p99']:>8.4f}{ratio}")
     return 0
 
 

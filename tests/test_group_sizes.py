@@ -174,3 +174,27 @@ def test_eval_quality_counts_each_tensors_group_size(tiny_qwen2):
     assert results["zse-g128+down_proj=32"]["kl_mean"] >= 0
     with pytest.raises(SourceError, match="unknown projection kind 'down'"):
         evaluate(tiny_qwen2, windows, ["zse-g128+down=32"], log=lambda line: None)
+
+
+def test_eval_quality_loss_ratio_interval_resamples_whole_windows():
+    """The ratio of two perplexity increases, with a paired bootstrap over windows: its point is
+    the ratio over all windows; a variant whose every window loses exactly half of the
+    baseline's NLL increase is a ratio interval around that, and windows that disagree widen
+    it; rows without per-window scores (older files) give no interval."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from eval_quality import loss_ratio_interval
+
+    fp16 = np.array([2.0, 2.5, 1.5, 3.0])
+    tokens = [511, 511, 511, 300]
+    results = {"fp16": {"window_nll": list(fp16)},
+               "q4": {"window_nll": list(fp16 + 0.2)},
+               "half": {"window_nll": list(fp16 + 0.1)},
+               "mixed": {"window_nll": list(fp16 + [0.0, 0.2, 0.05, 0.15])},
+               "old": {"perplexity": 9.0}}
+    mean = lambda nll: np.exp(np.dot(nll, tokens) / sum(tokens))
+    point, low, high = loss_ratio_interval(results, "half", "q4", tokens)
+    assert point == pytest.approx((mean(fp16 + 0.1) - mean(fp16)) / (mean(fp16 + 0.2) - mean(fp16)))
+    assert low - 1e-9 <= point <= high + 1e-9 and high - low < 0.02  # only the weights vary
+    point, low, high = loss_ratio_interval(results, "mixed", "q4", tokens)
+    assert low < point < high and high - low > 0.2
+    assert loss_ratio_interval(results, "old", "q4", tokens) is None
