@@ -701,7 +701,8 @@ def synthetic_group96_model(work: Path) -> None:
     record("synthetic llama 576: group sizes", groups == {"qkv": 32, "o_proj": 96, "gate_up": 96,
                                                           "down_proj": 128}, str(groups))
     rng = np.random.default_rng(7)
-    prompts = {"short": rng.integers(0, 300, 150).tolist(), "long": rng.integers(0, 300, 700).tolist()}
+    prompts = {"short": rng.integers(0, 300, 150).tolist(),
+               "long": rng.integers(0, 300, 700).tolist()}
     _engine_vs_transformers("synthetic llama 576", out, checkpoint, prompts)
 
 

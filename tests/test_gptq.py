@@ -171,7 +171,8 @@ def test_gptq_at_group_96_updates_in_whole_groups():
     w = _weights(64, 576)
     weight, _ = gptq_quantize(w, h, 96, GptqOptions())
     searched, _ = quantize_int4(w, 96)
-    ratio = output_error(w, dequantize_int4(weight), h) / output_error(w, dequantize_int4(searched), h)
+    ratio = (output_error(w, dequantize_int4(weight), h)
+             / output_error(w, dequantize_int4(searched), h))
     assert ratio == pytest.approx(GROUP_96_OUTPUT_ERROR_RATIO, abs=0.02)
     assert weight.group_size == 96 and weight.scales.shape == (64, 6)
 

@@ -142,7 +142,8 @@ def test_cli_option(tiny_qwen2, tmp_path):
     assert {t["name"]: t.get("group_size") for t in inspected["tensors"]}["layers.0.o_proj"] == 32
 
     for args, message in [
-        (["--group-size-for", "down_proj=16"], "down_proj's group size must be one of [32, 64, 96, 128]"),
+        (["--group-size-for", "down_proj=16"],
+         "down_proj's group size must be one of [32, 64, 96, 128]"),
         (["--group-size-for", "lm_head=32"], "unknown projection kind 'lm_head'"),
         (["--group-size-for", "down_proj"], "expected KIND=SIZE, e.g. down_proj=32"),
         (["--group-size-for", "down_proj=32", "--group-size-for", "down_proj=64"],
@@ -191,7 +192,10 @@ def test_eval_quality_loss_ratio_interval_resamples_whole_windows():
                "half": {"window_nll": list(fp16 + 0.1)},
                "mixed": {"window_nll": list(fp16 + [0.0, 0.2, 0.05, 0.15])},
                "old": {"perplexity": 9.0}}
-    mean = lambda nll: np.exp(np.dot(nll, tokens) / sum(tokens))
+
+    def mean(nll):
+        return np.exp(np.dot(nll, tokens) / sum(tokens))
+
     point, low, high = loss_ratio_interval(results, "half", "q4", tokens)
     assert point == pytest.approx((mean(fp16 + 0.1) - mean(fp16)) / (mean(fp16 + 0.2) - mean(fp16)))
     assert low - 1e-9 <= point <= high + 1e-9 and high - low < 0.02  # only the weights vary
