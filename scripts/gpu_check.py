@@ -663,19 +663,31 @@ def _engine_vs_transformers(label: str, zse_path: Path, checkpoint: Path, prompt
            f"{len(solo)} sequences x 8 steps")
 
 
-@check("synthetic qwen2 vs transformers")
-def synthetic_model(work: Path, long_text: str) -> None:
+def _synthetic_zse(work: Path, name: str, arch: str, **shape) -> tuple[Path, Path]:
+    """(checkpoint folder, .zse) of a random model of `shape`, converted with the defaults;
+    32000 tokens and 4096 positions."""
     from tests.checkpoints import make_checkpoint
     from zse_convert.convert import ConvertOptions, convert
 
-    checkpoint = make_checkpoint(work / "qwen2-ckpt", "qwen2", hidden_size=896,
-                                 intermediate_size=4864, num_hidden_layers=4,
-                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
-                                 max_position_embeddings=4096)
-    out = work / "qwen2.zse"
+    checkpoint = make_checkpoint(work / f"{name}-ckpt", arch, vocab_size=32000,
+                                 max_position_embeddings=4096, **shape)
+    out = work / f"{name}.zse"
     convert(str(checkpoint), out, ConvertOptions())
-    rng = np.random.default_rng(5)
-    prompts = {"short": rng.integers(0, 300, 150).tolist(), "long": rng.integers(0, 300, 1100).tolist()}
+    return checkpoint, out
+
+
+def _random_prompts(seed: int, long: int) -> dict[str, list[int]]:
+    rng = np.random.default_rng(seed)
+    return {"short": rng.integers(0, 300, 150).tolist(),
+            "long": rng.integers(0, 300, long).tolist()}
+
+
+@check("synthetic qwen2 vs transformers")
+def synthetic_model(work: Path, long_text: str) -> None:
+    checkpoint, out = _synthetic_zse(work, "qwen2", "qwen2", hidden_size=896,
+                                     intermediate_size=4864, num_hidden_layers=4,
+                                     num_attention_heads=14, num_key_value_heads=2)
+    prompts = _random_prompts(5, 1100)
     _engine_vs_transformers("synthetic qwen2", out, checkpoint, prompts)
     dependent_launch(out, prompts["short"])
     launch_ahead(out, prompts["short"])
@@ -685,25 +697,17 @@ def synthetic_model(work: Path, long_text: str) -> None:
 def synthetic_group96_model(work: Path) -> None:
     """SmolLM2-135M's widths: o_proj and gate_up (576 inputs) fall back to group 96, the only
     group size whose blocks per group is no power of two (the GEMV's group index)."""
-    from tests.checkpoints import make_checkpoint
-    from zse_convert.convert import ConvertOptions, convert
     from zse_runtime.zsefile import ZseFile
 
-    checkpoint = make_checkpoint(work / "llama576-ckpt", "llama", hidden_size=576,
-                                 intermediate_size=1536, num_hidden_layers=3,
-                                 num_attention_heads=9, num_key_value_heads=3, vocab_size=32000,
-                                 max_position_embeddings=4096)
-    out = work / "llama576.zse"
-    convert(str(checkpoint), out, ConvertOptions())
+    checkpoint, out = _synthetic_zse(work, "llama576", "llama", hidden_size=576,
+                                     intermediate_size=1536, num_hidden_layers=3,
+                                     num_attention_heads=9, num_key_value_heads=3)
     with ZseFile(out) as zse:
         groups = {name.rsplit(".", 1)[-1]: t.group_size for name, t in zse.tensors.items()
                   if t.group_size}
     record("synthetic llama 576: group sizes", groups == {"qkv": 32, "o_proj": 96, "gate_up": 96,
                                                           "down_proj": 128}, str(groups))
-    rng = np.random.default_rng(7)
-    prompts = {"short": rng.integers(0, 300, 150).tolist(),
-               "long": rng.integers(0, 300, 700).tolist()}
-    _engine_vs_transformers("synthetic llama 576", out, checkpoint, prompts)
+    _engine_vs_transformers("synthetic llama 576", out, checkpoint, _random_prompts(7, 700))
 
 
 @check("dependent launch")
