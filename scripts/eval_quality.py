@@ -25,8 +25,9 @@ may add per-projection group sizes, `+KIND=SIZE` each (zse-convert's --group-siz
 Quantized in every variant: the q/k/v, o, gate/up and down projections (and lm_head with
 --lm-head int4); the embedding stays fp16 and norms/biases float32. Bits per weight count those
 quantized tensors, from each tensor's size in the file (its own group size). Each row keeps its
-per-window mean NLL, and the table gives each variant's loss relative to Q4_0's with a 95%
-interval from a paired bootstrap over windows (loss_ratio_interval).
+per-window mean NLL and KL, and the table gives each variant's loss relative to Q4_0's, in
+perplexity increase and in mean KL, with 95% intervals from a paired bootstrap over windows
+(ratio_interval).
 """
 
 from __future__ import annotations
@@ -78,34 +79,46 @@ class Scores:
         return {"perplexity": float(np.exp(nll.mean())),
                 "top1_agreement": float(np.concatenate(self.agree).mean()),
                 "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-                # per window, for intervals that resample whole windows (loss_ratio_interval)
-                "window_nll": [float(w.mean()) for w in self.nll]}
+                # per window, for intervals that resample whole windows (ratio_interval)
+                "window_nll": [float(w.mean()) for w in self.nll],
+                "window_kl": [float(w.mean()) for w in self.kl]}
 
 
 BOOTSTRAP_SAMPLES = 4000
 
 
-def loss_ratio_interval(results: dict, variant: str, baseline: str, tokens: list[int],
-                        level: float = 0.95, seed: int = 0) -> tuple[float, float, float] | None:
-    """(point, low, high) of variant's perplexity increase over fp16 divided by baseline's, the
-    interval by a paired bootstrap over windows: each resample draws windows with replacement
-    and scores every model on the same draw. Windows, not tokens, are the unit: a window's
-    tokens share their context, so resampling tokens would understate the spread. None where a
-    row lacks per-window scores (files written before they were kept)."""
-    rows = [results[name].get("window_nll") for name in ("fp16", variant, baseline)]
-    if any(row is None for row in rows):
-        return None
-    nll = np.asarray(rows)  # [3, windows]
+def _window_means(rows: list[list[float]], tokens: list[int], seed: int):
+    """Token-weighted means of per-window values, per row: over all windows ([rows]) and over
+    BOOTSTRAP_SAMPLES draws of windows with replacement, the same draws for every row
+    ([samples, rows]), so that rows are compared on the same windows (a paired bootstrap)."""
+    values = np.asarray(rows)  # [rows, windows]
     weights = np.asarray(tokens, np.float64)
     draws = np.random.default_rng(seed).integers(0, len(weights), (BOOTSTRAP_SAMPLES,
                                                                    len(weights)))
     counts = np.stack([np.bincount(d, minlength=len(weights)) for d in draws]) * weights
-    ppl = np.exp(counts @ nll.T / counts.sum(1, keepdims=True))  # [samples, 3]
-    ratios = (ppl[:, 1] - ppl[:, 0]) / (ppl[:, 2] - ppl[:, 0])
-    whole = np.exp(nll @ weights / weights.sum())
-    point = (whole[1] - whole[0]) / (whole[2] - whole[0])
+    return values @ weights / weights.sum(), counts @ values.T / counts.sum(1, keepdims=True)
+
+
+def ratio_interval(results: dict, variant: str, baseline: str, tokens: list[int],
+                   metric: str = "perplexity", level: float = 0.95,
+                   seed: int = 0) -> tuple[float, float, float] | None:
+    """(point, low, high) of variant's loss divided by baseline's: the perplexity increase over
+    fp16 (metric "perplexity") or the mean KL from fp16 ("kl"), the interval by a paired
+    bootstrap over windows. Windows, not tokens, are the unit: a window's tokens share their
+    context, so resampling tokens would understate the spread. None where a row lacks
+    per-window scores (files written before they were kept)."""
+    key, names = (("window_nll", ("fp16", variant, baseline)) if metric == "perplexity"
+                  else ("window_kl", (variant, baseline)))
+    rows = [results[name].get(key) for name in names]
+    if any(row is None for row in rows):
+        return None
+    whole, samples = _window_means(rows, tokens, seed)
+    if metric == "perplexity":  # increases over the fp16 row
+        whole, samples = np.exp(whole), np.exp(samples)
+        whole, samples = whole[1:] - whole[0], samples[:, 1:] - samples[:, :1]
+    ratios = samples[:, 0] / samples[:, 1]
     low, high = np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)])
-    return float(point), float(low), float(high)
+    return float(whole[0] / whole[1]), float(low), float(high)
 
 
 def hf_model(folder: Path, replace: dict | None = None):
@@ -275,14 +288,18 @@ def main() -> int:
     args.json_out.write_text(json.dumps(report, indent=2))
     width = max(10, *map(len, results))
     print(f"\n{'variant':<{width}} {'bits/w':>7} {'ppl':>9} {'d ppl':>8} {'top-1':>7} {'KL mean':>9} "
-          f"{'KL p99':>8}  x Q4_0 [95%, windows resampled]")
+          f"{'KL p99':>8}  x Q4_0: d ppl, KL mean [95%, windows resampled]")
     for name, r in results.items():
-        interval = (loss_ratio_interval(results, name, "gguf-q4_0", report["window_tokens"])
-                    if "gguf-q4_0" in results and name not in ("fp16", "gguf-q4_0") else None)
-        ratio = f"  {interval[0]:.3f} [{interval[1]:.3f}, {interval[2]:.3f}]" if interval else ""
+        ratios = ""
+        if "gguf-q4_0" in results and name not in ("fp16", "gguf-q4_0"):
+            for metric in ("perplexity", "kl"):
+                interval = ratio_interval(results, name, "gguf-q4_0", report["window_tokens"],
+                                          metric)
+                ratios += (f"  {interval[0]:.3f} [{interval[1]:.3f}, {interval[2]:.3f}]"
+                           if interval else "")
         print(f"{name:<{width}} {r['bits_per_weight']:>7.3f} {r['perplexity']:>9.4f} "
               f"{r['perplexity'] - base:>8.4f} {r['top1_agreement']:>7.3f} {r['kl_mean']:>9.5f} "
-              f"{r['kl_p99']:>8.4f}{ratio}")
+              f"{r['kl_p99']:>8.4f}{ratios}")
     return 0
 
 

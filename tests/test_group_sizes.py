@@ -177,28 +177,37 @@ def test_eval_quality_counts_each_tensors_group_size(tiny_qwen2):
         evaluate(tiny_qwen2, windows, ["zse-g128+down=32"], log=lambda line: None)
 
 
-def test_eval_quality_loss_ratio_interval_resamples_whole_windows():
-    """The ratio of two perplexity increases, with a paired bootstrap over windows: its point is
-    the ratio over all windows; a variant whose every window loses exactly half of the
-    baseline's NLL increase is a ratio interval around that, and windows that disagree widen
-    it; rows without per-window scores (older files) give no interval."""
+def test_eval_quality_ratio_interval_resamples_whole_windows():
+    """The ratio of two losses with a paired bootstrap over windows. Perplexity: its point is
+    the ratio of the increases over all windows; a variant whose every window adds half the
+    baseline's NLL gets a narrow interval around it, and windows that disagree widen it. KL: the
+    ratio of token-weighted mean KLs. Rows without per-window scores (older files) give no
+    interval."""
     sys.path.insert(0, str(REPO / "scripts"))
-    from eval_quality import loss_ratio_interval
+    from eval_quality import ratio_interval
 
     fp16 = np.array([2.0, 2.5, 1.5, 3.0])
     tokens = [511, 511, 511, 300]
     results = {"fp16": {"window_nll": list(fp16)},
-               "q4": {"window_nll": list(fp16 + 0.2)},
-               "half": {"window_nll": list(fp16 + 0.1)},
-               "mixed": {"window_nll": list(fp16 + [0.0, 0.2, 0.05, 0.15])},
+               "q4": {"window_nll": list(fp16 + 0.2), "window_kl": [0.2, 0.1, 0.3, 0.2]},
+               "half": {"window_nll": list(fp16 + 0.1), "window_kl": [0.1, 0.05, 0.15, 0.1]},
+               "mixed": {"window_nll": list(fp16 + [0.0, 0.2, 0.05, 0.15]),
+                         "window_kl": [0.0, 0.2, 0.05, 0.3]},
                "old": {"perplexity": 9.0}}
 
     def mean(nll):
         return np.exp(np.dot(nll, tokens) / sum(tokens))
 
-    point, low, high = loss_ratio_interval(results, "half", "q4", tokens)
+    point, low, high = ratio_interval(results, "half", "q4", tokens)
     assert point == pytest.approx((mean(fp16 + 0.1) - mean(fp16)) / (mean(fp16 + 0.2) - mean(fp16)))
     assert low - 1e-9 <= point <= high + 1e-9 and high - low < 0.02  # only the weights vary
-    point, low, high = loss_ratio_interval(results, "mixed", "q4", tokens)
+    point, low, high = ratio_interval(results, "mixed", "q4", tokens)
     assert low < point < high and high - low > 0.2
-    assert loss_ratio_interval(results, "old", "q4", tokens) is None
+    # KL: every window's KL is half the baseline's, whatever windows are drawn
+    assert ratio_interval(results, "half", "q4", tokens, "kl") == pytest.approx((0.5, 0.5, 0.5))
+    point, low, high = ratio_interval(results, "mixed", "q4", tokens, "kl")
+    assert point == pytest.approx(np.dot([0.0, 0.2, 0.05, 0.3], tokens)
+                                  / np.dot([0.2, 0.1, 0.3, 0.2], tokens))
+    assert low < point < high
+    assert ratio_interval(results, "old", "q4", tokens) is None
+    assert ratio_interval(results, "fp16", "q4", tokens, "kl") is None
